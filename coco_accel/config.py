@@ -1,0 +1,223 @@
+"""The training recipe: one typed dataclass, read from YAML and command-line flags, validated as a whole.
+
+The flags are the reference implementation's (luyug/Condenser, OpenMatch/COCO-DR) with their meaning,
+so an existing command line keeps working. The recipe is flat, like those flags: every field is one
+flag and one YAML key, and the command line wins over the YAML file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+
+class ConfigError(ValueError):
+    """A recipe value that cannot work; the message names the field and the fix."""
+
+
+def _f(default: Any, help: str, group: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, "group": group, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # -- where things are
+    output_dir: str = _f(None, "Run folder: final export at the top, checkpoint-STEP/ and metrics.jsonl inside.", "io")
+    model_name_or_path: str = _f(None, "Warm start: an HF masked-LM folder, one of our exports, or a reference Condenser folder.", "io")
+    train_dir: str = _f(None, "Training data: a folder written by `python -m coco_accel.preprocess`.", "io")
+    overwrite_output_dir: bool = _f(False, "Allow writing into a non-empty --output_dir.", "io")
+    do_train: bool = _f(True, "Accepted for compatibility with reference commands; this entry point always trains.", "io")
+    model_type: Optional[str] = _f(None, "Expected backbone family (bert, roberta, ...); checked against the checkpoint's config.", "io")
+
+    # -- model
+    n_head_layers: int = _f(2, "Transformer layers in the Condenser head.", "model")
+    skip_from: int = _f(6, "Backbone layer whose token states feed the head (0 = embeddings; 6 for BERT-base).", "model")
+    strict_head: bool = _f(False, "Refuse to start when the warm start has no Condenser head (a random head harms continued pretraining).", "model")
+    late_mlm: bool = _f(False, "Add the backbone's own MLM loss on its last layer to the head MLM loss.", "model")
+    temperature: float = _f(1.0, "Contrastive logits are divided by this (1.0 = the reference's plain dot product).", "model")
+    normalize: bool = _f(False, "L2-normalise CLS vectors before the contrastive dot product.", "model")
+
+    # -- data
+    max_seq_length: int = _f(128, "Longest span in tokens, [CLS] and [SEP] included; longer spans are cut at a random window.", "data")
+    mlm_probability: float = _f(0.15, "Share of tokens masked, by whole words, with 80/10/10 replacement.", "data")
+    per_device_train_batch_size: int = _f(8, "DOCUMENTS per process per step; each gives two spans.", "data")
+    dataloader_drop_last: bool = _f(False, "Drop the short last global batch of each epoch.", "data")
+    dataloader_num_workers: int = _f(0, "Data-loading worker processes per training process.", "data")
+
+    # -- optimisation
+    learning_rate: float = _f(5e-5, "Peak learning rate of AdamW.", "optim")
+    weight_decay: float = _f(0.0, "AdamW weight decay (not applied to biases and LayerNorm weights).", "optim")
+    warmup_ratio: float = _f(0.0, "Share of total steps spent in linear warm-up.", "optim")
+    warmup_steps: int = _f(0, "Warm-up steps; wins over --warmup_ratio when > 0.", "optim")
+    max_grad_norm: float = _f(1.0, "Gradient clipping by global norm; 0 turns it off.", "optim")
+    num_train_epochs: float = _f(3.0, "Epochs over the documents (ignored when --max_steps > 0).", "optim")
+    max_steps: int = _f(-1, "Total optimizer steps; > 0 wins over --num_train_epochs.", "optim")
+    gradient_accumulation_steps: int = _f(1, "Must stay 1: see --cache_chunk_size for large contrastive batches.", "optim")
+    cache_chunk_size: int = _f(-1, "Gradient cache: encode the local batch in chunks of this many spans (-1 = off).", "optim")
+    fp16: bool = _f(False, "fp16 mixed precision (prefer setting it in the accelerate config).", "optim")
+    bf16: bool = _f(False, "bf16 mixed precision (prefer setting it in the accelerate config).", "optim")
+
+    # -- run
+    seed: int = _f(42, "Seeds document order, span choice, masking and model init.", "run")
+    logging_steps: int = _f(10, "Write a metrics.jsonl line every this many steps.", "run")
+    save_steps: int = _f(500, "Write checkpoint-STEP/ every this many steps (0 = only at the end).", "run")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def validate(self) -> "TrainConfig":
+        """Check the recipe as a whole; raise ConfigError naming the field and the fix."""
+        for name in ("output_dir", "model_name_or_path", "train_dir"):
+            if not getattr(self, name):
+                raise ConfigError(f"--{name} is required (set it on the command line or in the --config YAML).")
+        positive = ("per_device_train_batch_size", "max_seq_length", "logging_steps", "n_head_layers",
+                    "gradient_accumulation_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}.")
+        if self.max_seq_length < 4:
+            raise ConfigError(f"--max_seq_length must be >= 4 ([CLS] + tokens + [SEP]), got {self.max_seq_length}.")
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise ConfigError(f"--mlm_probability must be in (0, 1), got {self.mlm_probability}.")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ConfigError(f"--warmup_ratio must be in [0, 1], got {self.warmup_ratio}.")
+        if self.temperature <= 0:
+            raise ConfigError(f"--temperature must be > 0, got {self.temperature}.")
+        if self.fp16 and self.bf16:
+            raise ConfigError("--fp16 and --bf16 are both set: choose one (or set mixed_precision in the accelerate config).")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ConfigError("Set --max_steps > 0 or --num_train_epochs > 0: as given the run has no steps.")
+        if self.skip_from < 0:
+            raise ConfigError(f"--skip_from must be >= 0 (0 = embeddings), got {self.skip_from}.")
+        if self.cache_chunk_size == 0 or self.cache_chunk_size < -1:
+            raise ConfigError(f"--cache_chunk_size must be -1 (off) or >= 1 spans, got {self.cache_chunk_size}.")
+        if self.gradient_accumulation_steps > 1:
+            raise ConfigError(
+                f"--gradient_accumulation_steps {self.gradient_accumulation_steps}: accumulation cannot emulate a "
+                "large contrastive batch (each micro-batch would only see its own spans as negatives). Keep it at 1 "
+                "and raise --per_device_train_batch_size, using --cache_chunk_size K to fit it in memory.")
+        if self.save_steps < 0:
+            raise ConfigError(f"--save_steps must be >= 0, got {self.save_steps}.")
+        return self
+
+    def validate_against_model(self, num_layers: int, model_type: str) -> None:
+        """Checks that need the backbone's config."""
+        if self.skip_from > num_layers:
+            raise ConfigError(
+                f"--skip_from {self.skip_from} is beyond the backbone's {num_layers} layers: "
+                f"use a value in 0..{num_layers} (the reference recipe uses 6 for a 12-layer BERT-base).")
+        if self.model_type and self.model_type != model_type:
+            raise ConfigError(
+                f"--model_type {self.model_type} but {self.model_name_or_path} is a '{model_type}' model: "
+                f"drop --model_type or set it to {model_type}.")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# parsing
+
+_TRUE = {"1", "true", "yes", "y", "on"}
+_FALSE = {"0", "false", "no", "n", "off"}
+
+
+def _to_bool(text: str) -> bool:
+    low = str(text).strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _base_type(tp: Any) -> type:
+    """Optional[int] -> int; 'int' (from __future__ annotations) resolved by the caller."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if args else tp
+
+
+def _field_types(cls: type) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: _base_type(hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that names the fix: close matches for unknown flags."""
+
+    def error(self, message: str) -> typing.NoReturn:  # argparse's own hook
+        raise ConfigError(f"{message}\nRun with --help to list every flag.")
+
+
+def build_parser(cls: type = TrainConfig, prog: str = "coco_accel/train.py") -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description="Continuous contrastive (coCondenser / COCO-DR) pretraining.",
+                     argument_default=argparse.SUPPRESS, allow_abbrev=False)
+    parser.add_argument("--config", help="Recipe YAML; its keys are these flags' names. The command line wins.")
+    types = _field_types(cls)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(cls):
+        grp_name = f.metadata.get("group", "other")
+        grp = groups.setdefault(grp_name, parser.add_argument_group(grp_name))
+        tp = types[f.name]
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
+        if tp is bool:
+            grp.add_argument(f"--{f.name}", type=_to_bool, nargs="?", const=True, metavar="BOOL", help=help_text)
+        else:
+            grp.add_argument(f"--{f.name}", type=tp, help=help_text)
+    return parser
+
+
+def _coerce_yaml(cls: type, data: dict, source: str) -> dict:
+    types = _field_types(cls)
+    out = {}
+    for key, value in data.items():
+        if key not in types:
+            close = difflib.get_close_matches(key, list(types), n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{source}: unknown key '{key}'.{hint}")
+        tp = types[key]
+        try:
+            if value is None:
+                out[key] = None
+            elif tp is bool:
+                out[key] = value if isinstance(value, bool) else _to_bool(value)
+            else:
+                out[key] = tp(value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
+            raise ConfigError(f"{source}: key '{key}' expects {tp.__name__}, got {value!r} ({err}).") from None
+    return out
+
+
+def parse_config(argv: Optional[Sequence[str]] = None, cls: type = TrainConfig) -> TrainConfig:
+    """Flags and an optional --config YAML -> a validated TrainConfig."""
+    import yaml
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(cls)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flags = [u for u in unknown if u.startswith("-")]
+        bad = flags[0] if flags else unknown[0]
+        close = difflib.get_close_matches(bad.lstrip("-"), cls.field_names() + ["config"], n=1)
+        hint = f" Did you mean --{close[0]}?" if close else " Run with --help to list every flag."
+        raise ConfigError(f"unknown argument '{bad}'.{hint}")
+    values: dict[str, Any] = {}
+    cfg_path = getattr(args, "config", None)
+    if cfg_path:
+        path = Path(cfg_path)
+        if not path.is_file():
+            raise ConfigError(f"--config {cfg_path}: no such file.")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{cfg_path}: expected a mapping of flag names to values at the top level.")
+        values.update(_coerce_yaml(cls, data, str(cfg_path)))
+    values.update({k: v for k, v in vars(args).items() if k != "config"})
+    return cls(**values).validate()
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,164 @@
+"""Corpus readers: input paths -> a stream of documents, each bad line a counted reject, never a silent drop.
+
+Formats: BEIR dataset folders (corpus.jsonl with _id, title, text), CQADupStack's nested sub-forum
+folders, the MS MARCO collection (collection.tsv: id TAB text), JSON lines with text (+ title) or the
+reference's {"spans": "<raw text>"}; any of these gzip-compressed (.gz).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+
+class InputError(ValueError):
+    """An input that cannot be read at all; the message names the path and what to do."""
+
+
+@dataclass(frozen=True)
+class Source:
+    corpus: str  # the `corpus` column value
+    path: str  # the file read
+    kind: str  # "jsonl" or "tsv"
+    id_prefix: str = ""  # keeps ids unique across CQADupStack's sub-forums
+
+
+def _strip_gz(name: str) -> str:
+    return name[:-3] if name.endswith(".gz") else name
+
+
+def _find_corpus_file(folder: Path) -> Path | None:
+    for name in ("corpus.jsonl", "corpus.jsonl.gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _check_readable(path: Path) -> None:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+    except OSError as err:
+        raise InputError(f"{path}: cannot be read ({err.strerror}). Fix its permissions or leave it out.") from None
+    if not head:
+        raise InputError(f"{path}: the file is empty. Re-create it (a broken download?) or leave it out.")
+
+
+def discover(inputs: list[str]) -> list[Source]:
+    """Resolve input paths into readable sources, or raise InputError naming the path."""
+    sources: list[Source] = []
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir():
+            corpus = path.name
+            found = _find_corpus_file(path)
+            if found is None:
+                found = _find_corpus_file(path / "collection") if (path / "collection").is_dir() else None
+            if found is not None:
+                sources.append(Source(corpus, str(found), "jsonl"))
+                continue
+            tsv = [path / n for n in ("collection.tsv", "collection.tsv.gz") if (path / n).is_file()]
+            if tsv:
+                sources.append(Source(corpus, str(tsv[0]), "tsv"))
+                continue
+            nested = sorted(p for p in path.iterdir() if p.is_dir() and _find_corpus_file(p))
+            if nested:  # CQADupStack: one corpus, one sub-folder per forum
+                sources.extend(Source(corpus, str(_find_corpus_file(p)), "jsonl", f"{p.name}/") for p in nested)
+                continue
+            raise InputError(
+                f"{path}: folder has no corpus.jsonl(.gz), no collection.tsv(.gz) and no sub-folders holding "
+                "corpus.jsonl. Point at a BEIR dataset folder, the MS MARCO collection, or a JSON-lines file.")
+        elif path.is_file():
+            name = _strip_gz(path.name)
+            stem = name.rsplit(".", 1)[0]
+            kind = "tsv" if name.endswith(".tsv") else "jsonl"
+            corpus = path.parent.name if stem in ("corpus", "collection") else stem
+            sources.append(Source(corpus, str(path), kind))
+        else:
+            raise InputError(f"{path}: no such file or folder.")
+    for src in sources:
+        _check_readable(Path(src.path))
+    return sources
+
+
+def fingerprint(src: Source) -> tuple:
+    """Changes whenever the file does: keys the `datasets` cache of a re-run."""
+    st = os.stat(src.path)
+    return (src.corpus, src.path, src.kind, src.id_prefix, st.st_size, st.st_mtime_ns)
+
+
+def _open(path: str):
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def _row(src: Source, line: int, doc_id: str, title: str, text: str, reject: str = "", detail: str = "") -> dict:
+    return {"corpus": src.corpus, "doc_id": doc_id, "title": title, "text": text,
+            "file": src.path, "line": line, "reject": reject, "detail": detail}
+
+
+def _parse_jsonl(src: Source, line_no: int, line: str) -> dict:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as err:
+        return _row(src, line_no, "", "", "", "malformed_json", str(err))
+    if not isinstance(obj, dict):
+        return _row(src, line_no, "", "", "", "not_an_object", f"a JSON {type(obj).__name__}")
+    raw_id = obj.get("_id", obj.get("id", obj.get("doc_id")))
+    doc_id = src.id_prefix + (str(raw_id) if raw_id is not None else f"line{line_no}")
+    if "text" in obj:
+        text = obj["text"]
+    elif isinstance(obj.get("spans"), str):  # the reference's raw-text input format
+        text = obj["spans"]
+    else:
+        return _row(src, line_no, doc_id, "", "", "missing_text", "no 'text' field")
+    if not isinstance(text, str):
+        return _row(src, line_no, doc_id, "", "", "non_string_text", f"'text' is a {type(text).__name__}")
+    title = obj.get("title") or ""
+    if not isinstance(title, str):
+        return _row(src, line_no, doc_id, "", "", "non_string_title", f"'title' is a {type(title).__name__}")
+    return _row(src, line_no, doc_id, title, text)
+
+
+def _parse_tsv(src: Source, line_no: int, line: str) -> dict:
+    doc_id, sep, text = line.partition("\t")
+    if not sep:
+        return _row(src, line_no, "", "", "", "malformed_tsv", "no TAB between id and text")
+    return _row(src, line_no, src.id_prefix + doc_id, "", text)
+
+
+def read_rows(src: Source) -> Iterator[dict]:
+    """One row per non-blank line: a document, or a reject with its reason (never skipped silently)."""
+    parse = _parse_tsv if src.kind == "tsv" else _parse_jsonl
+    with _open(src.path) as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # byte-order mark
+            raw = raw.rstrip(b"\r\n")
+            if not raw.strip():
+                continue  # blank lines hold no document
+            if b"\x00" in raw:
+                yield _row(src, line_no, "", "", "", "nul_byte", "raw NUL byte in the line (corrupt file?)")
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield _row(src, line_no, "", "", "", "invalid_utf8", str(err))
+                continue
+            row = parse(src, line_no, line)
+            if not row["reject"]:
+                row["text"] = row["text"].replace("\x00", " ")
+                row["title"] = row["title"].replace("\x00", " ")
+                if not (row["title"].strip() or row["text"].strip()):
+                    row["reject"], row["detail"] = "empty_text", "title and text are empty"
+            yield row
+
+
+def generate(sources: list[Source], fingerprints: list[tuple]) -> Iterator[dict]:
+    """Entry for `datasets.Dataset.from_generator`; `fingerprints` only keys its cache."""
+    del fingerprints
+    for src in sources:
+        yield from read_rows(src)

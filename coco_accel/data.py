@@ -1,0 +1,193 @@
+"""Training batches: which documents form each global batch, which two spans each gives, and the collator.
+
+A batch is a pure function of (seed, global step): the epoch's document order is keyed by (seed,
+epoch), every global batch is cut into per-process slices by global rank, and span choice, random
+truncation and masking are keyed by (seed, epoch, document). So one process with 8 documents per
+step and two with 4 see exactly the same data, and a resumed run sees the batches it would have.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from coco_accel.masking import SPAN_CHOICE, TRUNCATE, continuation_table, keyed_uniform, whole_word_mask
+
+logger = logging.getLogger(__name__)
+
+DOC_ORDER = 21  # keyed-random purpose tag for the epoch's document order
+
+
+class DataError(ValueError):
+    """Training data that cannot be used; the message names the folder and the fix."""
+
+
+def load_train_data(train_dir: str):
+    """A dataset written by `python -m coco_accel.preprocess` (memory-mapped Arrow)."""
+    import datasets
+
+    path = Path(train_dir)
+    if not (path / "dataset_info.json").is_file() and not (path / "state.json").is_file():
+        raise DataError(f"--train_dir {train_dir}: not a dataset folder written by "
+                        "`python -m coco_accel.preprocess` (no state.json).")
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataError(f"--train_dir {train_dir}: has splits {list(ds)} but no 'train'.")
+        ds = ds["train"]
+    if "spans" not in ds.column_names:
+        raise DataError(f"--train_dir {train_dir}: no 'spans' column (columns: {ds.column_names}).")
+    if len(ds) == 0:
+        raise DataError(f"--train_dir {train_dir}: holds no documents.")
+    return ds
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Global batches of documents over epochs, and this process's slice of each."""
+
+    num_docs: int
+    global_docs: int  # documents per global batch
+    seed: int
+    drop_last: bool
+    world_size: int = 1
+    rank: int = 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        full, rest = divmod(self.num_docs, self.global_docs)
+        # A short last batch needs a document for every process; smaller remainders are dropped.
+        return full + (1 if (rest >= self.world_size and not self.drop_last) else 0)
+
+    def total_steps(self, num_train_epochs: float, max_steps: int) -> int:
+        if max_steps > 0:
+            return max_steps
+        return max(1, math.ceil(num_train_epochs * self.steps_per_epoch))
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        keys = keyed_uniform(self.seed, epoch, np.arange(self.num_docs), DOC_ORDER)
+        return np.argsort(keys, kind="stable")
+
+    def global_batch(self, step: int) -> tuple[int, np.ndarray]:
+        """(epoch, document indices of the whole global batch at this global step)."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = self.epoch_order(epoch)
+        return epoch, order[within * self.global_docs: (within + 1) * self.global_docs]
+
+    def local_slice(self, n: int) -> slice:
+        """This process's contiguous share of a global batch of n documents, by global rank."""
+        return slice(self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size)
+
+
+class SpanCollator:
+    """Documents' spans -> two spans each, [CLS] span [SEP], padded to the longest, whole words masked.
+
+    Rows are laid out in document pairs: rows 2d and 2d+1 are document d's two spans.
+    """
+
+    def __init__(self, tokenizer, max_seq_length: int, mlm_probability: float, seed: int):
+        if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None or tokenizer.mask_token_id is None:
+            raise DataError("The tokenizer needs [CLS], [SEP] and [MASK] tokens (BERT- or RoBERTa-style).")
+        self.cls_id = tokenizer.cls_token_id
+        self.sep_id = tokenizer.sep_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.mask_id = tokenizer.mask_token_id
+        self.vocab_size = len(tokenizer)
+        self.is_continuation = continuation_table(tokenizer)
+        self.max_tokens = max_seq_length - 2
+        self.mlm_probability = mlm_probability
+        self.seed = seed
+
+    def pick(self, epoch: int, docs: np.ndarray, span_counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Two distinct span positions per document, keyed by (seed, epoch, document)."""
+        k = span_counts
+        first = np.floor(keyed_uniform(self.seed, epoch, docs, 0, SPAN_CHOICE) * k).astype(np.int64)
+        second = np.floor(keyed_uniform(self.seed, epoch, docs, 1, SPAN_CHOICE) * (k - 1)).astype(np.int64)
+        second = second + (second >= first)
+        return first, second
+
+    def __call__(self, epoch: int, docs: np.ndarray, doc_span_offsets: np.ndarray, span_token_offsets: np.ndarray,
+                 tokens: np.ndarray) -> dict[str, torch.Tensor]:
+        """docs: [n] dataset indices; the rest is the documents' spans in CSR form (see `fetch_spans`)."""
+        n = len(docs)
+        counts = np.diff(doc_span_offsets)
+        if np.any(counts < 2):
+            bad = int(docs[np.argmax(counts < 2)])
+            raise DataError(f"document #{bad} has fewer than two spans: re-run `python -m coco_accel.preprocess`.")
+        first, second = self.pick(epoch, docs, counts)
+        span_idx = np.stack([first, second], axis=1).reshape(-1) + np.repeat(doc_span_offsets[:-1], 2)
+        starts = span_token_offsets[span_idx]
+        lengths = span_token_offsets[span_idx + 1] - starts
+        slot = np.tile([0, 1], n)
+        row_docs = np.repeat(docs, 2)
+        too_long = lengths > self.max_tokens
+        if too_long.any():  # one random window per over-long span, keyed like everything else
+            shift = np.floor(keyed_uniform(self.seed, epoch, row_docs, slot, TRUNCATE)
+                             * (lengths - self.max_tokens + 1)).astype(np.int64)
+            starts = np.where(too_long, starts + shift, starts)
+            lengths = np.minimum(lengths, self.max_tokens)
+
+        rows = 2 * n
+        width = int(lengths.max()) + 2
+        ids = np.full((rows, width), self.pad_id, dtype=np.int64)
+        row_of = np.repeat(np.arange(rows), lengths)
+        within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        ids[row_of, within + 1] = tokens[np.repeat(starts, lengths) + within]
+        ids[:, 0] = self.cls_id
+        ids[np.arange(rows), lengths + 1] = self.sep_id
+        attention = np.arange(width)[None, :] < (lengths + 2)[:, None]
+        special = ~attention.copy()
+        special[:, 0] = True
+        special[np.arange(rows), lengths + 1] = True
+        masked, labels = whole_word_mask(ids, special, self.is_continuation,
+                                         (np.full(rows, self.seed), np.full(rows, epoch), row_docs, slot),
+                                         self.mlm_probability, self.mask_id, self.vocab_size)
+        return {"input_ids": torch.from_numpy(masked), "attention_mask": torch.from_numpy(attention.astype(np.int64)),
+                "labels": torch.from_numpy(labels)}
+
+
+def fetch_spans(dataset, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Documents' spans straight from Arrow, in CSR form, without Python lists.
+
+    Returns (doc_span_offsets [n+1], span_token_offsets [S+1], tokens [T] int64).
+    """
+    table = dataset.with_format("arrow")[docs.tolist()]
+    col = table.column("spans").combine_chunks()  # list<list<int>>
+    outer = col.offsets.to_numpy()
+    doc_off = (outer - outer[0]).astype(np.int64)
+    inner_arr = col.flatten()
+    inner = inner_arr.offsets.to_numpy()
+    span_off = (inner - inner[0]).astype(np.int64)
+    tokens = inner_arr.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+    return doc_off, span_off, tokens
+
+
+class TrainBatches(torch.utils.data.Dataset):
+    """Map-style over GLOBAL STEPS: item s is this process's collated batch of global step s."""
+
+    def __init__(self, dataset, plan: BatchPlan, collator: SpanCollator):
+        self.dataset = dataset
+        self.plan = plan
+        self.collator = collator
+
+    def __len__(self) -> int:
+        return 1 << 62  # indexed by step; the sampler bounds it
+
+    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
+        epoch, global_docs = self.plan.global_batch(step)
+        docs = global_docs[self.plan.local_slice(len(global_docs))]
+        batch = self.collator(epoch, docs, *fetch_spans(self.dataset, docs))
+        batch["global_docs"] = torch.tensor(len(global_docs))
+        batch["step"] = torch.tensor(step)
+        return batch
+
+
+def make_loader(batches: TrainBatches, start_step: int, total_steps: int, num_workers: int):
+    return torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(start_step, total_steps),
+                                       num_workers=num_workers, persistent_workers=False,
+                                       pin_memory=torch.cuda.is_available())

@@ -1,0 +1,61 @@
+"""Process-group facts and collectives, always by GLOBAL rank; every function is a no-op in one process."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """Global rank (never the local rank: on several nodes they differ)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over processes, without autograd (counts and logged values)."""
+    if not is_distributed():
+        return t
+    t = t.detach().clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_gather_sizes(n: int, device: torch.device) -> list[int]:
+    """Every process's row count, in rank order."""
+    if not is_distributed():
+        return [n]
+    local = torch.tensor([n], dtype=torch.long, device=device)
+    out = [torch.zeros_like(local) for _ in range(world_size())]
+    dist.all_gather(out, local)
+    return [int(x.item()) for x in out]
+
+
+def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Concatenate every process's rows in rank order, with gradients flowing back to their owners.
+
+    Returns (all rows [sum_n, ...], this process's first row in them). Row counts may differ between
+    processes (a short last batch): rows are padded to the largest count for the collective and cut
+    after it. `torch.distributed.nn.functional.all_gather` sums the incoming gradients of each copy
+    back onto the owning process's input, which plain `dist.all_gather` and `accelerator.gather` do not.
+    """
+    if not is_distributed():
+        return x, 0
+    from torch.distributed.nn.functional import all_gather as autograd_all_gather
+
+    sizes = all_gather_sizes(x.shape[0], x.device)
+    largest = max(sizes)
+    padded = x
+    if x.shape[0] < largest:
+        pad = x.new_zeros((largest - x.shape[0],) + tuple(x.shape[1:]))
+        padded = torch.cat([x, pad], dim=0)
+    parts = autograd_all_gather(padded)
+    rows = torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0)
+    return rows, sum(sizes[: rank()])

@@ -1,0 +1,157 @@
+"""The Condenser: an HF masked-LM backbone plus a small head fed [last-layer CLS; layer-`skip_from` tokens].
+
+No distributed code and no loss normalisation here: forward returns CLS vectors and MLM logits at
+the masked positions only (a third of a padded step's compute was logits nobody predicts).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+HEAD_FILE = "condenser_head.safetensors"  # ours, beside the export
+REFERENCE_HEAD_FILE = "model.pt"  # luyug/Condenser and OpenMatch/COCO-DR: c_head.* keys
+
+# Where each supported family keeps its (tied) MLM head: dispatch on config.model_type.
+MLM_HEAD_ATTR = {"bert": "cls", "roberta": "lm_head", "xlm-roberta": "lm_head", "camembert": "lm_head"}
+
+
+class ModelError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the fix."""
+
+
+@dataclass
+class CondenserOutput:
+    cls: torch.Tensor  # [N, H] last-layer CLS of every span
+    head_logits: torch.Tensor  # [M, V] head MLM logits at the M masked positions
+    backbone_logits: Optional[torch.Tensor]  # [M, V] backbone MLM logits there (late_mlm), else None
+    targets: torch.Tensor  # [M] original ids at the masked positions
+
+
+class Condenser(nn.Module):
+    def __init__(self, mlm: nn.Module, n_head_layers: int, skip_from: int, late_mlm: bool):
+        super().__init__()
+        model_type = mlm.config.model_type
+        if model_type not in MLM_HEAD_ATTR:
+            raise ModelError(f"model_type '{model_type}' is not supported; supported: {sorted(MLM_HEAD_ATTR)}.")
+        num_layers = mlm.config.num_hidden_layers
+        if not 0 <= skip_from <= num_layers:
+            raise ModelError(f"skip_from {skip_from} is outside the backbone's layers 0..{num_layers}.")
+        self.mlm = mlm
+        self.skip_from = skip_from
+        self.late_mlm = late_mlm
+        layer_cls = type(mlm.base_model.encoder.layer[0])  # the backbone's own layer class
+        self.c_head = nn.ModuleList([layer_cls(mlm.config) for _ in range(n_head_layers)])
+        self.c_head.apply(mlm._init_weights)
+
+    @property
+    def config(self):
+        return self.mlm.config
+
+    def _mlm_head(self) -> nn.Module:
+        return getattr(self.mlm, MLM_HEAD_ATTR[self.mlm.config.model_type])
+
+    def _attention_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor):
+        from transformers.masking_utils import create_bidirectional_mask
+
+        return create_bidirectional_mask(config=self.mlm.config, inputs_embeds=hidden, attention_mask=attention_mask)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Last-layer CLS only (evaluation)."""
+        out = self.mlm.base_model(input_ids=input_ids, attention_mask=attention_mask)
+        return out.last_hidden_state[:, 0]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> CondenserOutput:
+        """input_ids, attention_mask, labels: [N, L]; labels hold -100 where nothing is predicted."""
+        out = self.mlm.base_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        last = out.hidden_states[-1]  # [N, L, H]
+        skip = out.hidden_states[self.skip_from]  # [N, L, H]
+        hidden = torch.cat([last[:, :1], skip[:, 1:]], dim=1)
+        mask = self._attention_mask(hidden, attention_mask)
+        for layer in self.c_head:
+            hidden = layer(hidden, mask)
+
+        where = labels != -100  # [N, L]
+        targets = labels[where]  # [M]
+        head = self._mlm_head()
+        head_logits = head(hidden[where])  # [M, V]
+        backbone_logits = head(last[where]) if self.late_mlm else None
+        return CondenserOutput(cls=last[:, 0], head_logits=head_logits, backbone_logits=backbone_logits,
+                               targets=targets)
+
+    def head_state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"c_head.{k}": v for k, v in self.c_head.state_dict().items()}
+
+
+def _read_head_weights(folder: Path) -> tuple[Optional[dict], Optional[str]]:
+    ours = folder / HEAD_FILE
+    if ours.is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(ours)), str(ours)
+    ref = folder / REFERENCE_HEAD_FILE
+    if ref.is_file():
+        state = torch.load(str(ref), map_location="cpu", weights_only=True)
+        return {k: v for k, v in state.items() if k.startswith("c_head.")}, str(ref)
+    return None, None
+
+
+def load_condenser(path: str, n_head_layers: int, skip_from: int, late_mlm: bool, strict_head: bool = False,
+                   dtype: Optional[torch.dtype] = None) -> Condenser:
+    """Warm start from an HF MLM folder, one of our exports, or a reference Condenser folder.
+
+    The head comes from condenser_head.safetensors (ours) or model.pt (the reference's c_head.* keys);
+    without either it starts fresh, which is logged (and refused with strict_head).
+    """
+    from transformers import AutoModelForMaskedLM
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"{path}: no config.json. --model_name_or_path must be a local HF model folder "
+                         "(nothing is downloaded).")
+    mlm = AutoModelForMaskedLM.from_pretrained(str(folder), dtype=dtype)
+    model = Condenser(mlm, n_head_layers=n_head_layers, skip_from=skip_from, late_mlm=late_mlm)
+    state, source = _read_head_weights(folder)
+    if state is None:
+        if strict_head:
+            raise ModelError(f"{path}: no Condenser head ({HEAD_FILE} or {REFERENCE_HEAD_FILE}) and --strict_head "
+                             "is set. Warm-start from a Condenser checkpoint, or drop --strict_head.")
+        logger.info("No Condenser head in %s: the %d head layers start from the backbone's initialisation.",
+                    path, n_head_layers)
+        return model
+    head = {k[len("c_head."):]: v for k, v in state.items()}
+    missing, unexpected = model.c_head.load_state_dict(head, strict=False)
+    if missing or unexpected:
+        msg = f"{source}: head keys missing {sorted(missing)[:8]}{'...' if len(missing) > 8 else ''}, " \
+              f"unexpected {sorted(unexpected)[:8]}{'...' if len(unexpected) > 8 else ''}"
+        if strict_head:
+            raise ModelError(msg + ". Check --n_head_layers against the checkpoint, or drop --strict_head.")
+        logger.warning(msg)
+    logger.info("Condenser head loaded from %s.", source)
+    return model
+
+
+def save_export(model: Condenser, tokenizer, output_dir: str, state_dict: Optional[dict] = None) -> None:
+    """HF folder that AutoModel loads (backbone + its MLM head), tokenizer, and the Condenser head beside it.
+
+    `state_dict` is the full Condenser state (gathered from ZeRO shards by the caller) when the
+    parameters live elsewhere; by default the model's own.
+    """
+    from safetensors.torch import save_file
+
+    state = state_dict if state_dict is not None else model.state_dict()
+    os.makedirs(output_dir, exist_ok=True)
+    mlm_state = {k[len("mlm."):]: v for k, v in state.items() if k.startswith("mlm.")}
+    model.mlm.save_pretrained(output_dir, state_dict=mlm_state)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(output_dir)
+    head = {k: v.detach().cpu().contiguous() for k, v in state.items() if k.startswith("c_head.")}
+    save_file(head, os.path.join(output_dir, HEAD_FILE))

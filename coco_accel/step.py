@@ -1,0 +1,147 @@
+"""One training step's forward and backward, plain or gradient-cached, with the same signature and result.
+
+Both compute, on every process, its share of the loss over the GLOBAL batch (normalised by global
+counts over the world size), so that gradient averaging across processes gives exactly the
+single-process gradient. The optimizer step, clipping and logging belong to the caller.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from coco_accel import dist
+from coco_accel.losses import masked_lm_loss, span_contrastive_loss
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    temperature: float = 1.0
+    normalize: bool = False
+
+
+@dataclass
+class StepParts:
+    """This process's shares of each loss part (detached); sum over processes = global mean."""
+
+    mlm_head: torch.Tensor
+    mlm_backbone: torch.Tensor
+    contrastive: torch.Tensor
+    correct: torch.Tensor  # this process's spans that ranked their sibling first
+    spans: torch.Tensor  # this process's spans
+    real_tokens: torch.Tensor  # non-padding tokens in this process's batch
+    padded_tokens: torch.Tensor  # all tokens including padding
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self.mlm_head + self.mlm_backbone + self.contrastive
+
+
+def _global_counts(batch: dict) -> tuple[float, float]:
+    """(masked tokens, spans) over the whole global batch, divided by the world size."""
+    local = torch.stack([(batch["labels"] != -100).sum(), torch.tensor(batch["input_ids"].shape[0],
+                                                                        device=batch["labels"].device)])
+    total = dist.all_reduce_sum(local.to(torch.float64))
+    world = dist.world_size()
+    return float(total[0]) / world, float(total[1]) / world
+
+
+def _mlm_terms(out, mlm_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    norm = max(mlm_norm, 1e-12)
+    head = masked_lm_loss(out.head_logits, out.targets, norm)
+    if out.backbone_logits is None:
+        return head, torch.zeros((), device=head.device)
+    return head, masked_lm_loss(out.backbone_logits, out.targets, norm)
+
+
+def _token_counts(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    mask = batch["attention_mask"]
+    return mask.sum().detach(), torch.tensor(mask.numel(), device=mask.device)
+
+
+def plain_step(model, batch: dict, backward: Callable[[torch.Tensor], None], settings: LossSettings) -> StepParts:
+    """Encode the whole local batch with graph, score against the gathered global batch, backward once."""
+    mlm_norm, span_norm = _global_counts(batch)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    head, backbone = _mlm_terms(out, mlm_norm)
+    columns, offset = dist.gather_with_grad(out.cls)
+    contrastive, correct = span_contrastive_loss(out.cls, columns, offset, span_norm,
+                                                 settings.temperature, settings.normalize)
+    backward(head + backbone + contrastive)
+    real, padded = _token_counts(batch)
+    return StepParts(head.detach(), backbone.detach(), contrastive.detach(), correct,
+                     torch.tensor(out.cls.shape[0]), real, padded)
+
+
+class _RandState:
+    """Saves and restores the RNG streams a forward pass draws from (dropout), to replay it exactly."""
+
+    def __init__(self, device: torch.device):
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.device = device
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+
+def _chunks(batch: dict, size: int) -> list[dict]:
+    """Row chunks of `size` spans, each cut to its own longest row (less padding per chunk)."""
+    out = []
+    n = batch["input_ids"].shape[0]
+    for start in range(0, n, size):
+        part = {k: batch[k][start:start + size] for k in ("input_ids", "attention_mask", "labels")}
+        width = int(part["attention_mask"].sum(dim=1).max())
+        out.append({k: v[:, :width] for k, v in part.items()})
+    return out
+
+
+def cached_step(model, batch: dict, backward: Callable[[torch.Tensor], None], settings: LossSettings,
+                chunk_size: int, no_sync: Optional[Callable] = None) -> StepParts:
+    """Gradient cache (Gao et al., 2021): the contrastive loss of the full global batch in bounded memory.
+
+    1. Encode the local batch chunk by chunk without graph, keeping each chunk's RNG state.
+    2. Gather the CLS vectors, compute the contrastive loss on them, and keep d loss / d CLS.
+    3. Re-encode each chunk with graph (same RNG state, so the same dropout) and backpropagate
+       MLM + <CLS, cached gradient>: the sum of the chunks' gradients is the full-batch gradient.
+    `no_sync` (DDP) defers gradient all-reduce to the last chunk.
+    """
+    mlm_norm, span_norm = _global_counts(batch)
+    chunks = _chunks(batch, chunk_size)
+    device = batch["input_ids"].device
+    states, reps = [], []
+    with torch.no_grad():
+        for part in chunks:
+            states.append(_RandState(device))
+            reps.append(model(input_ids=part["input_ids"], attention_mask=part["attention_mask"],
+                              labels=torch.full_like(part["labels"], -100)).cls)
+    local = torch.cat(reps).float().requires_grad_(True)
+    columns, offset = dist.gather_with_grad(local)
+    contrastive, correct = span_contrastive_loss(local, columns, offset, span_norm,
+                                                 settings.temperature, settings.normalize)
+    (rep_grad,) = torch.autograd.grad(contrastive, local)
+    head_total = torch.zeros((), device=device)
+    backbone_total = torch.zeros((), device=device)
+    start = 0
+    for i, (part, state) in enumerate(zip(chunks, states)):
+        state.restore()
+        last = i == len(chunks) - 1
+        ctx = no_sync() if (no_sync is not None and not last) else nullcontext()
+        with ctx:
+            out = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"], labels=part["labels"])
+            head, backbone = _mlm_terms(out, mlm_norm)
+            grad = rep_grad[start:start + out.cls.shape[0]]
+            surrogate = (out.cls.float() * grad).sum()
+            backward(head + backbone + surrogate)
+        start += out.cls.shape[0]
+        head_total += head.detach()
+        backbone_total += backbone.detach()
+    real, padded = _token_counts(batch)
+    return StepParts(head_total, backbone_total, contrastive.detach(), correct,
+                     torch.tensor(local.shape[0]), real, padded)
+

@@ -1,0 +1,80 @@
+"""Training metrics: accumulated on device between log steps, reduced across processes, written to metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from coco_accel import dist
+from coco_accel.step import StepParts
+
+_PARTS = ("mlm_head", "mlm_backbone", "contrastive")
+
+
+class Meter:
+    """Sums of each step's parts since the last log, kept on device so logging is the only host sync."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._reset()
+
+    def _reset(self) -> None:
+        # [mlm_head, mlm_backbone, contrastive, correct, spans, real_tokens, padded_tokens, docs]
+        self.sums = torch.zeros(8, dtype=torch.float64, device=self.device)
+        self.grad_norm_sum = 0.0
+        self.grad_norms = 0
+        self.steps = 0
+        self.started = time.perf_counter()
+
+    def add(self, parts: StepParts, global_docs: int, grad_norm: Optional[torch.Tensor]) -> None:
+        vals = torch.stack([parts.mlm_head.double(), parts.mlm_backbone.double(), parts.contrastive.double(),
+                            parts.correct.double().to(self.device), parts.spans.double().to(self.device),
+                            parts.real_tokens.double().to(self.device), parts.padded_tokens.double().to(self.device),
+                            torch.tensor(global_docs / dist.world_size(), dtype=torch.float64, device=self.device)])
+        self.sums += vals
+        if grad_norm is not None:
+            self.grad_norm_sum = self.grad_norm_sum + grad_norm.detach().double()
+            self.grad_norms += 1
+        self.steps += 1
+
+    def flush(self, step: int, lr: float, docs_seen: int) -> dict:
+        """Global means over the steps since the last flush (all processes must call it together)."""
+        total = dist.all_reduce_sum(self.sums).tolist()  # host sync, once per logging interval
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        n = max(self.steps, 1)
+        record = {"step": step}
+        for i, name in enumerate(_PARTS):
+            record[name] = total[i] / n
+        record["loss"] = sum(record[p] for p in _PARTS)
+        record["contrastive_acc"] = total[3] / max(total[4], 1)
+        record["lr"] = lr
+        if self.grad_norms:
+            record["grad_norm"] = float(self.grad_norm_sum) / self.grad_norms
+        record["real_tokens_per_s"] = total[5] / elapsed
+        record["padding_fraction"] = 1.0 - total[5] / max(total[6], 1)
+        record["docs_seen"] = docs_seen
+        record["seconds_per_step"] = elapsed / n
+        self._reset()
+        return record
+
+
+def is_finite(record: dict) -> bool:
+    return all(math.isfinite(record[k]) for k in ("loss",) + _PARTS)
+
+
+class MetricsFile:
+    """metrics.jsonl: one JSON object per logging step (main process only)."""
+
+    def __init__(self, path: Path, append: bool):
+        self.path = path
+        if not append and path.exists():
+            path.unlink()
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")

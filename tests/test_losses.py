@@ -1,0 +1,91 @@
+"""The loss terms against hand-computed values."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from coco_accel.losses import masked_lm_loss, span_contrastive_loss
+
+# Two documents, two spans each, rows in pairs: (a0, a1) and (b0, b1).
+X = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [2.0, 0.0]])
+
+
+def hand_loss_and_grad(x: np.ndarray):
+    """Mean cross-entropy of each row's sibling among all other rows, and its gradient, by hand."""
+    n = len(x)
+    s = x @ x.T
+    target = np.arange(n) ^ 1
+    losses, g = [], np.zeros_like(s)
+    for i in range(n):
+        others = [j for j in range(n) if j != i]
+        z = sum(math.exp(s[i, j]) for j in others)
+        losses.append(-s[i, target[i]] + math.log(z))
+        for j in others:  # d loss_i / d s_ij = softmax - onehot
+            g[i, j] = (math.exp(s[i, j]) / z - (j == target[i])) / n
+    grad = (g + g.T) @ x  # s = x x^T
+    return float(np.mean(losses)), grad
+
+
+def test_contrastive_loss_matches_hand_computation():
+    # Row a0: scores to (a1, b0, b1) = (1, 0, 2), positive a1 -> loss = -1 + log(e + 1 + e^2).
+    expected, expected_grad = hand_loss_and_grad(X)
+    assert expected == pytest.approx(np.mean([
+        -1 + math.log(math.e + 1 + math.e ** 2),
+        -1 + math.log(math.e + math.e + math.e ** 2),
+        -0 + math.log(1 + math.e + 1),
+        -0 + math.log(math.e ** 2 + math.e ** 2 + 1)]))
+    x = torch.tensor(X, requires_grad=True)
+    loss, correct = span_contrastive_loss(x, x, row_offset=0, normalizer=4)
+    loss.backward()
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    np.testing.assert_allclose(x.grad.numpy(), expected_grad, atol=1e-6)
+    # Best non-self column: a0 -> b1, a1 -> b1, b0 -> a1, b1 -> a0 (tie with a1, first wins): none is the sibling.
+    assert correct.item() == 0
+
+
+def test_self_is_never_a_candidate_and_siblings_can_win():
+    x = torch.tensor([[5.0, 0.0], [5.0, 0.1], [0.0, 5.0], [0.1, 5.0]])
+    loss, correct = span_contrastive_loss(x, x, 0, 4)
+    assert correct.item() == 4
+    assert loss.item() < 1e-3  # self-similarity (25) would dominate if it were not masked
+
+
+def test_process_shares_add_up_to_the_global_mean():
+    """Rows split over 'processes' with their offsets: the shares (normaliser N / world) average to the full loss."""
+    x = torch.randn(8, 3, dtype=torch.float64)
+    full, full_correct = span_contrastive_loss(x, x, 0, 8)
+    world = 2
+    shares = [span_contrastive_loss(x[r * 4:(r + 1) * 4], x, r * 4, 8 / world) for r in range(world)]
+    assert sum(s[0] for s in shares).item() / world == pytest.approx(full.item(), rel=1e-12)
+    assert sum(int(s[1]) for s in shares) == int(full_correct)
+
+
+def test_temperature_and_normalisation():
+    x = torch.tensor(X, dtype=torch.float64)
+    plain, _ = span_contrastive_loss(x, x, 0, 4)
+    hot, _ = span_contrastive_loss(x * 0.5, x * 0.5, 0, 4, temperature=0.25)  # (x/2)(x/2)/0.25 = x x
+    assert hot.item() == pytest.approx(plain.item())
+    cos, _ = span_contrastive_loss(x * 7.0, x, 0, 4, normalize=True)
+    unit = torch.nn.functional.normalize(x, dim=-1)
+    ref, _ = span_contrastive_loss(unit, unit, 0, 4)
+    assert cos.item() == pytest.approx(ref.item())
+
+
+def test_similarity_is_fp32_under_bf16_autocast():
+    x = torch.randn(6, 16) * 10
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = span_contrastive_loss(x, x, 0, 6)
+    ref, _ = span_contrastive_loss(x, x, 0, 6)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_masked_lm_loss_is_sum_over_normaliser():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    targets = torch.tensor([0, 2])
+    expected = (-2 + math.log(math.e ** 2 + 2)) + (-0 + math.log(2 + math.e))
+    assert masked_lm_loss(logits, targets, 4.0).item() == pytest.approx(expected / 4)
+    empty = masked_lm_loss(torch.zeros(0, 3, requires_grad=True), torch.zeros(0, dtype=torch.long), 1.0)
+    assert empty.item() == 0.0 and empty.requires_grad

@@ -1,0 +1,72 @@
+"""Keyed randomness and whole-word masking."""
+
+import numpy as np
+import pytest
+
+from coco_accel.masking import continuation_table, keyed_uniform, whole_word_mask
+
+
+def test_keyed_uniform_is_a_pure_function_of_its_keys():
+    a = keyed_uniform(42, 3, np.arange(1000), 7)
+    b = keyed_uniform(42, 3, np.arange(1000), 7)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, keyed_uniform(43, 3, np.arange(1000), 7))
+    assert a.min() >= 0 and a.max() < 1
+    assert abs(a.mean() - 0.5) < 0.05
+    # Element i depends only on its own keys, not on the array it came in.
+    assert keyed_uniform(42, 3, 17, 7) == a[17]
+
+
+def _batch(tokenizer, texts):
+    enc = tokenizer(texts, padding=True, return_tensors="np")
+    ids = enc["input_ids"].astype(np.int64)
+    special = (enc["attention_mask"] == 0) | np.isin(ids, [tokenizer.cls_token_id, tokenizer.sep_token_id])
+    return ids, special
+
+
+TEXTS = ["unbelievably tokenization internationalization photosynthesis " * 6,
+         "the cat sat on the mat while the dog slept by the door " * 4]
+
+
+def test_whole_words_are_masked_together(tokenizer):
+    table = continuation_table(tokenizer)
+    ids, special = _batch(tokenizer, TEXTS)
+    n = len(TEXTS)
+    for seed in range(20):
+        keys = (np.full(n, seed), np.zeros(n), np.arange(n), np.zeros(n))
+        out, labels = whole_word_mask(ids, special, table, keys, 0.15, tokenizer.mask_token_id, len(tokenizer))
+        masked = labels != -100
+        assert not (masked & special).any()
+        np.testing.assert_array_equal(labels[masked], ids[masked])
+        # A continuation piece ("##...") is masked exactly when the piece before it is.
+        cont = table[ids] & ~special
+        rows, cols = np.nonzero(cont)
+        np.testing.assert_array_equal(masked[rows, cols], masked[rows, cols - 1])
+        assert (masked.sum(axis=1) >= 1).all()
+        np.testing.assert_array_equal(out[~masked], ids[~masked])
+
+
+def test_mask_rate_and_replacement_split(tokenizer):
+    table = continuation_table(tokenizer)
+    ids, special = _batch(tokenizer, ["word " * 100] * 64)
+    n = ids.shape[0]
+    keys = (np.full(n, 1), np.zeros(n), np.arange(n), np.zeros(n))
+    out, labels = whole_word_mask(ids, special, table, keys, 0.15, tokenizer.mask_token_id, len(tokenizer))
+    masked = labels != -100
+    assert masked.sum() / (~special).sum() == pytest.approx(0.15, abs=0.01)
+    became_mask = (out == tokenizer.mask_token_id) & masked
+    unchanged = (out == ids) & masked
+    assert became_mask.sum() / masked.sum() == pytest.approx(0.8, abs=0.05)
+    assert unchanged.sum() / masked.sum() == pytest.approx(0.1, abs=0.04)
+
+
+def test_a_row_is_masked_the_same_whatever_batch_it_is_in(tokenizer):
+    table = continuation_table(tokenizer)
+    ids, special = _batch(tokenizer, TEXTS)
+    keys = (np.full(2, 5), np.full(2, 1), np.array([10, 11]), np.zeros(2))
+    _, both = whole_word_mask(ids, special, table, keys, 0.15, tokenizer.mask_token_id, len(tokenizer))
+    ids1, special1 = _batch(tokenizer, TEXTS[1:])
+    keys1 = tuple(k[1:] for k in keys)
+    _, alone = whole_word_mask(ids1, special1, table, keys1, 0.15, tokenizer.mask_token_id, len(tokenizer))
+    width = ids1.shape[1]
+    np.testing.assert_array_equal(both[1, :width], alone[0])

@@ -1,0 +1,112 @@
+"""Condenser wiring, MLM at masked positions only, warm starts and export."""
+
+import pytest
+import torch
+
+from coco_accel.model import HEAD_FILE, Condenser, ModelError, load_condenser, save_export
+
+
+def _tiny(vocab=120, layers=4):
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
+                     intermediate_size=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForMaskedLM(cfg)
+
+
+def _inputs(n=3, length=9, vocab=120):
+    ids = torch.randint(5, vocab, (n, length))
+    mask = torch.ones(n, length, dtype=torch.long)
+    mask[0, 6:] = 0
+    labels = torch.full((n, length), -100)
+    labels[:, 2] = ids[:, 2]
+    labels[1, 4] = ids[1, 4]
+    return ids, mask, labels
+
+
+def test_head_reads_last_layer_cls_and_skip_from_tokens():
+    model = Condenser(_tiny(), n_head_layers=2, skip_from=2, late_mlm=True)
+    seen = {}
+    model.c_head[0].register_forward_pre_hook(lambda mod, args: seen.setdefault("input", args[0].detach()))
+    ids, mask, labels = _inputs()
+    out = model(ids, mask, labels)
+    hidden = model.mlm.base_model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    assert torch.allclose(seen["input"][:, 0], hidden[-1][:, 0])
+    assert torch.allclose(seen["input"][:, 1:], hidden[2][:, 1:])
+    assert torch.allclose(out.cls, hidden[-1][:, 0])
+
+
+def test_logits_only_at_masked_positions():
+    model = Condenser(_tiny(), 2, 2, late_mlm=True)
+    ids, mask, labels = _inputs()
+    out = model(ids, mask, labels)
+    assert out.head_logits.shape == (4, 120) and out.backbone_logits.shape == (4, 120)
+    assert torch.equal(out.targets, labels[labels != -100])
+    # The backbone logits are the backbone's own MLM head on its last layer.
+    full = model.mlm(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(out.backbone_logits, full[labels != -100], atol=1e-5)
+    assert Condenser(_tiny(), 2, 2, late_mlm=False)(ids, mask, labels).backbone_logits is None
+
+
+def test_head_is_the_backbones_layer_class_with_its_init():
+    mlm = _tiny()
+    model = Condenser(mlm, 3, 1, False)
+    assert len(model.c_head) == 3
+    assert all(type(layer) is type(mlm.bert.encoder.layer[0]) for layer in model.c_head)
+    w = model.c_head[0].attention.self.query.weight
+    assert w.std().item() == pytest.approx(mlm.config.initializer_range, rel=0.2)
+
+
+def test_skip_from_outside_the_layers_is_refused():
+    with pytest.raises(ModelError, match="skip_from 5"):
+        Condenser(_tiny(layers=4), 2, 5, False)
+
+
+def test_backbone_dropout_stays_on_in_training():
+    from transformers import BertConfig, BertForMaskedLM
+
+    mlm = BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, hidden_dropout_prob=0.5))
+    model = Condenser(mlm, 1, 1, False).train()
+    ids, mask, labels = _inputs(vocab=50)
+    assert not torch.allclose(model(ids, mask, labels).cls, model(ids, mask, labels).cls)
+
+
+def test_export_reloads_with_automodel_and_head_round_trips(tmp_path, tokenizer):
+    from transformers import AutoModel, AutoTokenizer
+
+    model = Condenser(_tiny(vocab=len(tokenizer)), 2, 2, True)
+    save_export(model, tokenizer, str(tmp_path))
+    assert (tmp_path / HEAD_FILE).is_file()
+    auto = AutoModel.from_pretrained(str(tmp_path))
+    ids, mask, _ = _inputs(vocab=len(tokenizer))
+    torch.testing.assert_close(auto(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0],
+                               model.encode(ids, mask))
+    assert AutoTokenizer.from_pretrained(str(tmp_path)).vocab_size == tokenizer.vocab_size
+    again = load_condenser(str(tmp_path), 2, 2, True, strict_head=True)
+    for a, b in zip(model.c_head.parameters(), again.c_head.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_reference_condenser_checkpoint_with_model_pt(tmp_path):
+    """The reference wrote HF weights plus model.pt holding the head as c_head.* keys."""
+    model = Condenser(_tiny(), 2, 2, True)
+    model.mlm.save_pretrained(tmp_path)
+    torch.save({f"c_head.{k}": v for k, v in model.c_head.state_dict().items()}, tmp_path / "model.pt")
+    loaded = load_condenser(str(tmp_path), 2, 2, True, strict_head=True)
+    for a, b in zip(model.c_head.parameters(), loaded.c_head.parameters()):
+        assert torch.equal(a, b)
+    ids, mask, labels = _inputs()
+    torch.testing.assert_close(loaded(ids, mask, labels).head_logits, model(ids, mask, labels).head_logits)
+
+
+def test_plain_mlm_checkpoint_gets_a_fresh_head_unless_strict(tmp_path, caplog):
+    _tiny().save_pretrained(tmp_path)
+    with caplog.at_level("INFO"):
+        load_condenser(str(tmp_path), 2, 2, False)
+    assert "start from the backbone's initialisation" in caplog.text
+    with pytest.raises(ModelError, match="--strict_head"):
+        load_condenser(str(tmp_path), 2, 2, False, strict_head=True)
+    with pytest.raises(ModelError, match="no config.json"):
+        load_condenser(str(tmp_path / "missing"), 2, 2, False)

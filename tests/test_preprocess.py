@@ -1,0 +1,146 @@
+"""Corpora -> spans: the span rule, determinism, every kind of bad input, and the counts invariant."""
+
+import gzip
+import json
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+
+from coco_accel.corpora import InputError
+from coco_accel.preprocess import drop_reason, group_spans, main, preprocess
+
+from conftest import SHARED_DATA
+
+
+def test_group_spans_packs_sentences_up_to_the_limit():
+    s = [[1] * 10, [2] * 10, [3] * 10, [4] * 5]
+    never = np.zeros(4, dtype=bool)
+    assert group_spans(s, never, 30) == [[1] * 10 + [2] * 10 + [3] * 10, [4] * 5]
+    assert group_spans(s, never, 25) == [[1] * 10 + [2] * 10, [3] * 10 + [4] * 5]
+
+
+def test_random_break_and_long_sentences():
+    s = [[1] * 5, [2] * 5, [3] * 40, [4] * 5]
+    breaks = np.array([True, True, False, False])  # a break before the first sentence changes nothing
+    assert group_spans(s, breaks, 30) == [[1] * 5, [2] * 5, [3] * 40, [4] * 5]
+    assert group_spans([[], [1, 2], []], np.zeros(3, dtype=bool), 30) == [[1, 2]]
+
+
+def test_drop_rules():
+    assert drop_reason([[1, 2, 3]]) == "fewer_than_two_spans"
+    assert drop_reason([[1, 2], [3, 4, 5]]) == "short_first_span"
+    assert drop_reason([[1, 2, 3], [4]]) == ""
+
+
+def _write(path: Path, lines, binary=False):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if binary:
+        path.write_bytes(b"".join(lines))
+    else:
+        path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+GOOD = ("The library holds many books. Readers borrow them for two weeks at a time. Late returns cost a "
+        "small fee, which funds new purchases. The catalogue lists every title by author and subject.")
+
+
+def _doc(i, text=GOOD, title="Library"):
+    return json.dumps({"_id": f"d{i}", "title": title, "text": text})
+
+
+def test_bad_lines_are_counted_and_written_never_dropped(tmp_path, minilm_path):
+    lines = [
+        b"\xef\xbb\xbf" + _doc(0).encode() + b"\r\n",  # BOM + CRLF: fine
+        _doc(1).encode() + b"\r\n",
+        b'{"_id": "x", "text": \n',  # malformed JSON
+        json.dumps({"_id": "n", "title": "t"}).encode() + b"\n",  # no text
+        json.dumps({"_id": "s", "text": 5}).encode() + b"\n",  # non-string text
+        json.dumps({"_id": "e", "text": "   ", "title": ""}).encode() + b"\n",  # empty
+        b'{"_id": "u", "text": "caf\xe9"}\n',  # invalid UTF-8
+        b'{"_id": "z", "text": "a\x00b"}\n',  # raw NUL byte
+        _doc(1).encode() + b"\n",  # duplicate id
+        json.dumps({"_id": "short", "text": "One sentence only."}).encode() + b"\n",  # dropped: one span
+        _doc(9, text=" ".join([GOOD] * 2000)).encode() + b"\n",  # ~1 MB document: kept
+        b"[1, 2]\n",  # not an object
+    ]
+    src = _write(tmp_path / "bad" / "corpus.jsonl", lines, binary=True)
+    out = tmp_path / "out"
+    stats = preprocess([str(src.parent)], minilm_path, str(out), cache_dir=str(tmp_path / "c"))
+    t = stats["total"]
+    assert t["read"] == 12 == t["kept"] + t["dropped"] + t["rejected"]
+    assert t["kept"] == 3 and t["dropped"] == 1
+    assert t["rejected_by_reason"] == {"duplicate_id": 1, "empty_text": 1, "invalid_utf8": 1, "malformed_json": 1,
+                                       "missing_text": 1, "non_string_text": 1, "not_an_object": 1, "nul_byte": 1}
+    assert stats["corpora"]["bad"] == t
+    rejects = [json.loads(line) for line in open(out / "rejects.jsonl")]
+    assert sorted(r["line"] for r in rejects) == [3, 4, 5, 6, 7, 8, 9, 12]
+    assert all(r["file"] == str(src) and r["reason"] for r in rejects)
+    assert json.loads((out / "stats.json").read_text())["total"] == t
+    ds = datasets.load_from_disk(str(out))
+    assert sorted(ds["doc_id"]) == ["d0", "d1", "d9"]
+    assert ds.column_names == ["doc_id", "corpus", "spans"]
+    big = ds[ds["doc_id"].index("d9")]["spans"]
+    assert len(big) > 1000 and max(len(s) for s in big) <= 40
+
+
+def test_tsv_gzip_reference_format_and_nested_folders(tmp_path, minilm_path):
+    _write(tmp_path / "marco" / "collection.tsv", [f"{i}\t{GOOD}" for i in range(3)] + ["no-tab-here"])
+    with gzip.open(tmp_path / "plain.jsonl.gz", "wt") as fh:
+        fh.write(json.dumps({"text": GOOD}) + "\n")
+    _write(tmp_path / "ref.jsonl", [json.dumps({"spans": GOOD})])
+    for forum in ("android", "gis"):
+        _write(tmp_path / "cqadupstack" / forum / "corpus.jsonl", [_doc(0)])
+    stats = preprocess([str(tmp_path / p) for p in ("marco", "plain.jsonl.gz", "ref.jsonl", "cqadupstack")],
+                       minilm_path, str(tmp_path / "out"), cache_dir=str(tmp_path / "c"))
+    assert stats["corpora"]["marco"]["kept"] == 3 and stats["corpora"]["marco"]["rejected"] == 1
+    assert stats["corpora"]["plain"]["kept"] == 1 and stats["corpora"]["ref"]["kept"] == 1
+    assert stats["corpora"]["cqadupstack"]["kept"] == 2  # same _id in two forums: not a duplicate
+    ds = datasets.load_from_disk(str(tmp_path / "out"))
+    assert set(ds["corpus"]) == {"marco", "plain", "ref", "cqadupstack"}
+    assert {"android/d0", "gis/d0"} <= set(ds["doc_id"])
+
+
+def test_structural_problems_are_clear_errors(tmp_path, minilm_path, caplog):
+    (tmp_path / "nocorpus").mkdir()
+    with pytest.raises(InputError, match="no corpus.jsonl"):
+        preprocess([str(tmp_path / "nocorpus")], minilm_path, str(tmp_path / "o"))
+    _write(tmp_path / "empty.jsonl", [], binary=True)
+    with pytest.raises(InputError, match="empty"):
+        preprocess([str(tmp_path / "empty.jsonl")], minilm_path, str(tmp_path / "o"))
+    with pytest.raises(InputError, match="no such file"):
+        preprocess([str(tmp_path / "missing.jsonl")], minilm_path, str(tmp_path / "o"))
+    assert main(["--tokenizer", minilm_path, "--output_dir", str(tmp_path / "o"), str(tmp_path / "nocorpus")]) == 2
+    assert "no corpus.jsonl" in caplog.text
+
+
+def test_output_is_identical_for_one_and_two_processes(tmp_path, small_corpus, minilm_path):
+    outs = []
+    for n in (1, 2):
+        out = tmp_path / f"p{n}"
+        preprocess([str(small_corpus)], minilm_path, str(out), num_proc=n, cache_dir=str(tmp_path / f"c{n}"))
+        outs.append(datasets.load_from_disk(str(out)).to_dict())
+    assert outs[0] == outs[1]
+    assert len(outs[0]["doc_id"]) > 50
+
+
+def test_span_breaks_change_with_the_seed_only(tmp_path, small_corpus, minilm_path):
+    runs = {}
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        out = tmp_path / name
+        preprocess([str(small_corpus)], minilm_path, str(out), seed=seed, cache_dir=str(tmp_path / name / "c"))
+        runs[name] = datasets.load_from_disk(str(out))["spans"]
+    assert runs["a"] == runs["b"] and runs["a"] != runs["c"]
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "cisi" / "corpus.jsonl").is_file(), reason="shared CISI data not present")
+def test_cisi_integration(tmp_path, minilm_path):
+    stats = preprocess([str(SHARED_DATA / "cisi")], minilm_path, str(tmp_path / "out"), cache_dir=str(tmp_path / "c"))
+    t = stats["total"]
+    assert t["read"] == 1460 == t["kept"] + t["dropped"] + t["rejected"]
+    assert t["kept"] > 1200
+    ds = datasets.load_from_disk(str(tmp_path / "out"))
+    assert all(len(spans) >= 2 and len(spans[0]) > 2 for spans in ds["spans"])
+    assert set(ds["corpus"]) == {"cisi"}
