@@ -38,24 +38,38 @@ def all_gather_sizes(n: int, device: torch.device) -> list[int]:
     return [int(x.item()) for x in out]
 
 
+class _GatherRows(torch.autograd.Function):
+    """all_gather whose backward sums every process's gradient for each copy and hands the owner its part."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # x: [n, ...] (same n on every process)
+        parts = [torch.empty_like(x) for _ in range(world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.stack(parts)  # [world, n, ...]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[rank()]
+
+
 def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Concatenate every process's rows in rank order, with gradients flowing back to their owners.
 
     Returns (all rows [sum_n, ...], this process's first row in them). Row counts may differ between
     processes (a short last batch): rows are padded to the largest count for the collective and cut
-    after it. `torch.distributed.nn.functional.all_gather` sums the incoming gradients of each copy
-    back onto the owning process's input, which plain `dist.all_gather` and `accelerator.gather` do not.
+    after it. Plain `dist.all_gather` and `accelerator.gather` carry no gradient back to the other
+    processes' inputs, which would silently drop most of the contrastive gradient.
     """
     if not is_distributed():
         return x, 0
-    from torch.distributed.nn.functional import all_gather as autograd_all_gather
-
     sizes = all_gather_sizes(x.shape[0], x.device)
     largest = max(sizes)
     padded = x
     if x.shape[0] < largest:
         pad = x.new_zeros((largest - x.shape[0],) + tuple(x.shape[1:]))
         padded = torch.cat([x, pad], dim=0)
-    parts = autograd_all_gather(padded)
-    rows = torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0)
+    parts = _GatherRows.apply(padded)
+    rows = torch.cat([parts[i, :n] for i, n in enumerate(sizes)], dim=0)
     return rows, sum(sizes[: rank()])

@@ -12,6 +12,11 @@ import torch
 import torch.nn.functional as F
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision activations are scored in fp32; fp32 and fp64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def masked_lm_loss(logits: torch.Tensor, targets: torch.Tensor, normalizer: float) -> torch.Tensor:
     """Summed token cross-entropy over `normalizer`.
 
@@ -20,7 +25,7 @@ def masked_lm_loss(logits: torch.Tensor, targets: torch.Tensor, normalizer: floa
     if logits.shape[0] == 0:
         # Keep the graph connected (every parameter used) so DDP and ZeRO see the same parameters.
         return logits.sum() * 0.0
-    return F.cross_entropy(logits.float(), targets, reduction="sum") / normalizer
+    return F.cross_entropy(at_least_fp32(logits), targets, reduction="sum") / normalizer
 
 
 def sibling_index(index: torch.Tensor) -> torch.Tensor:
@@ -44,7 +49,7 @@ def span_contrastive_loss(
     Returns (summed cross-entropy / normalizer, number of rows whose best column is the sibling).
     """
     with torch.autocast(device_type=rows.device.type, enabled=False):
-        rows, columns = rows.float(), columns.float()
+        rows, columns = at_least_fp32(rows), at_least_fp32(columns)
         if normalize:
             rows, columns = F.normalize(rows, dim=-1), F.normalize(columns, dim=-1)
         scores = rows @ columns.T / temperature  # [n, N]

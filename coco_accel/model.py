@@ -51,6 +51,7 @@ class Condenser(nn.Module):
         layer_cls = type(mlm.base_model.encoder.layer[0])  # the backbone's own layer class
         self.c_head = nn.ModuleList([layer_cls(mlm.config) for _ in range(n_head_layers)])
         self.c_head.apply(mlm._init_weights)
+        self.c_head.to(mlm.dtype)
 
     @property
     def config(self):
@@ -104,12 +105,14 @@ def _read_head_weights(folder: Path) -> tuple[Optional[dict], Optional[str]]:
     return None, None
 
 
-def load_condenser(path: str, n_head_layers: int, skip_from: int, late_mlm: bool, strict_head: bool = False,
-                   dtype: Optional[torch.dtype] = None) -> Condenser:
+def load_condenser(path: str, n_head_layers: int, skip_from: int, late_mlm: bool,
+                   strict_head: bool = False) -> Condenser:
     """Warm start from an HF MLM folder, one of our exports, or a reference Condenser folder.
 
     The head comes from condenser_head.safetensors (ours) or model.pt (the reference's c_head.* keys);
-    without either it starts fresh, which is logged (and refused with strict_head).
+    without either it starts fresh, which is logged (and refused with strict_head). Weights stored in
+    16 bits are trained from fp32 master weights (autocast handles the 16-bit compute); fp32 and
+    fp64 checkpoints keep their precision.
     """
     from transformers import AutoModelForMaskedLM
 
@@ -117,7 +120,9 @@ def load_condenser(path: str, n_head_layers: int, skip_from: int, late_mlm: bool
     if not (folder / "config.json").is_file():
         raise ModelError(f"{path}: no config.json. --model_name_or_path must be a local HF model folder "
                          "(nothing is downloaded).")
-    mlm = AutoModelForMaskedLM.from_pretrained(str(folder), dtype=dtype)
+    mlm = AutoModelForMaskedLM.from_pretrained(str(folder), dtype="auto")
+    if mlm.dtype in (torch.float16, torch.bfloat16):
+        mlm = mlm.float()
     model = Condenser(mlm, n_head_layers=n_head_layers, skip_from=skip_from, late_mlm=late_mlm)
     state, source = _read_head_weights(folder)
     if state is None:

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 
 from coco_accel import dist
-from coco_accel.losses import masked_lm_loss, span_contrastive_loss
+from coco_accel.losses import at_least_fp32, masked_lm_loss, span_contrastive_loss
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class LossSettings:
 
 @dataclass
 class StepParts:
-    """This process's shares of each loss part (detached); sum over processes = global mean."""
+    """This process's shares of each loss part (detached); their MEAN over processes is the global mean."""
 
     mlm_head: torch.Tensor
     mlm_backbone: torch.Tensor
@@ -120,7 +120,7 @@ def cached_step(model, batch: dict, backward: Callable[[torch.Tensor], None], se
             states.append(_RandState(device))
             reps.append(model(input_ids=part["input_ids"], attention_mask=part["attention_mask"],
                               labels=torch.full_like(part["labels"], -100)).cls)
-    local = torch.cat(reps).float().requires_grad_(True)
+    local = at_least_fp32(torch.cat(reps)).requires_grad_(True)
     columns, offset = dist.gather_with_grad(local)
     contrastive, correct = span_contrastive_loss(local, columns, offset, span_norm,
                                                  settings.temperature, settings.normalize)
@@ -136,7 +136,7 @@ def cached_step(model, batch: dict, backward: Callable[[torch.Tensor], None], se
             out = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"], labels=part["labels"])
             head, backbone = _mlm_terms(out, mlm_norm)
             grad = rep_grad[start:start + out.cls.shape[0]]
-            surrogate = (out.cls.float() * grad).sum()
+            surrogate = (at_least_fp32(out.cls) * grad).sum()
             backward(head + backbone + surrogate)
         start += out.cls.shape[0]
         head_total += head.detach()

@@ -24,8 +24,8 @@ class Meter:
         self._reset()
 
     def _reset(self) -> None:
-        # [mlm_head, mlm_backbone, contrastive, correct, spans, real_tokens, padded_tokens, docs]
-        self.sums = torch.zeros(8, dtype=torch.float64, device=self.device)
+        # [mlm_head, mlm_backbone, contrastive, correct, spans, real_tokens, padded_tokens]
+        self.sums = torch.zeros(7, dtype=torch.float64, device=self.device)
         self.grad_norm_sum = 0.0
         self.grad_norms = 0
         self.steps = 0
@@ -34,8 +34,7 @@ class Meter:
     def add(self, parts: StepParts, global_docs: int, grad_norm: Optional[torch.Tensor]) -> None:
         vals = torch.stack([parts.mlm_head.double(), parts.mlm_backbone.double(), parts.contrastive.double(),
                             parts.correct.double().to(self.device), parts.spans.double().to(self.device),
-                            parts.real_tokens.double().to(self.device), parts.padded_tokens.double().to(self.device),
-                            torch.tensor(global_docs / dist.world_size(), dtype=torch.float64, device=self.device)])
+                            parts.real_tokens.double().to(self.device), parts.padded_tokens.double().to(self.device)])
         self.sums += vals
         if grad_norm is not None:
             self.grad_norm_sum = self.grad_norm_sum + grad_norm.detach().double()
@@ -48,8 +47,8 @@ class Meter:
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         n = max(self.steps, 1)
         record = {"step": step}
-        for i, name in enumerate(_PARTS):
-            record[name] = total[i] / n
+        for i, name in enumerate(_PARTS):  # each process holds its share; their mean is the global mean
+            record[name] = total[i] / (n * dist.world_size())
         record["loss"] = sum(record[p] for p in _PARTS)
         record["contrastive_acc"] = total[3] / max(total[4], 1)
         record["lr"] = lr

@@ -29,7 +29,8 @@ def tokenizer(minilm_path):
     return AutoTokenizer.from_pretrained(minilm_path)
 
 
-def make_tiny_bert(folder: Path, tokenizer, layers: int = 4, hidden: int = 32, dropout: float = 0.0, seed: int = 0) -> str:
+def make_tiny_bert(folder: Path, tokenizer, layers: int = 4, hidden: int = 32, dropout: float = 0.0, seed: int = 0,
+                   dtype=None) -> str:
     """A randomly initialised BERT MLM with the real tokenizer's vocabulary, saved as an HF folder."""
     import torch
     from transformers import BertConfig, BertForMaskedLM
@@ -38,7 +39,10 @@ def make_tiny_bert(folder: Path, tokenizer, layers: int = 4, hidden: int = 32, d
     cfg = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
                      intermediate_size=2 * hidden, max_position_embeddings=128,
                      hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
-    BertForMaskedLM(cfg).save_pretrained(folder)
+    model = BertForMaskedLM(cfg)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
 
