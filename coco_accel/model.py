@@ -154,7 +154,16 @@ def save_export(model: Condenser, tokenizer, output_dir: str, state_dict: Option
 
     state = state_dict if state_dict is not None else model.state_dict()
     os.makedirs(output_dir, exist_ok=True)
-    mlm_state = {k[len("mlm."):]: v for k, v in state.items() if k.startswith("mlm.")}
+    # Tied weights (the MLM decoder is the word embedding) are written once, whoever gathered the state.
+    first_name: dict[int, str] = {}
+    tied_copies = set()
+    for name, param in model.mlm.named_parameters(remove_duplicate=False):
+        if id(param) in first_name:
+            tied_copies.add(name)
+        else:
+            first_name[id(param)] = name
+    mlm_state = {k[len("mlm."):]: v for k, v in state.items()
+                 if k.startswith("mlm.") and k[len("mlm."):] not in tied_copies}
     model.mlm.save_pretrained(output_dir, state_dict=mlm_state)
     if tokenizer is not None:
         tokenizer.save_pretrained(output_dir)

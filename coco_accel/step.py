@@ -62,7 +62,10 @@ def _token_counts(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return mask.sum().detach(), torch.tensor(mask.numel(), device=mask.device)
 
 
-def plain_step(model, batch: dict, backward: Callable[[torch.Tensor], None], settings: LossSettings) -> StepParts:
+Backward = Callable[[torch.Tensor, bool], None]  # (loss, is the step's last backward)
+
+
+def plain_step(model, batch: dict, backward: Backward, settings: LossSettings) -> StepParts:
     """Encode the whole local batch with graph, score against the gathered global batch, backward once."""
     mlm_norm, span_norm = _global_counts(batch)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
@@ -70,7 +73,7 @@ def plain_step(model, batch: dict, backward: Callable[[torch.Tensor], None], set
     columns, offset = dist.gather_with_grad(out.cls)
     contrastive, correct = span_contrastive_loss(out.cls, columns, offset, span_norm,
                                                  settings.temperature, settings.normalize)
-    backward(head + backbone + contrastive)
+    backward(head + backbone + contrastive, True)
     real, padded = _token_counts(batch)
     return StepParts(head.detach(), backbone.detach(), contrastive.detach(), correct,
                      torch.tensor(out.cls.shape[0]), real, padded)
@@ -101,15 +104,17 @@ def _chunks(batch: dict, size: int) -> list[dict]:
     return out
 
 
-def cached_step(model, batch: dict, backward: Callable[[torch.Tensor], None], settings: LossSettings,
-                chunk_size: int, no_sync: Optional[Callable] = None) -> StepParts:
+def cached_step(model, batch: dict, backward: Backward, settings: LossSettings, chunk_size: int,
+                no_sync: Optional[Callable] = None) -> StepParts:
     """Gradient cache (Gao et al., 2021): the contrastive loss of the full global batch in bounded memory.
 
     1. Encode the local batch chunk by chunk without graph, keeping each chunk's RNG state.
     2. Gather the CLS vectors, compute the contrastive loss on them, and keep d loss / d CLS.
     3. Re-encode each chunk with graph (same RNG state, so the same dropout) and backpropagate
        MLM + <CLS, cached gradient>: the sum of the chunks' gradients is the full-batch gradient.
-    `no_sync` (DDP) defers gradient all-reduce to the last chunk.
+    `no_sync` (DDP) defers the gradient all-reduce to the last chunk; under DeepSpeed, `backward`
+    marks only the last chunk as the accumulation boundary (no loss scaling by chunk count: the
+    chunks' losses already add up to the step's loss).
     """
     mlm_norm, span_norm = _global_counts(batch)
     chunks = _chunks(batch, chunk_size)
@@ -137,7 +142,7 @@ def cached_step(model, batch: dict, backward: Callable[[torch.Tensor], None], se
             head, backbone = _mlm_terms(out, mlm_norm)
             grad = rep_grad[start:start + out.cls.shape[0]]
             surrogate = (at_least_fp32(out.cls) * grad).sum()
-            backward(head + backbone + surrogate)
+            backward(head + backbone + surrogate, last)
         start += out.cls.shape[0]
         head_total += head.detach()
         backbone_total += backbone.detach()

@@ -31,13 +31,13 @@ class Meter:
         self.steps = 0
         self.started = time.perf_counter()
 
-    def add(self, parts: StepParts, global_docs: int, grad_norm: Optional[torch.Tensor]) -> None:
+    def add(self, parts: StepParts, grad_norm: Optional[torch.Tensor]) -> None:
         vals = torch.stack([parts.mlm_head.double(), parts.mlm_backbone.double(), parts.contrastive.double(),
                             parts.correct.double().to(self.device), parts.spans.double().to(self.device),
                             parts.real_tokens.double().to(self.device), parts.padded_tokens.double().to(self.device)])
         self.sums += vals
         if grad_norm is not None:
-            self.grad_norm_sum = self.grad_norm_sum + grad_norm.detach().double()
+            self.grad_norm_sum = self.grad_norm_sum + torch.as_tensor(grad_norm).detach().double()  # DeepSpeed: a float
             self.grad_norms += 1
         self.steps += 1
 

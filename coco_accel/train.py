@@ -54,6 +54,24 @@ def build_accelerator(cfg: TrainConfig):
     return accelerator
 
 
+def _fill_deepspeed_config(accelerator, cfg: TrainConfig) -> None:
+    """Give DeepSpeed the recipe's numbers (the JSON says "auto"): we shard batches ourselves, so no
+    dataloader goes through `prepare` for Accelerate to read them from."""
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    for key, value in (("train_micro_batch_size_per_gpu", cfg.per_device_train_batch_size),
+                       ("gradient_accumulation_steps", 1),
+                       ("train_batch_size", cfg.per_device_train_batch_size * accelerator.num_processes),
+                       ("gradient_clipping", cfg.max_grad_norm)):
+        if ds.get(key, "auto") != "auto" and ds[key] != value:
+            raise ConfigError(f"the DeepSpeed config sets {key}={ds[key]} but the recipe implies {value}: "
+                              f"set it to \"auto\" in the JSON so the recipe stays the single source.")
+        ds[key] = value
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage == 3 and cfg.cache_chunk_size > 0:
+        raise ConfigError("--cache_chunk_size with ZeRO-3 is not supported: stage 3 gathers parameters per "
+                          "forward, and the cached re-encoding would gather them once per chunk. Use ZeRO-1/2.")
+
+
 def _check_output_dir(cfg: TrainConfig) -> None:
     out = Path(cfg.output_dir)
     if out.is_dir() and any(out.iterdir()) and not cfg.overwrite_output_dir:
@@ -107,6 +125,9 @@ def train(cfg: TrainConfig) -> dict:
 
     optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay)
     scheduler = linear_schedule(optimizer, warmup, total_steps)
+    deepspeed = accelerator.state.deepspeed_plugin is not None
+    if deepspeed:
+        _fill_deepspeed_config(accelerator, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # stepped by us once per optimizer step
 
@@ -124,12 +145,15 @@ def train(cfg: TrainConfig) -> dict:
                 2 * plan.global_docs, len(dataset), plan.steps_per_epoch, total_steps, warmup,
                 accelerator.mixed_precision, cfg.cache_chunk_size if cfg.cache_chunk_size > 0 else "off")
 
-    def backward(loss):
-        accelerator.backward(loss)
+    def backward(loss, last: bool):
+        if deepspeed:  # DeepSpeed owns the accumulation boundary and steps inside backward at the last one
+            accelerator.deepspeed_engine_wrapped.backward(loss, sync_gradients=last)
+        else:
+            accelerator.backward(loss)
 
     def run_step(batch):
         if cfg.cache_chunk_size > 0:
-            no_sync = (lambda: accelerator.no_sync(model)) if world > 1 else None
+            no_sync = (lambda: accelerator.no_sync(model)) if (world > 1 and not deepspeed) else None
             return cached_step(model, batch, backward, settings, cfg.cache_chunk_size, no_sync)
         return plain_step(model, batch, backward, settings)
 
@@ -149,7 +173,7 @@ def train(cfg: TrainConfig) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         docs_seen += global_docs
-        meter.add(parts, global_docs, grad_norm)
+        meter.add(parts, grad_norm)
         bar.update(1)
         if step == 1 or step % cfg.logging_steps == 0 or step == total_steps:
             record = meter.flush(step, lr, docs_seen)
