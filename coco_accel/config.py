@@ -47,6 +47,8 @@ class TrainConfig:
     max_seq_length: int = _f(128, "Longest span in tokens, [CLS] and [SEP] included; longer spans are cut at a random window.", "data")
     mlm_probability: float = _f(0.15, "Share of tokens masked, by whole words, with 80/10/10 replacement.", "data")
     per_device_train_batch_size: int = _f(8, "DOCUMENTS per process per step; each gives two spans.", "data")
+    global_batch_size: int = _f(0, "DOCUMENTS per step over all processes (0 = per-device size x processes); "
+                                "when set, the per-device size is derived from it.", "data")
     dataloader_drop_last: bool = _f(False, "Drop the short last global batch of each epoch.", "data")
     dataloader_num_workers: int = _f(0, "Data-loading worker processes per training process.", "data")
 
@@ -66,7 +68,12 @@ class TrainConfig:
     # -- run
     seed: int = _f(42, "Seeds document order, span choice, masking and model init.", "run")
     logging_steps: int = _f(10, "Write a metrics.jsonl line every this many steps.", "run")
-    save_steps: int = _f(500, "Write checkpoint-STEP/ every this many steps (0 = only at the end).", "run")
+    save_steps: int = _f(500, "Write checkpoint-STEP/ every this many steps (0 = never).", "run")
+    save_total_limit: int = _f(0, "Keep only the newest this many checkpoints (0 = keep all).", "run")
+    resume: str = _f("auto", "auto: continue from the newest complete checkpoint in --output_dir if any; "
+                     "none: start fresh; or a checkpoint folder.", "run")
+    max_nonfinite_skips: int = _f(0, "Skip up to this many steps whose loss is not finite (0 = stop at the first).", "run")
+    ddp_timeout: int = _f(1800, "Seconds a collective may wait before the job fails (a dead rank ends the job).", "run")
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -103,9 +110,27 @@ class TrainConfig:
                 f"--gradient_accumulation_steps {self.gradient_accumulation_steps}: accumulation cannot emulate a "
                 "large contrastive batch (each micro-batch would only see its own spans as negatives). Keep it at 1 "
                 "and raise --per_device_train_batch_size, using --cache_chunk_size K to fit it in memory.")
+        if self.global_batch_size < 0:
+            raise ConfigError(f"--global_batch_size must be >= 0, got {self.global_batch_size}.")
+        for name in ("save_total_limit", "max_nonfinite_skips"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}.")
+        if self.ddp_timeout < 1:
+            raise ConfigError(f"--ddp_timeout must be >= 1 second, got {self.ddp_timeout}.")
         if self.save_steps < 0:
             raise ConfigError(f"--save_steps must be >= 0, got {self.save_steps}.")
         return self
+
+    def per_device_docs(self, world_size: int) -> int:
+        """Documents per process, from --global_batch_size when set."""
+        if not self.global_batch_size:
+            return self.per_device_train_batch_size
+        if self.global_batch_size % world_size:
+            lower = self.global_batch_size // world_size * world_size
+            raise ConfigError(
+                f"--global_batch_size {self.global_batch_size} is not divisible by the {world_size} processes: "
+                f"use {lower} or {lower + world_size}, or set --per_device_train_batch_size instead.")
+        return self.global_batch_size // world_size
 
     def validate_against_model(self, num_layers: int, model_type: str) -> None:
         """Checks that need the backbone's config."""

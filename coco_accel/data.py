@@ -188,6 +188,9 @@ class TrainBatches(torch.utils.data.Dataset):
 
 
 def make_loader(batches: TrainBatches, start_step: int, total_steps: int, num_workers: int):
+    # Its own generator: creating the iterator draws a seed, and drawing it from the global stream
+    # would shift dropout after a resume (batches themselves use no torch randomness).
     return torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(start_step, total_steps),
                                        num_workers=num_workers, persistent_workers=False,
-                                       pin_memory=torch.cuda.is_available())
+                                       pin_memory=torch.cuda.is_available(),
+                                       generator=torch.Generator().manual_seed(batches.plan.seed))

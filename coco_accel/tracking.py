@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Optional
@@ -41,7 +40,7 @@ class Meter:
             self.grad_norms += 1
         self.steps += 1
 
-    def flush(self, step: int, lr: float, docs_seen: int) -> dict:
+    def flush(self, step: int, lr: float, docs_seen: int, skipped_steps: int = 0) -> dict:
         """Global means over the steps since the last flush (all processes must call it together)."""
         total = dist.all_reduce_sum(self.sums).tolist()  # host sync, once per logging interval
         elapsed = max(time.perf_counter() - self.started, 1e-9)
@@ -57,22 +56,26 @@ class Meter:
         record["real_tokens_per_s"] = total[5] / elapsed
         record["padding_fraction"] = 1.0 - total[5] / max(total[6], 1)
         record["docs_seen"] = docs_seen
+        record["skipped_steps"] = skipped_steps
         record["seconds_per_step"] = elapsed / n
         self._reset()
         return record
 
 
-def is_finite(record: dict) -> bool:
-    return all(math.isfinite(record[k]) for k in ("loss",) + _PARTS)
-
-
 class MetricsFile:
-    """metrics.jsonl: one JSON object per logging step (main process only)."""
+    """metrics.jsonl: one JSON object per logging step (main process only).
 
-    def __init__(self, path: Path, append: bool):
+    A resumed run keeps the lines up to its checkpoint's step and drops later ones, which the
+    interrupted run logged but will now be logged again.
+    """
+
+    def __init__(self, path: Path, keep_until: int = 0):
         self.path = path
-        if not append and path.exists():
-            path.unlink()
+        kept = []
+        if keep_until and path.exists():
+            kept = [line for line in path.read_text().splitlines() if line.strip()
+                    and json.loads(line)["step"] <= keep_until]
+        path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as fh:

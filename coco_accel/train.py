@@ -13,8 +13,10 @@ if __name__ == "__main__" and not __package__:
 
 import json
 import logging
+import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from coco_accel.config import ConfigError, TrainConfig, parse_config, to_dict
 
@@ -31,7 +33,13 @@ def _mixed_precision(cfg: TrainConfig) -> Optional[str]:
     return wanted
 
 
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint written after SIGTERM/SIGUSR1; requeue and resume
+PREEMPTED_MARKER = "PREEMPTED"  # also left in --output_dir: launchers may not pass exit codes through
+
+
 def build_accelerator(cfg: TrainConfig):
+    from datetime import timedelta
+
     import torch
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
@@ -39,13 +47,17 @@ def build_accelerator(cfg: TrainConfig):
     launched_world = int(os.environ.get("WORLD_SIZE", "1"))
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     kwargs = {}
-    if launched_world > 1 and not torch.cuda.is_available():
-        # CPU runs: NCCL needs a GPU. DeepSpeed needs gloo named explicitly (cpu=True would silently turn
-        # it off); DDP needs cpu=True, or every process quietly trains alone as rank 0.
-        if deepspeed:
-            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
-        else:
-            kwargs["cpu"] = True
+    if launched_world > 1:
+        # A collective that waits longer than this fails, so one dead rank ends the job instead of hanging it.
+        group = {"timeout": timedelta(seconds=cfg.ddp_timeout)}
+        if not torch.cuda.is_available():
+            # CPU runs: NCCL needs a GPU. DeepSpeed needs gloo named explicitly (cpu=True would silently
+            # turn it off); DDP needs cpu=True, or every process quietly trains alone as rank 0.
+            if deepspeed:
+                group["backend"] = "gloo"
+            else:
+                kwargs["cpu"] = True
+        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(**group)]
     accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), **kwargs)
     if accelerator.num_processes != launched_world:
         raise ConfigError(f"the launcher started {launched_world} processes but they formed a group of "
@@ -54,29 +66,21 @@ def build_accelerator(cfg: TrainConfig):
     return accelerator
 
 
-def _fill_deepspeed_config(accelerator, cfg: TrainConfig) -> None:
+def _fill_deepspeed_config(accelerator, cfg: TrainConfig, per_device: int) -> None:
     """Give DeepSpeed the recipe's numbers (the JSON says "auto"): we shard batches ourselves, so no
     dataloader goes through `prepare` for Accelerate to read them from."""
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
-    for key, value in (("train_micro_batch_size_per_gpu", cfg.per_device_train_batch_size),
+    for key, value in (("train_micro_batch_size_per_gpu", per_device),
                        ("gradient_accumulation_steps", 1),
-                       ("train_batch_size", cfg.per_device_train_batch_size * accelerator.num_processes),
+                       ("train_batch_size", per_device * accelerator.num_processes),
                        ("gradient_clipping", cfg.max_grad_norm)):
         if ds.get(key, "auto") != "auto" and ds[key] != value:
             raise ConfigError(f"the DeepSpeed config sets {key}={ds[key]} but the recipe implies {value}: "
                               f"set it to \"auto\" in the JSON so the recipe stays the single source.")
         ds[key] = value
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if stage == 3 and cfg.cache_chunk_size > 0:
+    if ds.get("zero_optimization", {}).get("stage", 0) == 3 and cfg.cache_chunk_size > 0:
         raise ConfigError("--cache_chunk_size with ZeRO-3 is not supported: stage 3 gathers parameters per "
                           "forward, and the cached re-encoding would gather them once per chunk. Use ZeRO-1/2.")
-
-
-def _check_output_dir(cfg: TrainConfig) -> None:
-    out = Path(cfg.output_dir)
-    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite_output_dir:
-        raise ConfigError(f"--output_dir {cfg.output_dir} is not empty: pass --overwrite_output_dir to write "
-                          "into it, or choose another folder.")
 
 
 def _setup_logging(is_main: bool) -> None:
@@ -90,23 +94,85 @@ def _setup_logging(is_main: bool) -> None:
         datasets.logging.set_verbosity_error()
 
 
-def train(cfg: TrainConfig) -> dict:
-    """The whole run: build, loop, export. Returns the first and last logged records."""
-    import torch
+def _resume_from(cfg: TrainConfig) -> Optional[Path]:
+    """The checkpoint to continue from, and the output-directory rule (never overwrite by accident)."""
+    from coco_accel.checkpoint import STATE_FILE, latest_checkpoint, list_checkpoints
+
+    if cfg.resume not in ("auto", "none"):
+        path = Path(cfg.resume)
+        if not (path / STATE_FILE).is_file():
+            raise ConfigError(f"--resume {cfg.resume}: not a complete checkpoint (no {STATE_FILE}).")
+        return path
+    found = latest_checkpoint(cfg.output_dir) if cfg.resume == "auto" else None
+    if found is not None:
+        return found
+    out = Path(cfg.output_dir)
+    if out.is_dir() and any(out.iterdir()):
+        if not cfg.overwrite_output_dir:
+            raise ConfigError(f"--output_dir {cfg.output_dir} is not empty and holds no checkpoint to resume: "
+                              "pass --overwrite_output_dir to write into it, or choose another folder.")
+        stale = list_checkpoints(cfg.output_dir)
+        if stale and int(os.environ.get("RANK", "0")) == 0:
+            logger.info("Starting fresh (--resume none): removing %d old checkpoints from %s.", len(stale), out)
+            import shutil
+
+            for old in stale:
+                shutil.rmtree(old, ignore_errors=True)
+    return None
+
+
+class _StopRequest:
+    """SIGTERM / SIGUSR1 (what SLURM sends before preemption) only set a flag; the loop acts on it."""
+
+    def __init__(self):
+        import signal
+
+        self.signal_name: Optional[str] = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        self.signal_name = signal.Signals(signum).name
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+
+@dataclass
+class Run:
+    """Everything a training loop touches, built once."""
+
+    cfg: TrainConfig
+    accelerator: Any
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    tokenizer: Any
+    plan: Any
+    batches: Any
+    total_steps: int
+    step_fn: Callable
+    start_step: int = 0
+    docs_seen: int = 0
+
+
+def build(cfg: TrainConfig) -> Run:
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
-    from coco_accel.checkpoint import save_checkpoint
-    from coco_accel.data import BatchPlan, SpanCollator, TrainBatches, load_train_data, make_loader
-    from coco_accel.model import load_condenser, save_export
+    from coco_accel.checkpoint import load_checkpoint
+    from coco_accel.data import BatchPlan, SpanCollator, TrainBatches, load_train_data
+    from coco_accel.model import load_condenser
     from coco_accel.optim import build_optimizer, linear_schedule, warmup_steps_for
     from coco_accel.step import LossSettings, cached_step, plain_step
-    from coco_accel.tracking import Meter, MetricsFile, is_finite
 
     accelerator = build_accelerator(cfg)
     _setup_logging(accelerator.is_main_process)
-    _check_output_dir(cfg)
+    resume = _resume_from(cfg)
+    accelerator.wait_for_everyone()
     set_seed(cfg.seed)
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
@@ -115,11 +181,12 @@ def train(cfg: TrainConfig) -> dict:
     dataset = load_train_data(cfg.train_dir)
 
     world = accelerator.num_processes
-    plan = BatchPlan(num_docs=len(dataset), global_docs=cfg.per_device_train_batch_size * world, seed=cfg.seed,
+    per_device = cfg.per_device_docs(world)
+    plan = BatchPlan(num_docs=len(dataset), global_docs=per_device * world, seed=cfg.seed,
                      drop_last=cfg.dataloader_drop_last, world_size=world, rank=accelerator.process_index)
     if plan.steps_per_epoch == 0:
         raise ConfigError(f"{len(dataset)} documents cannot fill one global batch of {plan.global_docs} with "
-                          "--dataloader_drop_last: lower --per_device_train_batch_size or add data.")
+                          "--dataloader_drop_last: lower the batch size or add data.")
     total_steps = plan.total_steps(cfg.num_train_epochs, cfg.max_steps)
     warmup = warmup_steps_for(total_steps, cfg.warmup_steps, cfg.warmup_ratio)
 
@@ -127,23 +194,9 @@ def train(cfg: TrainConfig) -> dict:
     scheduler = linear_schedule(optimizer, warmup, total_steps)
     deepspeed = accelerator.state.deepspeed_plugin is not None
     if deepspeed:
-        _fill_deepspeed_config(accelerator, cfg)
+        _fill_deepspeed_config(accelerator, cfg, per_device)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # stepped by us once per optimizer step
-
-    collator = SpanCollator(tokenizer, cfg.max_seq_length, cfg.mlm_probability, cfg.seed)
-    loader = make_loader(TrainBatches(dataset, plan, collator), 0, total_steps, cfg.dataloader_num_workers)
-    settings = LossSettings(cfg.temperature, cfg.normalize)
-    out_dir = Path(cfg.output_dir)
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-    metrics = MetricsFile(out_dir / "metrics.jsonl", append=False) if accelerator.is_main_process else None
-
-    logger.info("World size %d | global batch %d documents (%d spans) | %d documents, %d steps per epoch | "
-                "%d steps (%d warm-up) | precision %s | gradient cache %s", world, plan.global_docs,
-                2 * plan.global_docs, len(dataset), plan.steps_per_epoch, total_steps, warmup,
-                accelerator.mixed_precision, cfg.cache_chunk_size if cfg.cache_chunk_size > 0 else "off")
 
     def backward(loss, last: bool):
         if deepspeed:  # DeepSpeed owns the accumulation boundary and steps inside backward at the last one
@@ -151,58 +204,135 @@ def train(cfg: TrainConfig) -> dict:
         else:
             accelerator.backward(loss)
 
-    def run_step(batch):
+    settings = LossSettings(cfg.temperature, cfg.normalize)
+    no_sync = (lambda: accelerator.no_sync(model)) if (world > 1 and not deepspeed) else None
+
+    def step_fn(batch):
         if cfg.cache_chunk_size > 0:
-            no_sync = (lambda: accelerator.no_sync(model)) if (world > 1 and not deepspeed) else None
             return cached_step(model, batch, backward, settings, cfg.cache_chunk_size, no_sync)
         return plain_step(model, batch, backward, settings)
 
-    model.train()
-    meter = Meter(accelerator.device)
-    first = last = None
-    docs_seen = 0
-    bar = tqdm(total=total_steps, desc="train", disable=not accelerator.is_main_process, dynamic_ncols=True)
-    for batch in loader:
-        step = int(batch.pop("step")) + 1  # 1-based count of optimizer steps done after this one
-        global_docs = int(batch.pop("global_docs"))
-        batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
-        parts = run_step(batch)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-        lr = scheduler.get_last_lr()[0]  # the rate this step used
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        docs_seen += global_docs
-        meter.add(parts, grad_norm)
-        bar.update(1)
-        if step == 1 or step % cfg.logging_steps == 0 or step == total_steps:
-            record = meter.flush(step, lr, docs_seen)
-            if not is_finite(record):
-                raise FloatingPointError(
-                    f"non-finite loss at step {step}: mlm_head={record['mlm_head']}, mlm_backbone="
-                    f"{record['mlm_backbone']}, contrastive={record['contrastive']}. Lower --learning_rate or use bf16.")
-            first = first or record
-            last = record
-            bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['contrastive_acc']:.2f}")
-            if metrics is not None:
-                metrics.write(record)
-        if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
-            save_checkpoint(accelerator, cfg.output_dir, step, {"step": step, "docs_seen": docs_seen})
-    bar.close()
+    collator = SpanCollator(tokenizer, cfg.max_seq_length, cfg.mlm_probability, cfg.seed)
+    run = Run(cfg, accelerator, model, optimizer, scheduler, tokenizer, plan, TrainBatches(dataset, plan, collator),
+              total_steps, step_fn)
+    if resume is not None:
+        state = load_checkpoint(accelerator, resume)
+        if state.get("global_docs") != plan.global_docs or state.get("seed") != cfg.seed:
+            raise ConfigError(f"{resume} was written with global batch {state.get('global_docs')} documents and "
+                              f"seed {state.get('seed')}; this run has {plan.global_docs} and {cfg.seed}. Resuming "
+                              "would not continue the same run: match them, or pass --resume none.")
+        run.start_step, run.docs_seen = state["step"], state["docs_seen"]
+        logger.info("Resumed from %s at step %d.", resume, run.start_step)
+    logger.info("World size %d on %d node(s) | global batch %d documents (%d spans), %d per process | %d documents, "
+                "%d steps per epoch | %d steps (%d warm-up) | precision %s | %s | gradient cache %s", world,
+                int(os.environ.get("NNODES", os.environ.get("SLURM_NNODES", "1"))), plan.global_docs,
+                2 * plan.global_docs, per_device, len(dataset), plan.steps_per_epoch, total_steps, warmup,
+                accelerator.mixed_precision,
+                f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}" if deepspeed else "DDP" if world > 1
+                else "single process", cfg.cache_chunk_size if cfg.cache_chunk_size > 0 else "off")
+    return run
 
-    accelerator.wait_for_everyone()
-    state = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        save_export(accelerator.unwrap_model(model), tokenizer, cfg.output_dir, state)
-    accelerator.wait_for_everyone()
-    logger.info("Exported model: %s (AutoModel.from_pretrained loads it; Condenser head in condenser_head.safetensors)",
-                os.path.abspath(cfg.output_dir))
+
+def train(cfg: TrainConfig) -> dict:
+    """The whole run: build, loop, export. Returns the first and last logged records."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from coco_accel import dist
+    from coco_accel.checkpoint import save_checkpoint
+    from coco_accel.data import make_loader
+    from coco_accel.tracking import Meter, MetricsFile
+
+    run = build(cfg)
+    acc, model, optimizer, scheduler = run.accelerator, run.model, run.optimizer, run.scheduler
+    out_dir = Path(cfg.output_dir)
+    if acc.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+        (out_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+    metrics = MetricsFile(out_dir / "metrics.jsonl", keep_until=run.start_step) if acc.is_main_process else None
+    stop = _StopRequest()
+    meter = Meter(acc.device)
+    first = last = None
+    skipped = 0
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(acc, cfg.output_dir, step, {"step": step, "docs_seen": run.docs_seen, "seed": cfg.seed,
+                                                      "global_docs": run.plan.global_docs,
+                                                      "world_size": acc.num_processes}, cfg.save_total_limit)
+
+    model.train()
+    bar = tqdm(total=run.total_steps, initial=run.start_step, desc="train", disable=not acc.is_main_process,
+               dynamic_ncols=True)
+    for batch in make_loader(run.batches, run.start_step, run.total_steps, cfg.dataloader_num_workers):
+        step = int(batch.pop("step")) + 1  # optimizer steps done once this one is
+        global_docs = int(batch.pop("global_docs"))
+        parts = run.step_fn({k: v.to(acc.device, non_blocking=True) for k, v in batch.items()})
+        # One tiny all-reduce per step so every process agrees on stopping and on a non-finite loss
+        # (the host sync this costs is the only one outside logging).
+        control = dist.all_reduce_sum(torch.stack([torch.tensor(float(stop.requested), device=acc.device,
+                                                                dtype=torch.float64), parts.loss.double()])).tolist()
+        if not math.isfinite(control[1]):
+            skipped = _nonfinite(cfg, step, parts, skipped)
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+            lr = scheduler.get_last_lr()[0]  # the rate this step used
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            meter.add(parts, grad_norm)
+        scheduler.step()
+        run.docs_seen += global_docs
+        bar.update(1)
+        if meter.steps and (step == 1 or step % cfg.logging_steps == 0 or step == run.total_steps):
+            last = meter.flush(step, lr, run.docs_seen, skipped)
+            first = first or last
+            bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['contrastive_acc']:.2f}")
+            if metrics is not None:
+                metrics.write(last)
+        if control[0] > 0:
+            checkpoint(step)
+            if acc.is_main_process:
+                (out_dir / PREEMPTED_MARKER).write_text(f"{stop.signal_name or 'signal'} at step {step}\n")
+            logger.warning("Stopped by %s at step %d; checkpoint written. Resume with the same command.",
+                           stop.signal_name or "a signal on another process", step)
+            acc.end_training()
+            return {"first": first, "last": last, "steps": step, "preempted": True}
+        if cfg.save_steps and step % cfg.save_steps == 0 and step < run.total_steps:
+            checkpoint(step)
+    bar.close()
+    _export(run)
     if first and last:
         logger.info("Loss: first %.4f (step %d) -> last %.4f (step %d); contrastive accuracy %.3f -> %.3f",
                     first["loss"], first["step"], last["loss"], last["step"], first["contrastive_acc"],
                     last["contrastive_acc"])
-    accelerator.end_training()
-    return {"first": first, "last": last, "steps": total_steps}
+    acc.end_training()
+    return {"first": first, "last": last, "steps": run.total_steps, "preempted": False}
+
+
+def _nonfinite(cfg: TrainConfig, step: int, parts, skipped: int) -> int:
+    detail = (f"mlm_head={parts.mlm_head.item():.4g}, mlm_backbone={parts.mlm_backbone.item():.4g}, "
+              f"contrastive={parts.contrastive.item():.4g} (this process's shares)")
+    if skipped >= cfg.max_nonfinite_skips:
+        raise FloatingPointError(
+            f"non-finite loss at step {step}: {detail}. Lower --learning_rate, prefer bf16 to fp16, or allow "
+            f"skipping with --max_nonfinite_skips (now {cfg.max_nonfinite_skips}).")
+    logger.warning("Non-finite loss at step %d (%s): step skipped (%d of %d allowed).", step, detail, skipped + 1,
+                   cfg.max_nonfinite_skips)
+    return skipped + 1
+
+
+def _export(run: Run) -> None:
+    from coco_accel.model import save_export
+
+    acc = run.accelerator
+    acc.wait_for_everyone()
+    state = acc.get_state_dict(run.model)  # gathers ZeRO-3 shards onto the main process
+    if acc.is_main_process:
+        save_export(acc.unwrap_model(run.model), run.tokenizer, run.cfg.output_dir, state)
+    acc.wait_for_everyone()
+    logger.info("Exported model: %s (AutoModel.from_pretrained loads it; Condenser head in condenser_head.safetensors)",
+                os.path.abspath(run.cfg.output_dir))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -211,12 +341,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         cfg = parse_config(argv)
-        train(cfg)
-    except (ConfigError, DataError, ModelError) as err:
+        result = train(cfg)
+    except (ConfigError, DataError, ModelError, FloatingPointError) as err:
         logging.basicConfig(level=logging.INFO)
         logger.error("%s", err)
         return 2
-    return 0
+    return PREEMPTED_EXIT_CODE if result["preempted"] else 0
 
 
 if __name__ == "__main__":
