@@ -27,19 +27,31 @@ class DataError(ValueError):
     """Training data that cannot be used; the message names the folder and the fix."""
 
 
-def load_train_data(train_dir: str):
-    """A dataset written by `python -m coco_accel.preprocess` (memory-mapped Arrow)."""
+def load_train_data(train_dir: str, split: str = "train"):
+    """Training documents, memory-mapped: a folder written by `python -m coco_accel.preprocess`, or a
+    folder of the reference's tokenized JSON lines (`{"spans": [[ids], ...]}` per line)."""
     import datasets
 
     path = Path(train_dir)
-    if not (path / "dataset_info.json").is_file() and not (path / "state.json").is_file():
-        raise DataError(f"--train_dir {train_dir}: not a dataset folder written by "
-                        "`python -m coco_accel.preprocess` (no state.json).")
-    ds = datasets.load_from_disk(str(path))
-    if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds:
-            raise DataError(f"--train_dir {train_dir}: has splits {list(ds)} but no 'train'.")
-        ds = ds["train"]
+    if not path.is_dir():
+        raise DataError(f"--train_dir {train_dir}: no such folder.")
+    if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(f"--train_dir {train_dir}: has splits {list(ds)} but no '{split}'.")
+            ds = ds[split]
+    else:
+        files = sorted(str(p) for p in path.iterdir() if p.suffix in (".json", ".jsonl") or p.name.endswith(".json.gz"))
+        if not files:
+            raise DataError(f"--train_dir {train_dir}: neither a folder written by `python -m coco_accel.preprocess` "
+                            "nor one holding the reference's tokenized .json files.")
+        features = datasets.Features({"spans": datasets.List(datasets.List(datasets.Value("int32")))})
+        try:
+            ds = datasets.load_dataset("json", data_files=files, split="train", features=features)
+        except Exception as err:  # the json builder wraps parse errors in its own types
+            raise DataError(f"--train_dir {train_dir}: could not read the reference's tokenized files as "
+                            f"{{\"spans\": [[ids], ...]}} lines: {err}") from None
     if "spans" not in ds.column_names:
         raise DataError(f"--train_dir {train_dir}: no 'spans' column (columns: {ds.column_names}).")
     if len(ds) == 0:

@@ -14,9 +14,7 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import sys
-from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -27,7 +25,7 @@ from coco_accel.masking import keyed_uniform
 
 logger = logging.getLogger("coco_accel.preprocess")
 
-SPAN_BREAK = 11  # keyed-random purpose tag, distinct from the training ones
+SPAN_BREAK, HELD_OUT = 11, 12  # keyed-random purpose tags, distinct from the training ones
 BREAK_PROBABILITY = 0.1
 
 
@@ -94,68 +92,94 @@ def drop_reason(spans: list[list[int]]) -> str:
 
 
 class SpanBuilder:
-    """The `datasets.map` function: a batch of documents -> spans and drop reasons."""
+    """The `datasets.map` function: a batch of documents -> spans, drop reason, id key, held-out flag."""
 
-    def __init__(self, tokenizer, splitter, max_span_tokens: int, seed: int):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, splitter, max_span_tokens: int, seed: int, eval_fraction: float = 0.0):
         self.splitter = splitter
         self.max_span_tokens = max_span_tokens
         self.seed = seed
+        self.eval_fraction = eval_fraction
+        # A private copy of the Rust tokenizer without the truncation/padding a tokenizer.json may carry
+        # (sentence-transformers folders truncate at 128): spans need every token.
+        from tokenizers import Tokenizer
+
+        self.encoder = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self.encoder.no_truncation()
+        self.encoder.no_padding()
+
+    def _sentence_tokens(self, texts: list[str]) -> list[list[list[int]]]:
+        """Per document, the token ids of each Punkt sentence (no special tokens): all sentences of the
+        batch in one call to the Rust tokenizer, ids only, instead of one Python call per sentence."""
+        sentences = [self.splitter.tokenize(t) if t else [] for t in texts]
+        flat = [s for doc in sentences for s in doc]
+        encode = getattr(self.encoder, "encode_batch_fast", self.encoder.encode_batch)
+        ids = [enc.ids for enc in encode(flat, add_special_tokens=False)] if flat else []
+        out, pos = [], 0
+        for doc in sentences:
+            out.append(ids[pos:pos + len(doc)])
+            pos += len(doc)
+        return out
 
     def __call__(self, batch: dict) -> dict:
-        docs_sents: list[list[str]] = []
-        for title, text, reject in zip(batch["title"], batch["text"], batch["reject"]):
-            if reject:
-                docs_sents.append([])
-                continue
-            joined = f"{title.strip()} {text.strip()}".strip() if title else text.strip()
-            docs_sents.append(self.splitter.tokenize(joined))
-        flat = [s for sents in docs_sents for s in sents]
-        ids = self.tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
-        out_spans, out_drop = [], []
-        pos = 0
-        for corpus, doc_id, sents, reject in zip(batch["corpus"], batch["doc_id"], docs_sents, batch["reject"]):
-            toks = ids[pos: pos + len(sents)]
-            pos += len(sents)
+        texts = [("" if reject else f"{title.strip()} {text.strip()}".strip() if title else text.strip())
+                 for title, text, reject in zip(batch["title"], batch["text"], batch["reject"])]
+        tokens = self._sentence_tokens(texts)
+        out_spans, out_drop, out_key, out_heldout = [], [], [], []
+        for corpus, doc_id, toks, reject in zip(batch["corpus"], batch["doc_id"], tokens, batch["reject"]):
+            corpus_key, doc_key = key64(corpus), key64(doc_id)
+            out_key.append(doc_key)
+            out_heldout.append(bool(keyed_uniform(self.seed, corpus_key, doc_key, HELD_OUT) < self.eval_fraction))
             if reject:
                 out_spans.append([])
                 out_drop.append("")
                 continue
-            breaks = keyed_uniform(self.seed, key64(corpus), key64(doc_id), np.arange(len(toks)), SPAN_BREAK)
+            breaks = keyed_uniform(self.seed, corpus_key, doc_key, np.arange(len(toks)), SPAN_BREAK)
             spans = group_spans(toks, np.atleast_1d(breaks) < BREAK_PROBABILITY, self.max_span_tokens)
             reason = drop_reason(spans)
             out_spans.append([] if reason else spans)
             out_drop.append(reason)
-        return {"spans": out_spans, "drop": out_drop}
+        return {"spans": out_spans, "drop": out_drop, "key": out_key, "heldout": out_heldout}
 
 
 # ---------------------------------------------------------------------------------------------------------
-# accounting
+# accounting (on Arrow columns: memory stays bounded at MS MARCO scale)
 
 
-def _count(reject: list[str], drop: list[str], corpus: list[str]) -> dict:
-    stats: dict = {}
+def _outcomes(built) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per document: reject reason (duplicates included), drop reason, held-out flag, from Arrow columns."""
+    import pyarrow.compute as pc
 
-    def bucket(name: str) -> dict:
-        return stats.setdefault(name, {"read": 0, "kept": 0, "dropped": 0, "rejected": 0,
-                                       "dropped_by_reason": Counter(), "rejected_by_reason": Counter()})
+    table = built.with_format("arrow")[:]
+    reject = table.column("reject").to_numpy(zero_copy_only=False).astype(object)
+    drop = table.column("drop").to_numpy(zero_copy_only=False).astype(object)
+    keys = table.column("key").to_numpy()
+    # Later copies of a document id become rejects: ids key the randomness and the evaluation.
+    ok = ~pc.not_equal(table.column("reject"), "").to_numpy(zero_copy_only=False)
+    candidates = np.nonzero(ok)[0]
+    _, first = np.unique(keys[candidates], return_index=True)
+    dup = np.ones(len(candidates), dtype=bool)
+    dup[first] = False
+    reject[candidates[dup]] = "duplicate_id"
+    drop[candidates[dup]] = ""
+    return reject, drop, table.column("heldout").to_numpy(zero_copy_only=False)
 
-    for rej, drp, corp in zip(reject, drop, corpus):
-        for b in (bucket("total"), bucket(corp)):
-            b["read"] += 1
-            if rej:
-                b["rejected"] += 1
-                b["rejected_by_reason"][rej] += 1
-            elif drp:
-                b["dropped"] += 1
-                b["dropped_by_reason"][drp] += 1
-            else:
-                b["kept"] += 1
-    for b in stats.values():
-        b["dropped_by_reason"] = dict(sorted(b["dropped_by_reason"].items()))
-        b["rejected_by_reason"] = dict(sorted(b["rejected_by_reason"].items()))
-    total = stats.pop("total", None) or bucket("total")
-    return {"total": total, "corpora": dict(sorted(stats.items()))}
+
+def _count(reject: np.ndarray, drop: np.ndarray, heldout: np.ndarray) -> dict:
+    rejected = reject != ""
+    dropped = ~rejected & (drop != "")
+    kept = ~rejected & ~dropped
+    reasons = lambda arr, mask: {str(k): int(v) for k, v in zip(*np.unique(arr[mask].astype(str), return_counts=True))}
+    return {"read": int(len(reject)), "kept": int(kept.sum()), "dropped": int(dropped.sum()),
+            "rejected": int(rejected.sum()), "held_out": int((kept & heldout).sum()),
+            "dropped_by_reason": reasons(drop, dropped), "rejected_by_reason": reasons(reject, rejected)}
+
+
+def _add_counts(total: dict, part: dict) -> None:
+    for key in ("read", "kept", "dropped", "rejected", "held_out"):
+        total[key] += part[key]
+    for key in ("dropped_by_reason", "rejected_by_reason"):
+        for reason, n in part[key].items():
+            total[key][reason] = total[key].get(reason, 0) + n
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -171,93 +195,123 @@ def preprocess(
     max_span_tokens: int = 30,
     num_shards: Optional[int] = None,
     cache_dir: Optional[str] = None,
+    eval_fraction: float = 0.0,
 ) -> dict:
-    """Run the pipeline; returns the stats written to OUT/stats.json."""
+    """Run the pipeline; returns the stats written to OUT/stats.json.
+
+    Each corpus is read into its own cached Arrow dataset and mapped to spans (one progress bar
+    each); a re-run on unchanged input reuses the `datasets` cache.
+    """
     import datasets
     from transformers import AutoTokenizer
 
     sources = corpora.discover(list(inputs))
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_name))
     splitter, split_source = load_sentence_splitter()
     logger.info("Sentence splitter: %s", split_source)
-    logger.info("Inputs: %s", ", ".join(f"{s.corpus}={s.path}" for s in sources))
-
-    features = datasets.Features({k: datasets.Value("string") for k in
-                                  ("corpus", "doc_id", "title", "text", "file", "detail", "reject")}
-                                 | {"line": datasets.Value("int64")})
-    raw = datasets.Dataset.from_generator(
-        corpora.generate, features=features, cache_dir=cache_dir,
-        gen_kwargs={"sources": sources, "fingerprints": [corpora.fingerprint(s) for s in sources]})
-    raw = _mark_duplicates(raw)
-
+    builder = SpanBuilder(tokenizer, splitter, max_span_tokens, seed, eval_fraction)
     id_type = "uint16" if len(tokenizer) <= np.iinfo(np.uint16).max else "int32"
-    out_features = raw.features.copy()
-    out_features["spans"] = datasets.List(datasets.List(datasets.Value(id_type)))
-    out_features["drop"] = datasets.Value("string")
-    built = raw.map(
-        SpanBuilder(tokenizer, splitter, max_span_tokens, seed), batched=True, batch_size=256,
-        num_proc=num_proc if num_proc > 1 else None, features=out_features, desc="Building spans")
-
-    meta = built.select_columns(["corpus", "reject", "drop"]).to_dict()
-    stats = _count(meta["reject"], meta["drop"], meta["corpus"])
-    keep = [i for i, (r, d) in enumerate(zip(meta["reject"], meta["drop"])) if not r and not d]
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_rejects(built, meta, out / "rejects.jsonl")
-    kept = built.select(keep).select_columns(["doc_id", "corpus", "spans"])
-    shards = num_shards or max(1, min(64, len(kept) // 500_000 + 1))
-    kept.save_to_disk(str(out), num_shards=min(shards, max(1, len(kept))))
+    total = _count(np.array([], dtype=object), np.array([], dtype=object), np.array([], dtype=bool))
+    stats: dict = {"total": total, "corpora": {}}
+    train_parts, eval_parts = [], []
+    with open(out / "rejects.jsonl", "w", encoding="utf-8") as rejects_file:
+        for corpus in dict.fromkeys(s.corpus for s in sources):
+            group = [s for s in sources if s.corpus == corpus]
+            logger.info("Corpus %s: %s", corpus, ", ".join(s.path for s in group))
+            raw = datasets.Dataset.from_generator(
+                corpora.generate, features=_raw_features(), cache_dir=cache_dir,
+                gen_kwargs={"sources": group, "fingerprints": [corpora.fingerprint(s) for s in group]})
+            features = raw.features.copy()
+            features.update({"spans": datasets.List(datasets.List(datasets.Value(id_type))),
+                             "drop": datasets.Value("string"), "key": datasets.Value("int64"),
+                             "heldout": datasets.Value("bool")})
+            built = raw.map(builder, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 else None,
+                            features=features, desc=f"Spans: {corpus}")
+            reject, drop, heldout = _outcomes(built)
+            stats["corpora"][corpus] = _count(reject, drop, heldout)
+            _add_counts(total, stats["corpora"][corpus])
+            _write_rejects(built, reject, rejects_file)
+            kept = (reject == "") & (drop == "")
+            columns = ["doc_id", "corpus", "spans"]
+            train_parts.append(built.select(np.nonzero(kept & ~heldout)[0]).select_columns(columns))
+            eval_parts.append(built.select(np.nonzero(kept & heldout)[0]).select_columns(columns))
+
+    train = datasets.concatenate_datasets(train_parts)
+    shards = num_shards or max(1, len(train) // 500_000 + 1)
+    if eval_fraction > 0:
+        result = datasets.DatasetDict({"train": train, "eval": datasets.concatenate_datasets(eval_parts)})
+        result.save_to_disk(str(out), num_shards={"train": min(shards, max(1, len(train))), "eval": 1})
+    else:
+        train.save_to_disk(str(out), num_shards=min(shards, max(1, len(train))))
     stats.update({"tokenizer": str(tokenizer_name), "sentence_splitter": split_source, "seed": seed,
-                  "max_span_tokens": max_span_tokens, "inputs": [s.path for s in sources]})
+                  "max_span_tokens": max_span_tokens, "eval_fraction": eval_fraction,
+                  "inputs": [s.path for s in sources]})
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     return stats
 
 
-def _mark_duplicates(raw):
-    """Later copies of a (corpus, doc_id) become rejects: ids must be unique to key randomness and evaluation."""
-    cols = raw.select_columns(["corpus", "doc_id", "reject"]).to_dict()
-    seen: dict[int, int] = {}
-    dup: list[int] = []
-    for i, (corp, doc, rej) in enumerate(zip(cols["corpus"], cols["doc_id"], cols["reject"])):
-        if rej:
-            continue
-        k = key64(corp + "\x1f" + doc)
-        if k in seen:
-            dup.append(i)
-        else:
-            seen[k] = i
-    if not dup:
-        return raw
-    dup_set = set(dup)
-    return raw.map(lambda row, idx: ({"reject": "duplicate_id", "detail": "same id earlier in this corpus"}
-                                     if idx in dup_set else {}), with_indices=True, desc="Marking duplicate ids")
+def _raw_features():
+    import datasets
+
+    return datasets.Features({**{k: datasets.Value("string") for k in
+                                 ("corpus", "doc_id", "title", "text", "file", "detail", "reject")},
+                              "line": datasets.Value("int64")})
 
 
-def _write_rejects(built, meta: dict, path: Path) -> None:
-    idx = [i for i, r in enumerate(meta["reject"]) if r]
-    with open(path, "w", encoding="utf-8") as fh:
-        if idx:
-            rows = built.select(idx).select_columns(["corpus", "doc_id", "file", "line", "reject", "detail"])
-            for row in rows:
-                row["reason"] = row.pop("reject")
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+def _write_rejects(built, reject: np.ndarray, fh) -> None:
+    idx = np.nonzero(reject != "")[0]
+    if len(idx) == 0:
+        return
+    rows = built.select(idx).select_columns(["corpus", "doc_id", "file", "line", "detail"])
+    for i, row in zip(idx, rows):
+        row["reason"] = str(reject[i])
+        if row["reason"] == "duplicate_id":
+            row["detail"] = "the same id appears earlier in this corpus"
+        fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------
 # CLI
 
 
+def resolve_recipe(recipe: str, root: str, skip_missing: bool) -> tuple[list[str], list[str]]:
+    """A corpus-list YAML (`corpora: [names]`) under a root folder -> (input folders, missing names)."""
+    import yaml
+
+    data = yaml.safe_load(Path(recipe).read_text()) or {}
+    names = data.get("corpora") if isinstance(data, dict) else None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise corpora.InputError(f"{recipe}: expected a key 'corpora' holding a list of folder names.")
+    found = [str(Path(root) / n) for n in names if (Path(root) / n).exists()]
+    missing = [n for n in names if not (Path(root) / n).exists()]
+    if missing and not skip_missing:
+        raise corpora.InputError(
+            f"{len(missing)} of {len(names)} corpora listed in {recipe} are not under {root}: {', '.join(missing)}. "
+            "Download them (bioasq, signal1m, trec-news and robust04 need a licence), or pass --skip_missing.")
+    if missing:
+        logger.warning("Skipping %d missing corpora: %s", len(missing), ", ".join(missing))
+    return found, missing
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m coco_accel.preprocess",
                                 description="Corpora -> span datasets for coco_accel/train.py.")
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
+    p.add_argument("inputs", nargs="*", metavar="INPUT",
                    help="BEIR dataset folder, MS MARCO collection(.tsv), or JSON-lines file (.gz allowed).")
     p.add_argument("--tokenizer", required=True, help="HF tokenizer folder (the model you will train).")
     p.add_argument("--output_dir", required=True, help="Where the dataset, stats.json and rejects.jsonl go.")
+    p.add_argument("--corpora", default=None, help="Corpus-list YAML (e.g. configs/coco_corpora.yaml), read "
+                   "under --corpus_root, in addition to any INPUTs.")
+    p.add_argument("--corpus_root", default=".", help="Folder holding the corpora named by --corpora.")
+    p.add_argument("--skip_missing", action="store_true", help="Proceed without corpora of --corpora that are absent.")
     p.add_argument("--num_proc", type=int, default=1, help="Processes for datasets.map.")
-    p.add_argument("--seed", type=int, default=42, help="Keys the random span breaks.")
+    p.add_argument("--seed", type=int, default=42, help="Keys the random span breaks and the held-out sample.")
     p.add_argument("--max_span_tokens", type=int, default=30, help="Longest span from grouped sentences.")
+    p.add_argument("--eval_fraction", type=float, default=0.0,
+                   help="Share of each corpus's kept documents held out in an 'eval' split.")
     p.add_argument("--num_shards", type=int, default=None, help="Arrow shards written (default: by size).")
     p.add_argument("--cache_dir", default=None, help="datasets cache folder (default: the HF datasets cache).")
     return p
@@ -266,19 +320,26 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    if args.num_proc < 1 or args.max_span_tokens < 1:
-        logger.error("--num_proc and --max_span_tokens must be >= 1.")
+    if args.num_proc < 1 or args.max_span_tokens < 1 or not 0.0 <= args.eval_fraction < 1.0:
+        logger.error("--num_proc and --max_span_tokens must be >= 1, --eval_fraction in [0, 1).")
         return 2
     try:
-        stats = preprocess(args.inputs, args.tokenizer, args.output_dir, num_proc=args.num_proc, seed=args.seed,
+        inputs = list(args.inputs)
+        if args.corpora:
+            inputs += resolve_recipe(args.corpora, args.corpus_root, args.skip_missing)[0]
+        if not inputs:
+            logger.error("Nothing to read: give INPUT paths or --corpora.")
+            return 2
+        stats = preprocess(inputs, args.tokenizer, args.output_dir, num_proc=args.num_proc, seed=args.seed,
                            max_span_tokens=args.max_span_tokens, num_shards=args.num_shards,
-                           cache_dir=args.cache_dir)
+                           cache_dir=args.cache_dir, eval_fraction=args.eval_fraction)
     except corpora.InputError as err:
         logger.error("%s", err)
         return 2
     t = stats["total"]
-    logger.info("Documents: read %d, kept %d, dropped %d %s, rejected %d %s -> %s", t["read"], t["kept"],
-                t["dropped"], t["dropped_by_reason"], t["rejected"], t["rejected_by_reason"], args.output_dir)
+    logger.info("Documents: read %d, kept %d (%d held out), dropped %d %s, rejected %d %s -> %s", t["read"],
+                t["kept"], t["held_out"], t["dropped"], t["dropped_by_reason"], t["rejected"],
+                t["rejected_by_reason"], args.output_dir)
     if t["kept"] == 0:
         logger.error("No document has two spans: nothing to train on. See %s/stats.json.", args.output_dir)
         return 1

@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import os
 from pathlib import Path
 
 import datasets
@@ -11,7 +12,9 @@ import pytest
 from coco_accel.corpora import InputError
 from coco_accel.preprocess import drop_reason, group_spans, main, preprocess
 
-from conftest import SHARED_DATA
+from conftest import REPO, SHARED_DATA
+
+REPO_CONFIGS = REPO / "configs"
 
 
 def test_group_spans_packs_sentences_up_to_the_limit():
@@ -144,3 +147,59 @@ def test_cisi_integration(tmp_path, minilm_path):
     ds = datasets.load_from_disk(str(tmp_path / "out"))
     assert all(len(spans) >= 2 and len(spans[0]) > 2 for spans in ds["spans"])
     assert set(ds["corpus"]) == {"cisi"}
+
+
+def test_held_out_split_is_deterministic_and_disjoint(tmp_path, small_corpus, minilm_path):
+    stats = preprocess([str(small_corpus)], minilm_path, str(tmp_path / "out"), eval_fraction=0.3,
+                       cache_dir=str(tmp_path / "c"))
+    dd = datasets.load_from_disk(str(tmp_path / "out"))
+    assert set(dd) == {"train", "eval"}
+    train, held = set(dd["train"]["doc_id"]), set(dd["eval"]["doc_id"])
+    assert not train & held
+    assert stats["total"]["held_out"] == len(held) and len(train) + len(held) == stats["total"]["kept"]
+    assert 0.15 < len(held) / stats["total"]["kept"] < 0.45
+    again = preprocess([str(small_corpus)], minilm_path, str(tmp_path / "again"), eval_fraction=0.3, num_proc=2,
+                       cache_dir=str(tmp_path / "c2"))
+    assert set(datasets.load_from_disk(str(tmp_path / "again"))["eval"]["doc_id"]) == held
+    assert again["total"] == stats["total"]
+
+
+def test_corpus_recipe_reports_missing_corpora_by_name(tmp_path, minilm_path, caplog):
+    from coco_accel.preprocess import resolve_recipe
+
+    recipe = REPO_CONFIGS / "coco_corpora.yaml"
+    root = tmp_path / "beir"
+    _write(root / "scifact" / "corpus.jsonl", [_doc(0)])
+    _write(root / "msmarco" / "collection.tsv", [f"7\t{GOOD}"])
+    with pytest.raises(InputError, match="16 of 18 corpora.*trec-covid.*bioasq"):
+        resolve_recipe(str(recipe), str(root), skip_missing=False)
+    found, missing = resolve_recipe(str(recipe), str(root), skip_missing=True)
+    assert sorted(Path(f).name for f in found) == ["msmarco", "scifact"] and len(missing) == 16
+    rc = main(["--tokenizer", minilm_path, "--output_dir", str(tmp_path / "out"), "--corpora", str(recipe),
+               "--corpus_root", str(root), "--skip_missing", "--cache_dir", str(tmp_path / "c")])
+    assert rc == 0
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert set(stats["corpora"]) == {"scifact", "msmarco"}
+
+
+def test_reference_tokenized_folder_is_accepted_as_train_dir(tmp_path):
+    from coco_accel.data import DataError, load_train_data
+
+    _write(tmp_path / "ref" / "part0.json", [json.dumps({"spans": [[5, 6, 7], [8, 9]]}),
+                                             json.dumps({"spans": [[1, 2, 3], [4, 5, 6], [7]]})])
+    ds = load_train_data(str(tmp_path / "ref"))
+    assert len(ds) == 2 and ds[1]["spans"] == [[1, 2, 3], [4, 5, 6], [7]]
+    _write(tmp_path / "broken" / "part0.json", ['{"spans": "not tokenized"}'])
+    with pytest.raises(DataError, match="reference's tokenized"):
+        load_train_data(str(tmp_path / "broken"))
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(DataError, match="neither"):
+        load_train_data(str(tmp_path / "nothing"))
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_unreadable_file_is_a_clear_error(tmp_path, minilm_path):
+    path = _write(tmp_path / "locked.jsonl", [_doc(0)])
+    path.chmod(0)
+    with pytest.raises(InputError, match="cannot be read"):
+        preprocess([str(path)], minilm_path, str(tmp_path / "o"))

