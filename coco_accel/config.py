@@ -68,6 +68,7 @@ class TrainConfig:
     # -- run
     seed: int = _f(42, "Seeds document order, span choice, masking and model init.", "run")
     logging_steps: int = _f(10, "Write a metrics.jsonl line every this many steps.", "run")
+    report_to: str = _f("tensorboard", "Trackers beside metrics.jsonl: tensorboard, wandb, all (those installed), or none.", "run")
     save_steps: int = _f(500, "Write checkpoint-STEP/ every this many steps (0 = never).", "run")
     save_total_limit: int = _f(0, "Keep only the newest this many checkpoints (0 = keep all).", "run")
     resume: str = _f("auto", "auto: continue from the newest complete checkpoint in --output_dir if any; "

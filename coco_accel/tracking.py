@@ -28,9 +28,10 @@ class Meter:
         self.grad_norm_sum = 0.0
         self.grad_norms = 0
         self.steps = 0
+        self.overflows = 0
         self.started = time.perf_counter()
 
-    def add(self, parts: StepParts, grad_norm: Optional[torch.Tensor]) -> None:
+    def add(self, parts: StepParts, grad_norm: Optional[torch.Tensor], overflow: bool = False) -> None:
         vals = torch.stack([parts.mlm_head.double(), parts.mlm_backbone.double(), parts.contrastive.double(),
                             parts.correct.double().to(self.device), parts.spans.double().to(self.device),
                             parts.real_tokens.double().to(self.device), parts.padded_tokens.double().to(self.device)])
@@ -39,8 +40,10 @@ class Meter:
             self.grad_norm_sum = self.grad_norm_sum + torch.as_tensor(grad_norm).detach().double()  # DeepSpeed: a float
             self.grad_norms += 1
         self.steps += 1
+        self.overflows += int(overflow)
 
-    def flush(self, step: int, lr: float, docs_seen: int, skipped_steps: int = 0) -> dict:
+    def flush(self, step: int, lr: float, docs_seen: int, skipped_steps: int = 0,
+              loss_scale: Optional[float] = None) -> dict:
         """Global means over the steps since the last flush (all processes must call it together)."""
         total = dist.all_reduce_sum(self.sums).tolist()  # host sync, once per logging interval
         elapsed = max(time.perf_counter() - self.started, 1e-9)
@@ -57,6 +60,9 @@ class Meter:
         record["padding_fraction"] = 1.0 - total[5] / max(total[6], 1)
         record["docs_seen"] = docs_seen
         record["skipped_steps"] = skipped_steps
+        if loss_scale is not None:  # fp16: dynamic loss scaling, and steps it skipped on overflow
+            record["loss_scale"] = loss_scale
+            record["overflow_steps"] = self.overflows
         record["seconds_per_step"] = elapsed / n
         self._reset()
         return record

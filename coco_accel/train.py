@@ -58,12 +58,30 @@ def build_accelerator(cfg: TrainConfig):
             else:
                 kwargs["cpu"] = True
         kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(**group)]
-    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), **kwargs)
+    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), log_with=_trackers(cfg.report_to),
+                              project_dir=cfg.output_dir, **kwargs)
     if accelerator.num_processes != launched_world:
         raise ConfigError(f"the launcher started {launched_world} processes but they formed a group of "
                           f"{accelerator.num_processes}: check the accelerate config (on CPU use --multi_gpu "
                           "with ACCELERATE_USE_CPU=true, or torchrun).")
     return accelerator
+
+
+def _trackers(report_to: str) -> list[str]:
+    """Accelerate trackers that are installed; a missing one is logged, never fatal."""
+    import importlib.util
+
+    wanted = {"none": [], "all": ["tensorboard", "wandb"]}.get(report_to, [t.strip() for t in report_to.split(",")])
+    modules = {"tensorboard": ("tensorboardX", "tensorboard"), "wandb": ("wandb",)}
+    found = []
+    for name in wanted:
+        if name not in modules:
+            raise ConfigError(f"--report_to {report_to}: unknown tracker '{name}'; use tensorboard, wandb, all or none.")
+        if any(importlib.util.find_spec(m) for m in modules[name]):
+            found.append(name)
+        elif report_to != "all":
+            logger.warning("--report_to %s: the package is not installed; metrics go to metrics.jsonl only.", name)
+    return found
 
 
 def _fill_deepspeed_config(accelerator, cfg: TrainConfig, per_device: int) -> None:
@@ -223,9 +241,10 @@ def build(cfg: TrainConfig) -> Run:
                               "would not continue the same run: match them, or pass --resume none.")
         run.start_step, run.docs_seen = state["step"], state["docs_seen"]
         logger.info("Resumed from %s at step %d.", resume, run.start_step)
+    nodes = world // int(os.environ.get("LOCAL_WORLD_SIZE", world))
     logger.info("World size %d on %d node(s) | global batch %d documents (%d spans), %d per process | %d documents, "
                 "%d steps per epoch | %d steps (%d warm-up) | precision %s | %s | gradient cache %s", world,
-                int(os.environ.get("NNODES", os.environ.get("SLURM_NNODES", "1"))), plan.global_docs,
+                nodes, plan.global_docs,
                 2 * plan.global_docs, per_device, len(dataset), plan.steps_per_epoch, total_steps, warmup,
                 accelerator.mixed_precision,
                 f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}" if deepspeed else "DDP" if world > 1
@@ -251,6 +270,7 @@ def train(cfg: TrainConfig) -> dict:
         (out_dir / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
         (out_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
     metrics = MetricsFile(out_dir / "metrics.jsonl", keep_until=run.start_step) if acc.is_main_process else None
+    acc.init_trackers("coco-accel", config={k: v for k, v in to_dict(cfg).items() if v is not None})
     stop = _StopRequest()
     meter = Meter(acc.device)
     first = last = None
@@ -280,14 +300,16 @@ def train(cfg: TrainConfig) -> dict:
             lr = scheduler.get_last_lr()[0]  # the rate this step used
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            meter.add(parts, grad_norm)
+            meter.add(parts, grad_norm, overflow=acc.scaler is not None and optimizer.step_was_skipped)
         scheduler.step()
         run.docs_seen += global_docs
         bar.update(1)
         if meter.steps and (step == 1 or step % cfg.logging_steps == 0 or step == run.total_steps):
-            last = meter.flush(step, lr, run.docs_seen, skipped)
+            last = meter.flush(step, lr, run.docs_seen, skipped,
+                               loss_scale=acc.scaler.get_scale() if acc.scaler is not None else None)
             first = first or last
             bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['contrastive_acc']:.2f}")
+            acc.log({k: v for k, v in last.items() if k != "step"}, step=step)
             if metrics is not None:
                 metrics.write(last)
         if control[0] > 0:

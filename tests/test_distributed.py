@@ -107,7 +107,7 @@ def test_fp32_two_processes_within_tolerance(setup32):
 
 def _deepspeed(nproc: int, args: list[str]) -> None:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           "accelerate_configs/deepspeed_zero2.yaml", "--num_processes", str(nproc), "--mixed_precision", "no",
+           "accelerate_configs/cpu_deepspeed_zero2.yaml", "--num_processes", str(nproc),
            "--main_process_port", str(_port()), "coco_accel/train.py", *args]
     subprocess.run(cmd, cwd=REPO, env=_env(ACCELERATE_USE_CPU="false"), check=True, timeout=600)
 
