@@ -6,6 +6,7 @@ STAMP   := .venv/.installed
 # machines. With a GPU (nvidia-smi present) any torch>=2.4 will do; override with TORCH=... if needed.
 TORCH   ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.4' || echo 'torch==2.13.0')
 DEMO_DIR ?= runs/demo
+EVAL_DATA ?=
 
 .PHONY: install demo test clean-demo
 
@@ -21,7 +22,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m coco_accel.demo --output_dir $(DEMO_DIR)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m coco_accel.demo --output_dir $(DEMO_DIR) $(if $(EVAL_DATA),--eval_data $(EVAL_DATA))
 
 test: install
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q tests

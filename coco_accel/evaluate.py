@@ -1,0 +1,248 @@
+"""Zero-shot retrieval on BEIR-format data: encode, exact search in bounded memory, trec_eval metrics.
+
+Protocol (COCO-DR's): queries cut at 64 tokens, documents (title and text joined by a space) at
+128; the last layer's CLS vector scored by dot product; nDCG@10, Recall@100 and MRR@10 computed by
+pytrec_eval (trec_eval's own code). As in BEIR, only queries with judgements in the split are
+evaluated (the others are counted and reported), and a document whose id equals the query's is
+not retrieved for it (`--keep_identical_ids` turns that off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+logger = logging.getLogger("coco_accel.evaluate")
+
+METRICS = ("ndcg@10", "recall@100", "mrr@10")
+
+
+class EvalError(ValueError):
+    """Evaluation input that cannot be used; the message names the file and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data
+
+
+def _read_jsonl(path: Path) -> Iterator[dict]:
+    with open(path, encoding="utf-8-sig") as fh:
+        for n, line in enumerate(fh, start=1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise EvalError(f"{path}:{n}: malformed JSON ({err}).") from None
+
+
+def load_qrels(folder: Path, split: str) -> dict[str, dict[str, int]]:
+    path = folder / "qrels" / f"{split}.tsv"
+    if not path.is_file():
+        have = sorted(p.stem for p in (folder / "qrels").glob("*.tsv")) if (folder / "qrels").is_dir() else []
+        raise EvalError(f"{folder}: no qrels/{split}.tsv (splits present: {have or 'none'}). Choose --split.")
+    qrels: dict[str, dict[str, int]] = {}
+    with open(path, encoding="utf-8") as fh:
+        for n, row in enumerate(csv.reader(fh, delimiter="\t"), start=1):
+            if not row or (n == 1 and row[0] == "query-id"):
+                continue
+            if len(row) < 3:
+                raise EvalError(f"{path}:{n}: expected query-id TAB corpus-id TAB score.")
+            try:
+                qrels.setdefault(row[0], {})[row[1]] = int(float(row[2]))
+            except ValueError:
+                raise EvalError(f"{path}:{n}: score {row[2]!r} is not a number.") from None
+    return qrels
+
+
+def load_beir(folder: str, split: str) -> tuple[dict[str, str], dict[str, str], dict[str, dict[str, int]], int]:
+    """(queries with judgements, corpus texts, qrels, number of queries without judgements)."""
+    root = Path(folder)
+    for name in ("corpus.jsonl", "queries.jsonl"):
+        if not (root / name).is_file():
+            raise EvalError(f"{folder}: no {name}; expected a BEIR dataset folder (corpus.jsonl, queries.jsonl, qrels/).")
+    qrels = load_qrels(root, split)
+    all_queries = {str(q["_id"]): q.get("text", "") for q in _read_jsonl(root / "queries.jsonl")}
+    missing = sorted(set(qrels) - set(all_queries))
+    if missing:
+        raise EvalError(f"{folder}: qrels/{split}.tsv judges {len(missing)} queries absent from queries.jsonl "
+                        f"(e.g. {missing[:3]}).")
+    queries = {q: all_queries[q] for q in qrels}
+    corpus = {}
+    for doc in _read_jsonl(root / "corpus.jsonl"):
+        title, text = (doc.get("title") or "").strip(), (doc.get("text") or "").strip()
+        corpus[str(doc["_id"])] = f"{title} {text}".strip()
+    return queries, corpus, qrels, len(all_queries) - len(queries)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# encoding and search
+
+
+class Encoder:
+    """An HF encoder folder -> pooled vectors, batched, on the GPU when there is one."""
+
+    def __init__(self, model_dir: str, pooling: str = "cls", device: Optional[str] = None, batch_size: int = 128):
+        from transformers import AutoModel, AutoTokenizer
+
+        folder = Path(model_dir)
+        if not (folder / "config.json").is_file():
+            raise EvalError(f"--model {model_dir}: no config.json; pass a local HF model folder (e.g. a training "
+                            "run's --output_dir).")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        self.model = AutoModel.from_pretrained(str(folder)).to(self.device).eval()
+        self.pooling = pooling
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], max_len: int) -> torch.Tensor:
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(texts[start:start + self.batch_size], max_length=max_len, truncation=True,
+                                 padding=True, return_tensors="pt").to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                hidden = self.model(**enc).last_hidden_state
+            if self.pooling == "cls":
+                vec = hidden[:, 0]
+            else:
+                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                vec = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+            out.append(vec.float())
+        return torch.cat(out) if out else torch.zeros(0, self.model.config.hidden_size, device=self.device)
+
+
+def exact_search(queries: torch.Tensor, doc_chunks: Iterator[torch.Tensor], k: int,
+                 score: str = "dot") -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k documents per query over streamed chunks of document vectors (in corpus order).
+
+    Memory holds the queries, one chunk and a running top-k, never a queries x corpus matrix.
+    Returns (scores [Q, k'], corpus positions [Q, k']) with k' = min(k, documents).
+    """
+    if score == "cos":
+        queries = torch.nn.functional.normalize(queries, dim=-1)
+    n_q = queries.shape[0]
+    best_scores = torch.zeros((n_q, 0), device=queries.device)
+    best_pos = torch.zeros((n_q, 0), dtype=torch.long, device=queries.device)
+    offset = 0
+    for vecs in doc_chunks:
+        if score == "cos":
+            vecs = torch.nn.functional.normalize(vecs, dim=-1)
+        scores = torch.cat([best_scores, queries @ vecs.T], dim=1)
+        pos = torch.cat([best_pos, torch.arange(offset, offset + vecs.shape[0], device=queries.device)
+                         .expand(n_q, -1)], dim=1)
+        top = torch.topk(scores, min(k, scores.shape[1]), dim=1)
+        best_scores, best_pos = top.values, torch.gather(pos, 1, top.indices)
+        offset += vecs.shape[0]
+    return best_scores, best_pos
+
+
+# ---------------------------------------------------------------------------------------------------------
+# metrics
+
+
+def trec_metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per query nDCG@10, Recall@100 and MRR@10, by pytrec_eval (trec_eval's implementation)."""
+    import pytrec_eval
+
+    main = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.100"}).evaluate(run)
+    top10 = {q: dict(sorted(docs.items(), key=lambda kv: (-kv[1], kv[0]))[:10]) for q, docs in run.items()}
+    rr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(top10)
+    out = {}
+    for q in qrels:
+        m = main.get(q, {})
+        out[q] = {"ndcg@10": m.get("ndcg_cut_10", 0.0), "recall@100": m.get("recall_100", 0.0),
+                  "mrr@10": rr.get(q, {}).get("recip_rank", 0.0)}
+    return out
+
+
+def evaluate_dataset(encoder: Encoder, folder: str, split: str = "test", query_max_len: int = 64,
+                     doc_max_len: int = 128, score: str = "dot", chunk_docs: int = 50_000,
+                     keep_identical_ids: bool = False) -> dict:
+    from tqdm.auto import tqdm
+
+    queries, corpus, qrels, unjudged = load_beir(folder, split)
+    qids = list(queries)
+    qvecs = encoder.encode([queries[q] for q in qids], query_max_len)
+    doc_ids = list(corpus)
+
+    def chunks():
+        for start in tqdm(range(0, len(doc_ids), chunk_docs), desc=f"{Path(folder).name}: corpus", unit="chunk"):
+            yield encoder.encode([corpus[d] for d in doc_ids[start:start + chunk_docs]], doc_max_len)
+
+    k = 100 if keep_identical_ids else 101
+    scores, ranked = exact_search(qvecs, chunks(), k, score)
+    run = {}
+    for q, row_scores, row_pos in zip(qids, scores.tolist(), ranked.tolist()):
+        hits = {doc_ids[i]: s for i, s in zip(row_pos, row_scores) if keep_identical_ids or doc_ids[i] != q}
+        run[q] = dict(sorted(hits.items(), key=lambda kv: -kv[1])[:100])
+    per_query = trec_metrics(qrels, run)
+    result = {m: sum(v[m] for v in per_query.values()) / max(len(per_query), 1) for m in METRICS}
+    result.update({"queries": len(per_query), "queries_without_judgements": unjudged, "documents": len(corpus),
+                   "per_query": per_query})
+    return result
+
+
+def markdown_table(results: dict) -> str:
+    lines = ["| dataset | nDCG@10 | Recall@100 | MRR@10 | queries |", "|---|---|---|---|---|"]
+    for name, r in results["datasets"].items():
+        lines.append(f"| {name} | {r['ndcg@10']:.4f} | {r['recall@100']:.4f} | {r['mrr@10']:.4f} | {r['queries']} |")
+    a = results["average"]
+    lines.append(f"| **average** | {a['ndcg@10']:.4f} | {a['recall@100']:.4f} | {a['mrr@10']:.4f} | |")
+    return "\n".join(lines)
+
+
+def evaluate(model: str, data: Sequence[str], split: str = "test", query_max_len: int = 64, doc_max_len: int = 128,
+             pooling: str = "cls", score: str = "dot", batch_size: int = 128, chunk_docs: int = 50_000,
+             keep_identical_ids: bool = False) -> dict:
+    encoder = Encoder(model, pooling=pooling, batch_size=batch_size)
+    datasets = {}
+    for folder in data:
+        name = Path(folder).name
+        logger.info("Evaluating %s on %s (%s split)", model, name, split)
+        datasets[name] = evaluate_dataset(encoder, folder, split, query_max_len, doc_max_len, score, chunk_docs,
+                                          keep_identical_ids)
+    average = {m: sum(d[m] for d in datasets.values()) / len(datasets) for m in METRICS}
+    return {"model": str(model), "split": split,
+            "protocol": {"query_max_len": query_max_len, "doc_max_len": doc_max_len, "pooling": pooling,
+                         "score": score, "identical_ids_removed": not keep_identical_ids},
+            "datasets": datasets, "average": average}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(prog="python -m coco_accel.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="HF model folder (an export, a Condenser/COCO-DR checkpoint, a BERT).")
+    p.add_argument("--data", required=True, nargs="+", help="BEIR dataset folders.")
+    p.add_argument("--split", default="test")
+    p.add_argument("--query_max_len", type=int, default=64)
+    p.add_argument("--doc_max_len", type=int, default=128)
+    p.add_argument("--pooling", choices=("cls", "mean"), default="cls")
+    p.add_argument("--score", choices=("dot", "cos"), default="dot")
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--chunk_docs", type=int, default=50_000, help="Documents encoded and scored at a time.")
+    p.add_argument("--keep_identical_ids", action="store_true", help="Let a query retrieve the document with its id.")
+    p.add_argument("--output", default=None, help="Write the results (with per-query metrics) to this JSON file.")
+    args = p.parse_args(argv)
+    try:
+        results = evaluate(args.model, args.data, args.split, args.query_max_len, args.doc_max_len, args.pooling,
+                           args.score, args.batch_size, args.chunk_docs, args.keep_identical_ids)
+    except EvalError as err:
+        logger.error("%s", err)
+        return 2
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(results, indent=1) + "\n")
+    sys.stdout.write(markdown_table(results) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Zero-shot evaluation: trec_eval values by hand, chunked search == full search, a real collection."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from coco_accel.evaluate import EvalError, evaluate, exact_search, load_beir, main, trec_metrics
+
+from conftest import SHARED_DATA
+
+
+def test_metrics_equal_hand_computed_trec_eval_values():
+    qrels = {"q1": {"d1": 1, "d3": 2, "d9": 0}, "q2": {"d4": 1}, "q3": {"d5": 1}}
+    run = {"q1": {"d2": 3.0, "d1": 2.0, "d3": 1.0}, "q2": {"d1": 1.0}, "q3": {}}
+    m = trec_metrics(qrels, run)
+    dcg = 1 / math.log2(3) + 2 / math.log2(4)  # d1 (gain 1) at rank 2, d3 (gain 2) at rank 3
+    idcg = 2 / math.log2(2) + 1 / math.log2(3)
+    assert m["q1"]["ndcg@10"] == pytest.approx(dcg / idcg, abs=1e-4)
+    assert m["q1"]["recall@100"] == pytest.approx(1.0)
+    assert m["q1"]["mrr@10"] == pytest.approx(0.5)
+    assert m["q2"] == {"ndcg@10": 0.0, "recall@100": 0.0, "mrr@10": 0.0}
+    assert m["q3"] == {"ndcg@10": 0.0, "recall@100": 0.0, "mrr@10": 0.0}  # judged, nothing retrieved: counts as 0
+
+
+def test_mrr_is_cut_at_ten():
+    run = {"q": {f"d{i}": 100.0 - i for i in range(20)}}
+    m = trec_metrics({"q": {"d12": 1}}, run)
+    assert m["q"]["mrr@10"] == 0.0 and m["q"]["recall@100"] == 1.0
+
+
+@pytest.mark.parametrize("score", ["dot", "cos"])
+def test_chunked_search_equals_full_search(score):
+    torch.manual_seed(0)
+    q, d = torch.randn(7, 16), torch.randn(103, 16)
+    full = (torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(d, dim=-1).T
+            if score == "cos" else q @ d.T)
+    expect = torch.topk(full, 10, dim=1)
+    for chunk in (1, 9, 50, 103, 500):
+        got_scores, got_pos = exact_search(q, (d[i:i + chunk] for i in range(0, 103, chunk)), 10, score)
+        assert torch.equal(got_pos, expect.indices)
+        torch.testing.assert_close(got_scores, expect.values)
+    s, p = exact_search(q, iter([d[:3]]), 10, score)
+    assert p.shape == (7, 3)
+
+
+def _toy_beir(folder, with_qrels=True):
+    folder.mkdir(parents=True)
+    docs = [("d1", "Cats", "cats purr and sleep"), ("d2", "Dogs", "dogs bark loudly"), ("q1", "", "same id as a query")]
+    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": i, "title": t, "text": x}) + "\n"
+                                                 for i, t, x in docs))
+    (folder / "queries.jsonl").write_text(json.dumps({"_id": "q1", "text": "cat sleeping"}) + "\n"
+                                          + json.dumps({"_id": "q2", "text": "unjudged"}) + "\n")
+    if with_qrels:
+        (folder / "qrels").mkdir()
+        (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    return folder
+
+
+def test_toy_collection_end_to_end(tmp_path, tiny_bert):
+    data = _toy_beir(tmp_path / "toy")
+    queries, corpus, qrels, unjudged = load_beir(str(data), "test")
+    assert list(queries) == ["q1"] and unjudged == 1 and corpus["d1"] == "Cats cats purr and sleep"
+    out = tmp_path / "r.json"
+    assert main(["--model", tiny_bert, "--data", str(data), "--output", str(out), "--chunk_docs", "2"]) == 0
+    res = json.loads(out.read_text())
+    r = res["datasets"]["toy"]
+    assert r["queries"] == 1 and r["queries_without_judgements"] == 1
+    assert r["recall@100"] == 1.0  # two candidates left once the query's own id is removed
+    assert res["average"]["ndcg@10"] == r["ndcg@10"]
+
+
+def test_clear_errors(tmp_path, tiny_bert):
+    with pytest.raises(EvalError, match="no qrels/test.tsv"):
+        load_beir(str(_toy_beir(tmp_path / "noq", with_qrels=False)), "test")
+    with pytest.raises(EvalError, match="no corpus.jsonl"):
+        load_beir(str(tmp_path), "test")
+    with pytest.raises(EvalError, match="no config.json"):
+        evaluate(str(tmp_path / "nomodel"), [str(tmp_path)])
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "cisi" / "qrels" / "test.tsv").is_file(), reason="shared CISI data not present")
+def test_tiny_model_on_cisi(tiny_bert):
+    res = evaluate(tiny_bert, [str(SHARED_DATA / "cisi")], chunk_docs=500)
+    r = res["datasets"]["cisi"]
+    assert r["queries"] == 76 and r["documents"] == 1460
+    assert 0.0 <= r["ndcg@10"] <= 1.0 and len(r["per_query"]) == 76
