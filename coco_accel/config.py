@@ -68,6 +68,9 @@ class TrainConfig:
     # -- run
     seed: int = _f(42, "Seeds document order, span choice, masking and model init.", "run")
     logging_steps: int = _f(10, "Write a metrics.jsonl line every this many steps.", "run")
+    eval_steps: int = _f(0, "Every this many steps, the held-out contrastive loss and accuracy per corpus "
+                         "(needs --eval_fraction at preprocessing; 0 = off).", "run")
+    eval_max_docs: int = _f(1024, "Held-out documents scored per corpus at each evaluation.", "run")
     report_to: str = _f("tensorboard", "Trackers beside metrics.jsonl: tensorboard, wandb, all (those installed), or none.", "run")
     save_steps: int = _f(500, "Write checkpoint-STEP/ every this many steps (0 = never).", "run")
     save_total_limit: int = _f(0, "Keep only the newest this many checkpoints (0 = keep all).", "run")
@@ -116,6 +119,8 @@ class TrainConfig:
         for name in ("save_total_limit", "max_nonfinite_skips"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}.")
+        if self.eval_steps < 0 or self.eval_max_docs < 2:
+            raise ConfigError("--eval_steps must be >= 0 and --eval_max_docs >= 2.")
         if self.ddp_timeout < 1:
             raise ConfigError(f"--ddp_timeout must be >= 1 second, got {self.ddp_timeout}.")
         if self.save_steps < 0:

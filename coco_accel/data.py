@@ -41,7 +41,11 @@ def load_train_data(train_dir: str, split: str = "train"):
             if split not in ds:
                 raise DataError(f"--train_dir {train_dir}: has splits {list(ds)} but no '{split}'.")
             ds = ds[split]
+        elif split != "train":
+            raise DataError(f"--train_dir {train_dir}: a single dataset, with no '{split}' split.")
     else:
+        if split != "train":
+            raise DataError(f"--train_dir {train_dir}: the reference's format has no '{split}' split.")
         files = sorted(str(p) for p in path.iterdir() if p.suffix in (".json", ".jsonl") or p.name.endswith(".json.gz"))
         if not files:
             raise DataError(f"--train_dir {train_dir}: neither a folder written by `python -m coco_accel.preprocess` "
@@ -124,8 +128,9 @@ class SpanCollator:
         return first, second
 
     def __call__(self, epoch: int, docs: np.ndarray, doc_span_offsets: np.ndarray, span_token_offsets: np.ndarray,
-                 tokens: np.ndarray) -> dict[str, torch.Tensor]:
-        """docs: [n] dataset indices; the rest is the documents' spans in CSR form (see `fetch_spans`)."""
+                 tokens: np.ndarray, mask: bool = True) -> dict[str, torch.Tensor]:
+        """docs: [n] dataset indices; the rest is the documents' spans in CSR form (see `fetch_spans`).
+        mask=False leaves the spans intact (labels all -100): the held-out contrastive signal."""
         n = len(docs)
         counts = np.diff(doc_span_offsets)
         if np.any(counts < 2):
@@ -156,9 +161,12 @@ class SpanCollator:
         special = ~attention.copy()
         special[:, 0] = True
         special[np.arange(rows), lengths + 1] = True
-        masked, labels = whole_word_mask(ids, special, self.is_continuation,
-                                         (np.full(rows, self.seed), np.full(rows, epoch), row_docs, slot),
-                                         self.mlm_probability, self.mask_id, self.vocab_size)
+        if mask:
+            masked, labels = whole_word_mask(ids, special, self.is_continuation,
+                                             (np.full(rows, self.seed), np.full(rows, epoch), row_docs, slot),
+                                             self.mlm_probability, self.mask_id, self.vocab_size)
+        else:
+            masked, labels = ids, np.full_like(ids, -100)
         return {"input_ids": torch.from_numpy(masked), "attention_mask": torch.from_numpy(attention.astype(np.int64)),
                 "labels": torch.from_numpy(labels)}
 

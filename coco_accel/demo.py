@@ -84,7 +84,8 @@ def demo_model_path() -> str:
 
 def _train_command(args: argparse.Namespace, model: str, train_dir: Path) -> list[str]:
     flags = ["--config", str(REPO / "configs" / "demo.yaml"), "--output_dir", args.output_dir,
-             "--model_name_or_path", model, "--train_dir", str(train_dir), "--overwrite_output_dir"]
+             "--model_name_or_path", model, "--train_dir", str(train_dir), "--overwrite_output_dir",
+             "--resume", "none"]  # a re-run of the demo starts over
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
             str(REPO / "accelerate_configs" / "cpu.yaml"), str(REPO / "coco_accel" / "train.py"), *flags]
 

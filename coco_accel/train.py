@@ -173,6 +173,7 @@ class Run:
     batches: Any
     total_steps: int
     step_fn: Callable
+    heldout: dict
     start_step: int = 0
     docs_seen: int = 0
 
@@ -182,7 +183,8 @@ def build(cfg: TrainConfig) -> Run:
     from transformers import AutoTokenizer
 
     from coco_accel.checkpoint import load_checkpoint
-    from coco_accel.data import BatchPlan, SpanCollator, TrainBatches, load_train_data
+    from coco_accel.data import BatchPlan, DataError, SpanCollator, TrainBatches, load_train_data
+    from coco_accel.heldout import heldout_batches
     from coco_accel.model import load_condenser
     from coco_accel.optim import build_optimizer, linear_schedule, warmup_steps_for
     from coco_accel.step import LossSettings, cached_step, plain_step
@@ -231,8 +233,16 @@ def build(cfg: TrainConfig) -> Run:
         return plain_step(model, batch, backward, settings)
 
     collator = SpanCollator(tokenizer, cfg.max_seq_length, cfg.mlm_probability, cfg.seed)
+    heldout = {}
+    if cfg.eval_steps:
+        try:
+            heldout_docs = load_train_data(cfg.train_dir, split="eval")
+        except DataError as err:
+            raise ConfigError(f"--eval_steps {cfg.eval_steps} needs a held-out split: preprocess with "
+                              f"--eval_fraction > 0 ({err})") from None
+        heldout = heldout_batches(heldout_docs, collator, plan, cfg.eval_max_docs)
     run = Run(cfg, accelerator, model, optimizer, scheduler, tokenizer, plan, TrainBatches(dataset, plan, collator),
-              total_steps, step_fn)
+              total_steps, step_fn, heldout)
     if resume is not None:
         state = load_checkpoint(accelerator, resume)
         if state.get("global_docs") != plan.global_docs or state.get("seed") != cfg.seed:
@@ -260,6 +270,7 @@ def train(cfg: TrainConfig) -> dict:
     from coco_accel import dist
     from coco_accel.checkpoint import save_checkpoint
     from coco_accel.data import make_loader
+    from coco_accel.heldout import heldout_signal
     from coco_accel.tracking import Meter, MetricsFile
 
     run = build(cfg)
@@ -281,6 +292,14 @@ def train(cfg: TrainConfig) -> dict:
                                                       "global_docs": run.plan.global_docs,
                                                       "world_size": acc.num_processes}, cfg.save_total_limit)
 
+    def evaluate_heldout(step: int) -> None:
+        record = {"step": step, **heldout_signal(model, run.heldout, acc.device, cfg.temperature, cfg.normalize)}
+        acc.log({k: v for k, v in record.items() if k != "step"}, step=step)
+        if metrics is not None:
+            metrics.write(record)
+
+    if run.heldout and run.start_step == 0:
+        evaluate_heldout(0)  # the baseline every later value is compared with
     model.train()
     bar = tqdm(total=run.total_steps, initial=run.start_step, desc="train", disable=not acc.is_main_process,
                dynamic_ncols=True)
@@ -312,6 +331,8 @@ def train(cfg: TrainConfig) -> dict:
             acc.log({k: v for k, v in last.items() if k != "step"}, step=step)
             if metrics is not None:
                 metrics.write(last)
+        if run.heldout and step % cfg.eval_steps == 0:
+            evaluate_heldout(step)
         if control[0] > 0:
             checkpoint(step)
             if acc.is_main_process:

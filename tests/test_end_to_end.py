@@ -52,3 +52,24 @@ def test_bad_flag_exits_with_a_message(tmp_path):
     assert proc.returncode == 2
     assert "Did you mean --learning_rate" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_heldout_signal_is_logged_per_corpus(tmp_path, small_corpus, tiny_bert, minilm_path):
+    from coco_accel.preprocess import preprocess
+
+    data = tmp_path / "data"
+    preprocess([str(small_corpus)], minilm_path, str(data), eval_fraction=0.25, cache_dir=str(tmp_path / "c"))
+    out = tmp_path / "run"
+    subprocess.run([sys.executable, "coco_accel/train.py", "--output_dir", str(out), "--model_name_or_path",
+                    tiny_bert, "--train_dir", str(data), "--per_device_train_batch_size", "4", "--max_steps", "4",
+                    "--eval_steps", "2", "--eval_max_docs", "16", "--skip_from", "2", "--save_steps", "0",
+                    "--report_to", "none"], check=True, env=_env(), cwd=REPO)
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    held = [r for r in records if "heldout/docs/contrastive" in r]
+    assert [r["step"] for r in held] == [0, 2, 4]
+    for r in held:
+        assert math.isfinite(r["heldout/docs/contrastive"]) and 0 <= r["heldout/docs/contrastive_acc"] <= 1
+    proc = subprocess.run([sys.executable, "coco_accel/train.py", "--output_dir", str(tmp_path / "x"),
+                           "--model_name_or_path", tiny_bert, "--train_dir", str(data / "train"), "--eval_steps", "2",
+                           "--skip_from", "2"], env=_env(), cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2
