@@ -44,6 +44,8 @@ class TrainConfig:
     normalize: bool = _f(False, "L2-normalise CLS vectors before the contrastive dot product.", "model")
 
     # -- data
+    length_bucket_width: int = _f(16, "Encode rows grouped by length rounded up to this many tokens, each group "
+                                  "cut to its longest row (0 = pad the batch to its longest row).", "data")
     max_seq_length: int = _f(128, "Longest span in tokens, [CLS] and [SEP] included; longer spans are cut at a random window.", "data")
     mlm_probability: float = _f(0.15, "Share of tokens masked, by whole words, with 80/10/10 replacement.", "data")
     per_device_train_batch_size: int = _f(8, "DOCUMENTS per process per step; each gives two spans.", "data")
@@ -114,6 +116,8 @@ class TrainConfig:
                 f"--gradient_accumulation_steps {self.gradient_accumulation_steps}: accumulation cannot emulate a "
                 "large contrastive batch (each micro-batch would only see its own spans as negatives). Keep it at 1 "
                 "and raise --per_device_train_batch_size, using --cache_chunk_size K to fit it in memory.")
+        if self.length_bucket_width < 0:
+            raise ConfigError(f"--length_bucket_width must be >= 0, got {self.length_bucket_width}.")
         if self.global_batch_size < 0:
             raise ConfigError(f"--global_batch_size must be >= 0, got {self.global_batch_size}.")
         for name in ("save_total_limit", "max_nonfinite_skips"):

@@ -122,6 +122,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from coco_accel import preprocess
 
     rc = preprocess.main(["--tokenizer", model, "--output_dir", str(data / "spans"), "--num_proc", "2",
+                          "--eval_fraction", "0.05",
                           "--cache_dir", str(data / "cache"), str(data / "stdlib-docstrings")])
     if rc != 0:
         return rc
@@ -139,7 +140,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         logger.info("For zero-shot numbers before and after this run: make demo EVAL_DATA=path/to/beir/dataset "
                     "(any BEIR-format folder: corpus.jsonl, queries.jsonl, qrels/test.tsv).")
-    records = [json.loads(line) for line in open(out / "metrics.jsonl", encoding="utf-8")]
+    from coco_accel import report
+
+    report.main([str(out)])
+    records = [r for r in map(json.loads, open(out / "metrics.jsonl", encoding="utf-8")) if "loss" in r]
     first, last = records[0], records[-1]
     logger.info("Exported model: %s  (transformers.AutoModel.from_pretrained(%r) loads it)",
                 out.resolve(), str(out))

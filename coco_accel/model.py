@@ -37,7 +37,8 @@ class CondenserOutput:
 
 
 class Condenser(nn.Module):
-    def __init__(self, mlm: nn.Module, n_head_layers: int, skip_from: int, late_mlm: bool):
+    def __init__(self, mlm: nn.Module, n_head_layers: int, skip_from: int, late_mlm: bool,
+                 length_bucket_width: int = 0):
         super().__init__()
         model_type = mlm.config.model_type
         if model_type not in MLM_HEAD_ATTR:
@@ -48,6 +49,7 @@ class Condenser(nn.Module):
         self.mlm = mlm
         self.skip_from = skip_from
         self.late_mlm = late_mlm
+        self.length_bucket_width = length_bucket_width
         layer_cls = type(mlm.base_model.encoder.layer[0])  # the backbone's own layer class
         self.c_head = nn.ModuleList([layer_cls(mlm.config) for _ in range(n_head_layers)])
         self.c_head.apply(mlm._init_weights)
@@ -71,7 +73,38 @@ class Condenser(nn.Module):
         return out.last_hidden_state[:, 0]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> CondenserOutput:
-        """input_ids, attention_mask, labels: [N, L]; labels hold -100 where nothing is predicted."""
+        """input_ids, attention_mask, labels: [N, L] (right-padded); labels hold -100 where nothing is predicted.
+
+        With `length_bucket_width` w > 0, rows are grouped by length rounded up to a multiple of w and
+        each group runs cut to its own longest row: spans average ~27 tokens but a tenth run to 128, and
+        padding every row to the batch's longest wasted most of the compute. Rows are independent, so
+        the result is the padded computation's up to float rounding; CLS rows come back in input order.
+        """
+        lengths = attention_mask.sum(dim=1)
+        if self.length_bucket_width <= 0 or input_ids.shape[0] <= 1:
+            return self._forward_rows(input_ids, attention_mask, labels)
+        groups = torch.div(lengths + self.length_bucket_width - 1, self.length_bucket_width, rounding_mode="floor")
+        keys = groups.tolist()  # one host sync per forward; bucket shapes must be known on the host
+        order: dict[int, list[int]] = {}
+        for row, key in enumerate(keys):
+            order.setdefault(key, []).append(row)
+        if len(order) == 1:
+            width = min(input_ids.shape[1], keys[0] * self.length_bucket_width)
+            return self._forward_rows(input_ids[:, :width], attention_mask[:, :width], labels[:, :width])
+        parts, rows = [], []
+        for key in sorted(order):
+            idx = torch.tensor(order[key], device=input_ids.device)
+            width = min(input_ids.shape[1], key * self.length_bucket_width)
+            parts.append(self._forward_rows(input_ids[idx, :width], attention_mask[idx, :width], labels[idx, :width]))
+            rows.append(idx)
+        inverse = torch.empty_like(lengths)
+        inverse[torch.cat(rows)] = torch.arange(len(lengths), device=lengths.device)
+        backbone = torch.cat([p.backbone_logits for p in parts]) if self.late_mlm else None
+        return CondenserOutput(cls=torch.cat([p.cls for p in parts])[inverse],
+                               head_logits=torch.cat([p.head_logits for p in parts]), backbone_logits=backbone,
+                               targets=torch.cat([p.targets for p in parts]))
+
+    def _forward_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> CondenserOutput:
         out = self.mlm.base_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
         last = out.hidden_states[-1]  # [N, L, H]
         skip = out.hidden_states[self.skip_from]  # [N, L, H]
@@ -106,7 +139,7 @@ def _read_head_weights(folder: Path) -> tuple[Optional[dict], Optional[str]]:
 
 
 def load_condenser(path: str, n_head_layers: int, skip_from: int, late_mlm: bool,
-                   strict_head: bool = False) -> Condenser:
+                   strict_head: bool = False, length_bucket_width: int = 0) -> Condenser:
     """Warm start from an HF MLM folder, one of our exports, or a reference Condenser folder.
 
     The head comes from condenser_head.safetensors (ours) or model.pt (the reference's c_head.* keys);
@@ -123,7 +156,8 @@ def load_condenser(path: str, n_head_layers: int, skip_from: int, late_mlm: bool
     mlm = AutoModelForMaskedLM.from_pretrained(str(folder), dtype="auto")
     if mlm.dtype in (torch.float16, torch.bfloat16):
         mlm = mlm.float()
-    model = Condenser(mlm, n_head_layers=n_head_layers, skip_from=skip_from, late_mlm=late_mlm)
+    model = Condenser(mlm, n_head_layers=n_head_layers, skip_from=skip_from, late_mlm=late_mlm,
+                      length_bucket_width=length_bucket_width)
     state, source = _read_head_weights(folder)
     if state is None:
         if strict_head:

@@ -196,7 +196,8 @@ def build(cfg: TrainConfig) -> Run:
     set_seed(cfg.seed)
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
-    model = load_condenser(cfg.model_name_or_path, cfg.n_head_layers, cfg.skip_from, cfg.late_mlm, cfg.strict_head)
+    model = load_condenser(cfg.model_name_or_path, cfg.n_head_layers, cfg.skip_from, cfg.late_mlm, cfg.strict_head,
+                           cfg.length_bucket_width)
     cfg.validate_against_model(model.config.num_hidden_layers, model.config.model_type)
     dataset = load_train_data(cfg.train_dir)
 

@@ -86,3 +86,25 @@ def test_tiny_model_on_cisi(tiny_bert):
     r = res["datasets"]["cisi"]
     assert r["queries"] == 76 and r["documents"] == 1460
     assert 0.0 <= r["ndcg@10"] <= 1.0 and len(r["per_query"]) == 76
+
+
+def test_report_renders_png_and_markdown(tmp_path):
+    from coco_accel.report import main as report_main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [{"step": s, "loss": 20 - s, "mlm_head": 8, "mlm_backbone": 8, "contrastive": 4 - s / 10,
+              "contrastive_acc": s / 10, "lr": 1e-4} for s in (1, 5, 10)]
+    lines += [{"step": s, "heldout/scifact/contrastive": 3 - s / 10, "heldout/scifact/contrastive_acc": 0.5}
+              for s in (0, 5, 10)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    ev = {"datasets": {"cisi": {"ndcg@10": 0.1, "recall@100": 0.2, "mrr@10": 0.3}},
+          "average": {"ndcg@10": 0.1, "recall@100": 0.2, "mrr@10": 0.3}}
+    (run / "eval_before.json").write_text(json.dumps(ev))
+    assert report_main([str(run)]) == 0
+    png = (run / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    md = (run / "report.md").read_text()
+    assert "| scifact | 3.0000 (0) | 2.0000 (10) | +1.0000 |" in md
+    assert "| cisi | before | 0.1000 |" in md
+    assert report_main([str(tmp_path / "missing")]) == 2

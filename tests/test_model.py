@@ -110,3 +110,29 @@ def test_plain_mlm_checkpoint_gets_a_fresh_head_unless_strict(tmp_path, caplog):
         load_condenser(str(tmp_path), 2, 2, False, strict_head=True)
     with pytest.raises(ModelError, match="no config.json"):
         load_condenser(str(tmp_path / "missing"), 2, 2, False)
+
+
+@pytest.mark.parametrize("width", [1, 4, 16, 1000])
+def test_length_buckets_give_the_padded_result(width):
+    """Rows grouped by length, each group cut to its longest row == the whole batch padded to its longest."""
+    torch.manual_seed(1)
+    plain = Condenser(_tiny(), 2, 2, late_mlm=True)
+    bucketed = Condenser(_tiny(), 2, 2, late_mlm=True, length_bucket_width=width)
+    bucketed.load_state_dict(plain.state_dict())
+    n, length = 9, 20
+    lengths = torch.tensor([20, 3, 7, 12, 5, 20, 9, 4, 16])
+    ids = torch.randint(5, 120, (n, length))
+    mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
+    ids = ids * mask
+    labels = torch.full((n, length), -100)
+    for r in range(n):
+        labels[r, 1] = ids[r, 1]
+        labels[r, int(lengths[r]) - 2] = ids[r, int(lengths[r]) - 2]
+    a, b = plain(ids, mask, labels), bucketed(ids, mask, labels)
+    torch.testing.assert_close(a.cls, b.cls, atol=1e-5, rtol=1e-5)
+    # masked positions come grouped by bucket; what the loss sees is their summed cross-entropy
+    ce = torch.nn.functional.cross_entropy
+    assert sorted(a.targets.tolist()) == sorted(b.targets.tolist())
+    for la, lb in ((a.head_logits, b.head_logits), (a.backbone_logits, b.backbone_logits)):
+        torch.testing.assert_close(ce(la, a.targets, reduction="sum"), ce(lb, b.targets, reduction="sum"),
+                                   atol=1e-4, rtol=1e-6)
