@@ -239,6 +239,7 @@ def preprocess(
             train_parts.append(built.select(np.nonzero(kept & ~heldout)[0]).select_columns(columns))
             eval_parts.append(built.select(np.nonzero(kept & heldout)[0]).select_columns(columns))
 
+    _remove_previous_output(out)
     train = datasets.concatenate_datasets(train_parts)
     shards = num_shards or max(1, len(train) // 500_000 + 1)
     if eval_fraction > 0:
@@ -251,6 +252,20 @@ def preprocess(
                   "inputs": [s.path for s in sources]})
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     return stats
+
+
+def _remove_previous_output(out: Path) -> None:
+    """A re-run into the same folder must not leave the previous layout behind (a single dataset's
+    state.json next to a new train/eval split would be loaded instead of it)."""
+    import shutil
+
+    for name in ("state.json", "dataset_info.json", "dataset_dict.json"):
+        (out / name).unlink(missing_ok=True)
+    for arrow in out.glob("data-*.arrow"):
+        arrow.unlink()
+    for split in ("train", "eval"):
+        if (out / split / "state.json").is_file():
+            shutil.rmtree(out / split)
 
 
 def _raw_features():

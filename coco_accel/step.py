@@ -18,9 +18,10 @@ from coco_accel.losses import at_least_fp32, masked_lm_loss, span_contrastive_lo
 
 
 @dataclass(frozen=True)
-class LossSettings:
+class StepSettings:
     temperature: float = 1.0
     normalize: bool = False
+    length_bucket_width: int = 0  # the model's, to count the tokens it really computes
 
 
 @dataclass
@@ -57,15 +58,20 @@ def _mlm_terms(out, mlm_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
     return head, masked_lm_loss(out.backbone_logits, out.targets, norm)
 
 
-def _token_counts(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def _token_counts(batch: dict, bucket_width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(real tokens, tokens computed including padding) of a batch, with the model's length buckets."""
     mask = batch["attention_mask"]
-    return mask.sum().detach(), torch.tensor(mask.numel(), device=mask.device)
+    lengths = mask.sum(dim=1)
+    if bucket_width <= 0:
+        return lengths.sum(), torch.tensor(mask.numel(), device=mask.device)
+    widths = torch.clamp((lengths + bucket_width - 1) // bucket_width * bucket_width, max=mask.shape[1])
+    return lengths.sum(), widths.sum()
 
 
 Backward = Callable[[torch.Tensor, bool], None]  # (loss, is the step's last backward)
 
 
-def plain_step(model, batch: dict, backward: Backward, settings: LossSettings) -> StepParts:
+def plain_step(model, batch: dict, backward: Backward, settings: StepSettings) -> StepParts:
     """Encode the whole local batch with graph, score against the gathered global batch, backward once."""
     mlm_norm, span_norm = _global_counts(batch)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
@@ -74,7 +80,7 @@ def plain_step(model, batch: dict, backward: Backward, settings: LossSettings) -
     contrastive, correct = span_contrastive_loss(out.cls, columns, offset, span_norm,
                                                  settings.temperature, settings.normalize)
     backward(head + backbone + contrastive, True)
-    real, padded = _token_counts(batch)
+    real, padded = _token_counts(batch, settings.length_bucket_width)
     return StepParts(head.detach(), backbone.detach(), contrastive.detach(), correct,
                      torch.tensor(out.cls.shape[0]), real, padded)
 
@@ -104,7 +110,7 @@ def _chunks(batch: dict, size: int) -> list[dict]:
     return out
 
 
-def cached_step(model, batch: dict, backward: Backward, settings: LossSettings, chunk_size: int,
+def cached_step(model, batch: dict, backward: Backward, settings: StepSettings, chunk_size: int,
                 no_sync: Optional[Callable] = None) -> StepParts:
     """Gradient cache (Gao et al., 2021): the contrastive loss of the full global batch in bounded memory.
 
@@ -146,7 +152,7 @@ def cached_step(model, batch: dict, backward: Backward, settings: LossSettings, 
         start += out.cls.shape[0]
         head_total += head.detach()
         backbone_total += backbone.detach()
-    real, padded = _token_counts(batch)
+    real, padded = _token_counts(batch, settings.length_bucket_width)
     return StepParts(head_total, backbone_total, contrastive.detach(), correct,
                      torch.tensor(local.shape[0]), real, padded)
 

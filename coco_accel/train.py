@@ -187,7 +187,7 @@ def build(cfg: TrainConfig) -> Run:
     from coco_accel.heldout import heldout_batches
     from coco_accel.model import load_condenser
     from coco_accel.optim import build_optimizer, linear_schedule, warmup_steps_for
-    from coco_accel.step import LossSettings, cached_step, plain_step
+    from coco_accel.step import StepSettings, cached_step, plain_step
 
     accelerator = build_accelerator(cfg)
     _setup_logging(accelerator.is_main_process)
@@ -225,7 +225,7 @@ def build(cfg: TrainConfig) -> Run:
         else:
             accelerator.backward(loss)
 
-    settings = LossSettings(cfg.temperature, cfg.normalize)
+    settings = StepSettings(cfg.temperature, cfg.normalize, cfg.length_bucket_width)
     no_sync = (lambda: accelerator.no_sync(model)) if (world > 1 and not deepspeed) else None
 
     def step_fn(batch):

@@ -203,3 +203,13 @@ def test_unreadable_file_is_a_clear_error(tmp_path, minilm_path):
     path.chmod(0)
     with pytest.raises(InputError, match="cannot be read"):
         preprocess([str(path)], minilm_path, str(tmp_path / "o"))
+
+
+def test_rerun_into_the_same_folder_replaces_the_layout(tmp_path, small_corpus, minilm_path):
+    out = tmp_path / "out"
+    preprocess([str(small_corpus)], minilm_path, str(out), cache_dir=str(tmp_path / "c"))
+    assert isinstance(datasets.load_from_disk(str(out)), datasets.Dataset)
+    preprocess([str(small_corpus)], minilm_path, str(out), eval_fraction=0.2, cache_dir=str(tmp_path / "c"))
+    assert set(datasets.load_from_disk(str(out))) == {"train", "eval"}
+    preprocess([str(small_corpus)], minilm_path, str(out), cache_dir=str(tmp_path / "c"))
+    assert isinstance(datasets.load_from_disk(str(out)), datasets.Dataset)

@@ -1,0 +1,232 @@
+"""Training-step throughput: the reference style and ours, in ONE process, on the same synthetic spans.
+
+Reference style (luyug/Condenser / OpenMatch COCO-DR): fp16 autocast on GPU (fp32 on CPU, where
+fp16 autocast is not how anyone trains), eager attention, every span padded to --max_seq_length,
+MLM logits at every position (head and backbone), unfused AdamW.
+Ours: bf16 autocast on GPU (fp32 on CPU), SDPA attention, length-bucketed rows, MLM logits only at
+masked positions, fused AdamW on GPU; similarity and loss in fp32 for both.
+Spans follow the reference preprocessing: <= 30 tokens, a tenth longer (up to 126), CLS/SEP added.
+
+    python benchmarks/step_throughput.py                 # CPU: a MiniLM-sized model, < 2 minutes
+    python benchmarks/step_throughput.py --device cuda   # GPU: BERT-base, reference at 128 docs/GPU,
+                                                         # ours at 128 and the best size up to 2048
+
+Prints a table (real tokens/s, padded tokens/s, step time, peak memory, MFU, ratio); the last line
+is one JSON object with those numbers and `speedup` (our best real tokens/s over the reference's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from coco_accel.losses import masked_lm_loss, span_contrastive_loss  # noqa: E402
+from coco_accel.model import Condenser  # noqa: E402
+from coco_accel.step import StepSettings, cached_step, plain_step  # noqa: E402
+
+PRESETS = {  # (layers, hidden, heads, intermediate)
+    "minilm": (6, 384, 12, 1536),
+    "bert-base": (12, 768, 12, 3072),
+}
+
+
+def make_model(preset: str, attn: str, bucket_width: int, device) -> Condenser:
+    from transformers import BertConfig, BertForMaskedLM
+
+    layers, hidden, heads, inter = PRESETS[preset]
+    cfg = BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                     intermediate_size=inter, attn_implementation=attn)
+    torch.manual_seed(0)
+    model = Condenser(BertForMaskedLM(cfg), n_head_layers=2, skip_from=min(6, layers // 2), late_mlm=True,
+                      length_bucket_width=bucket_width)
+    return model.to(device).train()
+
+
+def make_batch(docs: int, max_len: int, pad_to_max: bool, seed: int, device) -> dict:
+    """2 spans per document; whole batch masked at 15% (token level is enough for timing)."""
+    rng = np.random.default_rng(seed)
+    n = 2 * docs
+    body = np.where(rng.random(n) < 0.1, rng.integers(31, 127, n), rng.integers(8, 31, n))
+    lengths = np.minimum(body + 2, max_len)
+    width = max_len if pad_to_max else int(lengths.max())
+    ids = rng.integers(1000, 30522, (n, width))
+    attention = np.arange(width)[None, :] < lengths[:, None]
+    ids = np.where(attention, ids, 0)
+    ids[:, 0] = 101
+    ids[np.arange(n), lengths - 1] = 102
+    chosen = attention & (rng.random((n, width)) < 0.15)
+    chosen[:, 0] = False
+    chosen[np.arange(n), lengths - 1] = False
+    labels = np.where(chosen, ids, -100)
+    inputs = np.where(chosen, 103, ids)
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
+    return {"input_ids": t(inputs), "attention_mask": t(attention.astype(np.int64)), "labels": t(labels)}
+
+
+def reference_step(model: Condenser, batch: dict, optimizer, autocast_dtype) -> None:
+    """The reference's computation: logits at every position, CE with ignore_index, fp16 GradScaler on GPU."""
+    with torch.autocast(batch["input_ids"].device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        out = model.mlm.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                   output_hidden_states=True)
+        last, skip = out.hidden_states[-1], out.hidden_states[model.skip_from]
+        hidden = torch.cat([last[:, :1], skip[:, 1:]], dim=1)
+        mask = model._attention_mask(hidden, batch["attention_mask"])
+        for layer in model.c_head:
+            hidden = layer(hidden, mask)
+        head = model._mlm_head()
+        labels = batch["labels"]
+        ce = torch.nn.functional.cross_entropy
+        n_masked = max(int((labels != -100).sum()), 1)
+        mlm = ce(head(hidden).flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum") / n_masked
+        mlm = mlm + ce(head(last).flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum") / n_masked
+        con, _ = span_contrastive_loss(last[:, 0], last[:, 0], 0, last.shape[0])
+        loss = mlm + con
+    _SCALER.scale(loss).backward()
+    _SCALER.step(optimizer)
+    _SCALER.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+_SCALER = None
+
+
+def our_step(model: Condenser, batch: dict, optimizer, autocast_dtype, cache_chunk: int, width: int) -> None:
+    settings = StepSettings(length_bucket_width=width)
+    backward = lambda loss, last: loss.backward()
+    with torch.autocast(batch["input_ids"].device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        if cache_chunk > 0:
+            cached_step(model, batch, backward, settings, cache_chunk)
+        else:
+            plain_step(model, batch, backward, settings)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def useful_flops_per_token(model: Condenser, avg_len: float) -> float:
+    """Forward+backward FLOPs per real token: 6 x non-embedding matmul params, plus attention, plus the
+    MLM decoder at the 15% masked positions (head and backbone)."""
+    cfg = model.config
+    h, layers = cfg.hidden_size, cfg.num_hidden_layers + len(model.c_head)
+    dense = layers * (4 * h * h + 2 * h * cfg.intermediate_size)
+    attention = layers * 2 * h * avg_len  # QK^T and AV per token
+    mlm = 2 * 0.15 * (h * h + h * cfg.vocab_size)
+    return 6 * (dense + attention + mlm)
+
+
+def measure(fn, steps: int, device) -> tuple[float, float]:
+    """(seconds per step, peak GiB) after one warm-up step."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    secs = (time.perf_counter() - start) / steps
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return secs, peak
+
+
+def main(argv=None) -> int:
+    global _SCALER
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="default: minilm on CPU, bert-base on GPU")
+    p.add_argument("--ref_docs", type=int, default=None, help="documents per step, reference (default 16 CPU / 128 GPU)")
+    p.add_argument("--our_docs", default=None, help="comma list of our batch sizes (default 16 CPU; 128,...,2048 GPU)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per row (default 3 CPU / 10 GPU)")
+    p.add_argument("--max_seq_length", type=int, default=128)
+    p.add_argument("--bucket_width", type=int, default=16)
+    p.add_argument("--cache_chunk", type=int, default=512, help="spans per chunk for the gradient-cache row (GPU)")
+    p.add_argument("--peak_tflops", type=float, default=None, help="for MFU (default: 989 on H100/H200 bf16, none on CPU)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    preset = args.preset or ("bert-base" if gpu else "minilm")
+    steps = args.steps or (10 if gpu else 3)
+    ref_docs = args.ref_docs or (128 if gpu else 16)
+    our_docs = [int(x) for x in (args.our_docs or ("128,256,512,1024,2048" if gpu else "16")).split(",")]
+    peak = args.peak_tflops or (989.0 if gpu and any(k in torch.cuda.get_device_name() for k in ("H100", "H200"))
+                                else None)
+    name = torch.cuda.get_device_name() if gpu else "CPU"
+    ref_dtype = torch.float16 if gpu else None
+    our_dtype = torch.bfloat16 if gpu else None
+    _SCALER = torch.amp.GradScaler(enabled=gpu)
+    rows = []
+
+    def record(label, docs, fn, batch, model):
+        try:
+            secs, mem = measure(fn, steps, device)
+        except torch.OutOfMemoryError:
+            rows.append({"style": label, "docs": docs, "oom": True})
+            if gpu:
+                torch.cuda.empty_cache()
+            return
+        real = int(batch["attention_mask"].sum())
+        if label.startswith("ours"):
+            lengths = batch["attention_mask"].sum(1)
+            w = args.bucket_width
+            padded = int(torch.clamp((lengths + w - 1) // w * w, max=batch["input_ids"].shape[1]).sum())
+        else:
+            padded = batch["attention_mask"].numel()
+        flops = useful_flops_per_token(model, real / batch["input_ids"].shape[0]) * real / secs
+        rows.append({"style": label, "docs": docs, "step_ms": secs * 1e3, "real_tok_s": real / secs,
+                     "padded_tok_s": padded / secs, "peak_gib": mem,
+                     "mfu": flops / (peak * 1e12) if peak else None})
+
+    model = make_model(preset, "eager", 0, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    batch = make_batch(ref_docs, args.max_seq_length, True, 0, device)
+    record("reference", ref_docs, lambda: reference_step(model, batch, opt, ref_dtype), batch, model)
+    del model, opt
+    model = make_model(preset, "sdpa", args.bucket_width, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=gpu or None)
+    for docs in sorted(set(our_docs + [ref_docs])):
+        batch = make_batch(docs, args.max_seq_length, False, 0, device)
+        record("ours", docs, lambda: our_step(model, batch, opt, our_dtype, 0, args.bucket_width), batch, model)
+        if gpu and docs == max(our_docs):
+            record("ours + gradient cache", docs,
+                   lambda: our_step(model, batch, opt, our_dtype, args.cache_chunk, args.bucket_width), batch, model)
+        if gpu:
+            torch.cuda.empty_cache()
+
+    ref = rows[0]
+    done = [r for r in rows if not r.get("oom")]
+    best = max((r for r in done if r["style"] == "ours"), key=lambda r: r["real_tok_s"])
+    same = next(r for r in done if r["style"] == "ours" and r["docs"] == ref_docs)
+    print(f"device: {name} | model: {preset} + 2-layer head | {steps} timed steps per row")
+    print("| style | docs/step | step ms | real tok/s | padded tok/s | peak GiB | MFU | vs reference |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if r.get("oom"):
+            print(f"| {r['style']} | {r['docs']} | out of memory | | | | | |")
+            continue
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+        ratio = r["real_tok_s"] / ref["real_tok_s"] if not ref.get("oom") else float("nan")
+        print(f"| {r['style']} | {r['docs']} | {r['step_ms']:.0f} | {r['real_tok_s']:,.0f} | {r['padded_tok_s']:,.0f} | "
+              f"{r['peak_gib']:.1f} | {mfu} | {ratio:.2f}x |")
+    cached = next((r for r in done if r["style"].endswith("cache")), None)
+    plain_at_max = next((r for r in done if r["style"] == "ours" and r["docs"] == max(our_docs)), None)
+    result = {"device": name, "preset": preset, "rows": rows, "reference_real_tok_s": ref.get("real_tok_s"),
+              "ours_best_real_tok_s": best["real_tok_s"], "ours_best_docs": best["docs"],
+              "speedup_same_batch": same["real_tok_s"] / ref["real_tok_s"],
+              "speedup": best["real_tok_s"] / ref["real_tok_s"]}
+    if cached and plain_at_max:
+        result["cache_over_plain_step_time"] = cached["step_ms"] / plain_at_max["step_ms"]
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
