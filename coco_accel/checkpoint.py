@@ -12,6 +12,11 @@ from typing import Optional
 
 logger = logging.getLogger(__name__)
 
+
+class CheckpointError(OSError):
+    """A checkpoint could not be written; the previous one stays the latest."""
+
+
 STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -46,13 +51,19 @@ def save_checkpoint(accelerator, output_dir: str, step: int, state: dict, total_
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+    except OSError as err:
+        previous = latest_checkpoint(output_dir)
+        raise CheckpointError(f"writing checkpoint {final} failed ({err}). The latest complete checkpoint is still "
+                              f"{previous or 'none'}; free disk space (or fix the folder) and run the same command "
+                              "to resume.") from None
         if total_limit:
             for old in list_checkpoints(output_dir)[:-total_limit]:
                 shutil.rmtree(old, ignore_errors=True)

@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -145,33 +146,59 @@ class SpanBuilder:
 # accounting (on Arrow columns: memory stays bounded at MS MARCO scale)
 
 
-def _outcomes(built) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per document: reject reason (duplicates included), drop reason, held-out flag, from Arrow columns."""
+@dataclass
+class Outcomes:
+    """Per-document outcome of one corpus as compact arrays (no Python string per document)."""
+
+    rejected: np.ndarray  # bool: a reader reject or a duplicate id
+    dropped: np.ndarray  # bool: too few / too short spans
+    heldout: np.ndarray  # bool
+    duplicate: np.ndarray  # bool (subset of rejected)
+    counts: dict  # the stats object for this corpus
+
+    @property
+    def kept(self) -> np.ndarray:
+        return ~self.rejected & ~self.dropped
+
+
+def _outcomes(built) -> Outcomes:
+    """Outcomes from Arrow columns with pyarrow compute; memory stays bounded at MS MARCO scale."""
     import pyarrow.compute as pc
 
     table = built.with_format("arrow")[:]
-    reject = table.column("reject").to_numpy(zero_copy_only=False).astype(object)
-    drop = table.column("drop").to_numpy(zero_copy_only=False).astype(object)
-    keys = table.column("key").to_numpy()
+    reject_col, drop_col = table.column("reject"), table.column("drop")
+    reader_reject = pc.not_equal(reject_col, "").to_numpy(zero_copy_only=False)
     # Later copies of a document id become rejects: ids key the randomness and the evaluation.
-    ok = ~pc.not_equal(table.column("reject"), "").to_numpy(zero_copy_only=False)
-    candidates = np.nonzero(ok)[0]
+    keys = table.column("key").to_numpy()
+    candidates = np.nonzero(~reader_reject)[0]
     _, first = np.unique(keys[candidates], return_index=True)
-    dup = np.ones(len(candidates), dtype=bool)
-    dup[first] = False
-    reject[candidates[dup]] = "duplicate_id"
-    drop[candidates[dup]] = ""
-    return reject, drop, table.column("heldout").to_numpy(zero_copy_only=False)
+    duplicate = np.zeros(len(keys), dtype=bool)
+    duplicate[candidates] = True
+    duplicate[candidates[first]] = False
+    rejected = reader_reject | duplicate
+    dropped = ~rejected & pc.not_equal(drop_col, "").to_numpy(zero_copy_only=False)
+    heldout = table.column("heldout").to_numpy(zero_copy_only=False)
 
+    def reasons(col, mask) -> dict:
+        if not mask.any():
+            return {}
+        counts = pc.value_counts(pc.filter(col, mask)).to_pylist()
+        return {c["values"]: int(c["counts"]) for c in counts}
 
-def _count(reject: np.ndarray, drop: np.ndarray, heldout: np.ndarray) -> dict:
-    rejected = reject != ""
-    dropped = ~rejected & (drop != "")
+    by_reject = reasons(reject_col, reader_reject)
+    if duplicate.any():
+        by_reject["duplicate_id"] = int(duplicate.sum())
     kept = ~rejected & ~dropped
-    reasons = lambda arr, mask: {str(k): int(v) for k, v in zip(*np.unique(arr[mask].astype(str), return_counts=True))}
-    return {"read": int(len(reject)), "kept": int(kept.sum()), "dropped": int(dropped.sum()),
-            "rejected": int(rejected.sum()), "held_out": int((kept & heldout).sum()),
-            "dropped_by_reason": reasons(drop, dropped), "rejected_by_reason": reasons(reject, rejected)}
+    counts = {"read": int(len(keys)), "kept": int(kept.sum()), "dropped": int(dropped.sum()),
+              "rejected": int(rejected.sum()), "held_out": int((kept & heldout).sum()),
+              "dropped_by_reason": dict(sorted(reasons(drop_col, dropped).items())),
+              "rejected_by_reason": dict(sorted(by_reject.items()))}
+    return Outcomes(rejected, dropped, heldout, duplicate, counts)
+
+
+def _empty_counts() -> dict:
+    return {"read": 0, "kept": 0, "dropped": 0, "rejected": 0, "held_out": 0, "dropped_by_reason": {},
+            "rejected_by_reason": {}}
 
 
 def _add_counts(total: dict, part: dict) -> None:
@@ -214,7 +241,7 @@ def preprocess(
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    total = _count(np.array([], dtype=object), np.array([], dtype=object), np.array([], dtype=bool))
+    total = _empty_counts()
     stats: dict = {"total": total, "corpora": {}}
     train_parts, eval_parts = [], []
     with open(out / "rejects.jsonl", "w", encoding="utf-8") as rejects_file:
@@ -230,14 +257,13 @@ def preprocess(
                              "heldout": datasets.Value("bool")})
             built = raw.map(builder, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 else None,
                             features=features, desc=f"Spans: {corpus}")
-            reject, drop, heldout = _outcomes(built)
-            stats["corpora"][corpus] = _count(reject, drop, heldout)
-            _add_counts(total, stats["corpora"][corpus])
-            _write_rejects(built, reject, rejects_file)
-            kept = (reject == "") & (drop == "")
+            outcome = _outcomes(built)
+            stats["corpora"][corpus] = outcome.counts
+            _add_counts(total, outcome.counts)
+            _write_rejects(built, outcome, rejects_file)
             columns = ["doc_id", "corpus", "spans"]
-            train_parts.append(built.select(np.nonzero(kept & ~heldout)[0]).select_columns(columns))
-            eval_parts.append(built.select(np.nonzero(kept & heldout)[0]).select_columns(columns))
+            train_parts.append(built.select(np.nonzero(outcome.kept & ~outcome.heldout)[0]).select_columns(columns))
+            eval_parts.append(built.select(np.nonzero(outcome.kept & outcome.heldout)[0]).select_columns(columns))
 
     _remove_previous_output(out)
     train = datasets.concatenate_datasets(train_parts)
@@ -276,15 +302,15 @@ def _raw_features():
                               "line": datasets.Value("int64")})
 
 
-def _write_rejects(built, reject: np.ndarray, fh) -> None:
-    idx = np.nonzero(reject != "")[0]
+def _write_rejects(built, outcome: Outcomes, fh) -> None:
+    idx = np.nonzero(outcome.rejected)[0]
     if len(idx) == 0:
         return
-    rows = built.select(idx).select_columns(["corpus", "doc_id", "file", "line", "detail"])
+    rows = built.select(idx).select_columns(["corpus", "doc_id", "file", "line", "reject", "detail"])
     for i, row in zip(idx, rows):
-        row["reason"] = str(reject[i])
-        if row["reason"] == "duplicate_id":
-            row["detail"] = "the same id appears earlier in this corpus"
+        row["reason"] = row.pop("reject")
+        if outcome.duplicate[i]:
+            row["reason"], row["detail"] = "duplicate_id", "the same id appears earlier in this corpus"
         fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 

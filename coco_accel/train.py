@@ -199,6 +199,11 @@ def build(cfg: TrainConfig) -> Run:
     model = load_condenser(cfg.model_name_or_path, cfg.n_head_layers, cfg.skip_from, cfg.late_mlm, cfg.strict_head,
                            cfg.length_bucket_width)
     cfg.validate_against_model(model.config.num_hidden_layers, model.config.model_type)
+    if cfg.torch_compile:
+        # In place (nn.Module.compile), so parameter names, checkpoints and the export are unchanged;
+        # dynamic shapes because every length bucket has its own width.
+        model.mlm.base_model.compile(dynamic=True)
+        model.c_head.compile(dynamic=True)
     dataset = load_train_data(cfg.train_dir)
 
     world = accelerator.num_processes
@@ -380,13 +385,14 @@ def _export(run: Run) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from coco_accel.checkpoint import CheckpointError
     from coco_accel.data import DataError
     from coco_accel.model import ModelError
 
     try:
         cfg = parse_config(argv)
         result = train(cfg)
-    except (ConfigError, DataError, ModelError, FloatingPointError) as err:
+    except (ConfigError, DataError, ModelError, FloatingPointError, CheckpointError) as err:
         logging.basicConfig(level=logging.INFO)
         logger.error("%s", err)
         return 2

@@ -75,3 +75,11 @@ def test_skip_from_is_checked_against_the_backbone():
     with pytest.raises(ConfigError, match="model_type"):
         TrainConfig(output_dir="o", model_name_or_path="m", train_dir="t", skip_from=2,
                     model_type="roberta").validate().validate_against_model(6, "bert")
+
+
+def test_global_batch_size_derives_the_per_process_size():
+    cfg = TrainConfig(output_dir="o", model_name_or_path="m", train_dir="t", global_batch_size=2048).validate()
+    assert cfg.per_device_docs(8) == 256 and cfg.per_device_docs(1) == 2048
+    with pytest.raises(ConfigError, match="not divisible by the 3 processes: use 2046 or 2049"):
+        cfg.per_device_docs(3)
+    assert TrainConfig(output_dir="o", model_name_or_path="m", train_dir="t").per_device_docs(4) == 8

@@ -141,6 +141,15 @@ def test_two_and_three_processes_equal_one(setup):
         assert r1["contrastive_acc"] == pytest.approx(r3["contrastive_acc"])
 
 
+def test_short_last_batch_split_unevenly(setup, tokenizer, span_data):
+    """117 documents in global batches of 12: step 10 holds 9 documents, split 4 + 5 over 2 processes."""
+    model, data, root, _ = setup
+    ref, out = root / "one_epoch", root / "one_epoch_ddp2"
+    _single(_flags(model, data, ref, GLOBAL_DOCS, "--max_steps", "10"))
+    _torchrun(2, _flags(model, data, out, GLOBAL_DOCS // 2, "--max_steps", "10"))
+    _assert_same(ref, out)
+
+
 def test_gradient_cache_equals_full_batch(setup):
     model, data, root, ref = setup
     out = root / "cache1"

@@ -136,3 +136,22 @@ def test_length_buckets_give_the_padded_result(width):
     for la, lb in ((a.head_logits, b.head_logits), (a.backbone_logits, b.backbone_logits)):
         torch.testing.assert_close(ce(la, a.targets, reduction="sum"), ce(lb, b.targets, reduction="sum"),
                                    atol=1e-4, rtol=1e-6)
+
+
+def test_roberta_backbone_dispatches_on_model_type():
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    torch.manual_seed(0)
+    mlm = RobertaForMaskedLM(RobertaConfig(vocab_size=120, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                                           intermediate_size=32, max_position_embeddings=40, pad_token_id=1,
+                                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    model = Condenser(mlm, 2, 1, late_mlm=True, length_bucket_width=4)
+    assert type(model.c_head[0]) is type(mlm.roberta.encoder.layer[0])
+    ids, mask, labels = _inputs()
+    out = model(ids, mask, labels)
+    full = mlm(input_ids=ids, attention_mask=mask).logits
+    where = labels != -100
+    assert out.head_logits.shape == (int(where.sum()), 120)
+    ce = torch.nn.functional.cross_entropy
+    torch.testing.assert_close(ce(out.backbone_logits, out.targets, reduction="sum"),
+                               ce(full[where], labels[where], reduction="sum"), atol=1e-4, rtol=1e-5)
