@@ -39,6 +39,9 @@ class TrainConfig:
     n_head_layers: int = _f(2, "Transformer layers in the Condenser head.", "model")
     skip_from: int = _f(6, "Backbone layer whose token states feed the head (0 = embeddings; 6 for BERT-base).", "model")
     strict_head: bool = _f(False, "Refuse to start when the warm start has no Condenser head (a random head harms continued pretraining).", "model")
+    reference_backbone_without_dropout: bool = _f(
+        False, "Reproduce the reference's hidden lm.eval() in forward: no dropout in the backbone (the head keeps "
+        "its own). Off by default: it was a defect, not a recipe choice.", "model")
     late_mlm: bool = _f(False, "Add the backbone's own MLM loss on its last layer to the head MLM loss.", "model")
     temperature: float = _f(1.0, "Contrastive logits are divided by this (1.0 = the reference's plain dot product).", "model")
     normalize: bool = _f(False, "L2-normalise CLS vectors before the contrastive dot product.", "model")

@@ -125,6 +125,17 @@ class Condenser(nn.Module):
         return {f"c_head.{k}": v for k, v in self.c_head.state_dict().items()}
 
 
+def disable_backbone_dropout(model: Condenser) -> int:
+    """What the reference's `lm.eval()` inside forward did to training: backbone dropout off (the Condenser
+    head is untouched). Returns the number of dropout modules switched off."""
+    n = 0
+    for module in model.mlm.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+            n += 1
+    return n
+
+
 def _read_head_weights(folder: Path) -> tuple[Optional[dict], Optional[str]]:
     ours = folder / HEAD_FILE
     if ours.is_file():

@@ -199,6 +199,11 @@ def build(cfg: TrainConfig) -> Run:
     model = load_condenser(cfg.model_name_or_path, cfg.n_head_layers, cfg.skip_from, cfg.late_mlm, cfg.strict_head,
                            cfg.length_bucket_width)
     cfg.validate_against_model(model.config.num_hidden_layers, model.config.model_type)
+    if cfg.reference_backbone_without_dropout:
+        from coco_accel.model import disable_backbone_dropout
+
+        logger.info("Backbone dropout off in %d modules (--reference_backbone_without_dropout).",
+                    disable_backbone_dropout(model))
     if cfg.torch_compile:
         # In place (nn.Module.compile), so parameter names, checkpoints and the export are unchanged;
         # dynamic shapes because every length bucket has its own width.

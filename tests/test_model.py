@@ -155,3 +155,18 @@ def test_roberta_backbone_dispatches_on_model_type():
     ce = torch.nn.functional.cross_entropy
     torch.testing.assert_close(ce(out.backbone_logits, out.targets, reduction="sum"),
                                ce(full[where], labels[where], reduction="sum"), atol=1e-4, rtol=1e-5)
+
+
+def test_reference_backbone_without_dropout_keeps_head_dropout():
+    from transformers import BertConfig, BertForMaskedLM
+
+    from coco_accel.model import disable_backbone_dropout
+
+    mlm = BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.5))
+    model = Condenser(mlm, 1, 1, False).train()
+    assert disable_backbone_dropout(model) > 0
+    ids, mask, labels = _inputs(vocab=50)
+    assert torch.allclose(model(ids, mask, labels).cls, model(ids, mask, labels).cls)  # backbone deterministic
+    head_dropouts = [m for m in model.c_head.modules() if isinstance(m, torch.nn.Dropout)]
+    assert head_dropouts and all(m.p == 0.5 for m in head_dropouts)

@@ -81,3 +81,10 @@ def test_refuses_a_non_empty_output_dir_without_checkpoints(tmp_path, model, spa
     (out / "notes.txt").write_text("mine")
     proc = subprocess.run(_cmd(model, span_data, out, 2), cwd=REPO, env=_env(), capture_output=True, text=True)
     assert proc.returncode == 2 and "--overwrite_output_dir" in proc.stderr
+
+
+def test_data_loader_workers_do_not_change_the_run(tmp_path, model, span_data):
+    for workers in (0, 2):
+        subprocess.run(_cmd(model, span_data, tmp_path / f"w{workers}", 3, "--save_steps", "0",
+                            "--dataloader_num_workers", str(workers)), cwd=REPO, env=_env(), check=True)
+    _assert_equal(tmp_path / "w0", tmp_path / "w2")
