@@ -35,6 +35,7 @@ def _mixed_precision(cfg: TrainConfig) -> Optional[str]:
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint written after SIGTERM/SIGUSR1; requeue and resume
 PREEMPTED_MARKER = "PREEMPTED"  # also left in --output_dir: launchers may not pass exit codes through
+STOP_FILE = "STOP"  # created in --output_dir (by slurm/train.sbatch, or by hand): checkpoint and stop
 
 
 def build_accelerator(cfg: TrainConfig):
@@ -125,7 +126,7 @@ def _resume_from(cfg: TrainConfig) -> Optional[Path]:
     if found is not None:
         return found
     out = Path(cfg.output_dir)
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(p.name not in (STOP_FILE, PREEMPTED_MARKER) for p in out.iterdir()):
         if not cfg.overwrite_output_dir:
             raise ConfigError(f"--output_dir {cfg.output_dir} is not empty and holds no checkpoint to resume: "
                               "pass --overwrite_output_dir to write into it, or choose another folder.")
@@ -140,12 +141,17 @@ def _resume_from(cfg: TrainConfig) -> Optional[Path]:
 
 
 class _StopRequest:
-    """SIGTERM / SIGUSR1 (what SLURM sends before preemption) only set a flag; the loop acts on it."""
+    """SIGTERM / SIGUSR1 (what SLURM sends before preemption) only set a flag; the loop acts on it.
 
-    def __init__(self):
+    A file named STOP in --output_dir does the same: launchers between SLURM and the training
+    processes (torchrun's agent) do not forward SIGUSR1, a file reaches every node.
+    """
+
+    def __init__(self, stop_file: Optional[Path] = None):
         import signal
 
         self.signal_name: Optional[str] = None
+        self.stop_file = stop_file
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
@@ -156,6 +162,8 @@ class _StopRequest:
 
     @property
     def requested(self) -> bool:
+        if self.signal_name is None and self.stop_file is not None and self.stop_file.exists():
+            self.signal_name = f"{self.stop_file.name} file"
         return self.signal_name is not None
 
 
@@ -291,9 +299,11 @@ def train(cfg: TrainConfig) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
         (out_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+        (out_dir / STOP_FILE).unlink(missing_ok=True)
     metrics = MetricsFile(out_dir / "metrics.jsonl", keep_until=run.start_step) if acc.is_main_process else None
     acc.init_trackers("coco-accel", config={k: v for k, v in to_dict(cfg).items() if v is not None})
-    stop = _StopRequest()
+    acc.wait_for_everyone()  # nobody looks for a STOP file before the main process removed a stale one
+    stop = _StopRequest(out_dir / STOP_FILE if acc.is_main_process else None)
     meter = Meter(acc.device)
     first = last = None
     skipped = 0

@@ -63,7 +63,8 @@ def test_sigterm_writes_a_checkpoint_and_resumes_exactly(tmp_path, model, span_d
     proc = subprocess.Popen(_cmd(model, span_data, out, 30, "--save_steps", "0"), cwd=REPO, env=_env())
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+    while time.time() < deadline and proc.poll() is None and not (
+            metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 75
@@ -88,3 +89,23 @@ def test_data_loader_workers_do_not_change_the_run(tmp_path, model, span_data):
         subprocess.run(_cmd(model, span_data, tmp_path / f"w{workers}", 3, "--save_steps", "0",
                             "--dataloader_num_workers", str(workers)), cwd=REPO, env=_env(), check=True)
     _assert_equal(tmp_path / "w0", tmp_path / "w2")
+
+
+def test_stop_file_writes_a_checkpoint_and_resumes_exactly(tmp_path, model, span_data):
+    """What slurm/train.sbatch does on SIGUSR1: a STOP file in the output folder."""
+    full = tmp_path / "full"
+    subprocess.run(_cmd(model, span_data, full, 20, "--save_steps", "0"), cwd=REPO, env=_env(), check=True)
+    out = tmp_path / "stopped"
+    out.mkdir()
+    (out / "STOP").write_text("")  # stale from an earlier job: removed at start, not obeyed
+    proc = subprocess.Popen(_cmd(model, span_data, out, 20, "--save_steps", "0"), cwd=REPO, env=_env())
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (
+            metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    (out / "STOP").write_text("")
+    assert proc.wait(timeout=120) == 75
+    assert "STOP file" in (out / "PREEMPTED").read_text()
+    subprocess.run(_cmd(model, span_data, out, 20, "--save_steps", "0"), cwd=REPO, env=_env(), check=True)
+    _assert_equal(full, out)
