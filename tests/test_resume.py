@@ -109,3 +109,28 @@ def test_stop_file_writes_a_checkpoint_and_resumes_exactly(tmp_path, model, span
     assert "STOP file" in (out / "PREEMPTED").read_text()
     subprocess.run(_cmd(model, span_data, out, 20, "--save_steps", "0"), cwd=REPO, env=_env(), check=True)
     _assert_equal(full, out)
+
+
+def test_two_processes_stop_together_and_resume_exactly(tmp_path, model, span_data):
+    """The STOP file is seen by the main process only; the per-step all-reduce stops both at the same step."""
+    from test_distributed import _port
+
+    def launch(out):
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                f"--master_port={_port()}", *_cmd(model, span_data, out, 16, "--save_steps", "0",
+                                                  "--global_batch_size", "6")[1:]]
+
+    full = tmp_path / "full"
+    subprocess.run(launch(full), cwd=REPO, env=_env(), check=True)
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen(launch(out), cwd=REPO, env=_env())
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and not (
+            metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    (out / "STOP").write_text("")
+    assert proc.wait(timeout=180) != 0  # torchrun reports the workers' exit code 75 as a failure
+    assert (out / "PREEMPTED").is_file() and len(list(out.glob("checkpoint-*"))) == 1
+    subprocess.run(launch(out), cwd=REPO, env=_env(), check=True)
+    _assert_equal(full, out)
