@@ -234,6 +234,10 @@ def build(cfg: TrainConfig) -> Run:
     deepspeed = accelerator.state.deepspeed_plugin is not None
     if deepspeed:
         _fill_deepspeed_config(accelerator, cfg, per_device)
+        if cfg.max_nonfinite_skips:
+            raise ConfigError("--max_nonfinite_skips is not available under DeepSpeed: it applies the update inside "
+                              "backward, before the loss can be checked (its fp16 loss scaler skips overflow steps "
+                              "itself). Drop the flag, or use DDP.")
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # stepped by us once per optimizer step
 

@@ -1,0 +1,34 @@
+"""The benchmark scripts run and end with their JSON line (smoke test on tiny sizes; speed is not asserted here)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def _last_json(args):
+    out = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, check=True, timeout=600)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_collator_benchmark_runs(minilm_path):
+    result = _last_json(["benchmarks/collator_throughput.py", "--docs", "256", "--batch_docs", "64"])
+    assert result["spans"] == 512 and result["speedup"] > 0
+
+
+def test_step_benchmark_runs_every_row_kind(minilm_path):
+    result = _last_json(["benchmarks/step_throughput.py", "--ref_docs", "2", "--our_docs", "2,4", "--steps", "1",
+                         "--cache_row", "--cache_chunk", "4"])
+    styles = [r["style"] for r in result["rows"]]
+    assert styles == ["reference", "ours", "ours", "ours + gradient cache"]
+    assert result["speedup"] > 0 and "cache_over_plain_step_time" in result
+
+
+def test_preprocess_benchmark_runs(minilm_path):
+    result = _last_json(["benchmarks/preprocess_throughput.py", "--repeat", "1"])
+    assert result["docs"] > 0 and result["speedup"] > 0
