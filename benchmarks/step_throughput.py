@@ -123,8 +123,9 @@ def useful_flops_per_token(model: Condenser, avg_len: float) -> float:
 
 
 def measure(fn, steps: int, device) -> tuple[float, float]:
-    """(seconds per step, peak GiB) after one warm-up step."""
-    fn()
+    """(seconds per step, peak GiB) after warm-up steps (kernel selection, allocator growth)."""
+    for _ in range(3 if device.type == "cuda" else 1):
+        fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

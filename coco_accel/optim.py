@@ -24,8 +24,9 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
+    """Build after the model is on its device: fused AdamW is chosen when the parameters are on CUDA."""
     groups = decay_groups(model, weight_decay)
-    on_cuda = any(p.is_cuda for g in groups for p in g["params"])
+    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
     # Fused AdamW is one kernel for all parameters on CUDA; on CPU the foreach path is the fast one.
     return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8,
                              fused=True if on_cuda else None)

@@ -229,6 +229,7 @@ def build(cfg: TrainConfig) -> Run:
     total_steps = plan.total_steps(cfg.num_train_epochs, cfg.max_steps)
     warmup = warmup_steps_for(total_steps, cfg.warmup_steps, cfg.warmup_ratio)
 
+    model.to(accelerator.device)  # first, so that the optimizer can be the fused CUDA one
     optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay)
     scheduler = linear_schedule(optimizer, warmup, total_steps)
     deepspeed = accelerator.state.deepspeed_plugin is not None
