@@ -42,7 +42,10 @@ class StepParts:
 
 
 def _global_counts(batch: dict) -> tuple[float, float]:
-    """(masked tokens, spans) over the whole global batch, divided by the world size."""
+    """(masked tokens, spans) over the whole global batch, divided by the world size.
+
+    Read on the host (a sync) before the forward pass starts, when there is no queued work to wait for.
+    """
     local = torch.stack([(batch["labels"] != -100).sum(), torch.tensor(batch["input_ids"].shape[0],
                                                                         device=batch["labels"].device)])
     total = dist.all_reduce_sum(local.to(torch.float64))

@@ -24,6 +24,15 @@ def _cmd(model, data, out, steps, *extra):
             "--warmup_ratio", "0.3", "--weight_decay", "0.01", *extra]
 
 
+def _wait_for_logged_steps(proc, out: Path, n: int, timeout: float) -> None:
+    """Until the run has logged n lines (or ended, or the time is up)."""
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not (
+            metrics.exists() and len(metrics.read_text().splitlines()) >= n):
+        time.sleep(0.05)
+
+
 def _assert_equal(a: Path, b: Path) -> None:
     wa, wb = _weights(a), _weights(b)
     worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
@@ -61,11 +70,7 @@ def test_sigterm_writes_a_checkpoint_and_resumes_exactly(tmp_path, model, span_d
     subprocess.run(_cmd(model, span_data, full, 30, "--save_steps", "0"), cwd=REPO, env=_env(), check=True)
     out = tmp_path / "preempted"
     proc = subprocess.Popen(_cmd(model, span_data, out, 30, "--save_steps", "0"), cwd=REPO, env=_env())
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not (
-            metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        time.sleep(0.05)
+    _wait_for_logged_steps(proc, out, 3, timeout=120)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 75
     stopped = [p.name for p in out.glob("checkpoint-*")]
@@ -99,11 +104,7 @@ def test_stop_file_writes_a_checkpoint_and_resumes_exactly(tmp_path, model, span
     out.mkdir()
     (out / "STOP").write_text("")  # stale from an earlier job: removed at start, not obeyed
     proc = subprocess.Popen(_cmd(model, span_data, out, 20, "--save_steps", "0"), cwd=REPO, env=_env())
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not (
-            metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        time.sleep(0.05)
+    _wait_for_logged_steps(proc, out, 3, timeout=120)
     (out / "STOP").write_text("")
     assert proc.wait(timeout=120) == 75
     assert "STOP file" in (out / "PREEMPTED").read_text()
@@ -124,11 +125,7 @@ def test_two_processes_stop_together_and_resume_exactly(tmp_path, model, span_da
     subprocess.run(launch(full), cwd=REPO, env=_env(), check=True)
     out = tmp_path / "stopped"
     proc = subprocess.Popen(launch(out), cwd=REPO, env=_env())
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None and not (
-            metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        time.sleep(0.05)
+    _wait_for_logged_steps(proc, out, 3, timeout=180)
     (out / "STOP").write_text("")
     assert proc.wait(timeout=180) != 0  # torchrun reports the workers' exit code 75 as a failure
     assert (out / "PREEMPTED").is_file() and len(list(out.glob("checkpoint-*"))) == 1
