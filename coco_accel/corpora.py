@@ -91,6 +91,48 @@ def fingerprint(src: Source) -> tuple:
     return (src.corpus, src.path, src.kind, src.id_prefix, st.st_size, st.st_mtime_ns)
 
 
+@dataclass(frozen=True)
+class Shard:
+    """A run of whole lines of one source: bytes [start, end) (end -1 = to the end), first line's number."""
+
+    source: Source
+    start: int
+    end: int
+    first_line: int
+    fingerprint: tuple  # keys the `datasets` cache; changes with the file
+
+
+def shards(sources: list[Source], n: int, min_bytes: int = 8 << 20) -> list[Shard]:
+    """Cut each plain (not gzipped) file of at least `min_bytes` into up to `n` runs of whole lines, so
+    that reading runs in `n` processes; line numbers stay those of the file, and shard after shard is
+    the file from top to bottom."""
+    out = []
+    for src in sources:
+        fp = fingerprint(src)
+        size = os.path.getsize(src.path)
+        if n <= 1 or src.path.endswith(".gz") or size < min_bytes:
+            out.append(Shard(src, 0, -1, 1, fp))
+            continue
+        starts = [0]
+        with open(src.path, "rb") as fh:
+            for k in range(1, n):
+                fh.seek(size * k // n - 1)
+                fh.readline()  # to the end of the line holding the byte before the cut
+                if starts[-1] < fh.tell() < size:
+                    starts.append(fh.tell())
+            first_lines, line, pos = [1], 1, 0
+            fh.seek(0)
+            for cut in starts[1:]:  # count line breaks before each cut
+                while pos < cut:
+                    chunk = fh.read(min(1 << 20, cut - pos))
+                    line += chunk.count(b"\n")
+                    pos += len(chunk)
+                first_lines.append(line)
+        ends = starts[1:] + [-1]
+        out.extend(Shard(src, a, b, ln, fp + (a, b)) for a, b, ln in zip(starts, ends, first_lines))
+    return out
+
+
 def _open(path: str):
     return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
@@ -130,11 +172,17 @@ def _parse_tsv(src: Source, line_no: int, line: str) -> dict:
     return _row(src, line_no, src.id_prefix + doc_id, "", text)
 
 
-def read_rows(src: Source) -> Iterator[dict]:
+def read_rows(src: Source, start: int = 0, end: int = -1, first_line: int = 1) -> Iterator[dict]:
     """One row per non-blank line: a document, or a reject with its reason (never skipped silently)."""
     parse = _parse_tsv if src.kind == "tsv" else _parse_jsonl
     with _open(src.path) as fh:
-        for line_no, raw in enumerate(fh, start=1):
+        if start:
+            fh.seek(start)
+        pos = start
+        for line_no, raw in enumerate(fh, start=first_line):
+            if end >= 0 and pos >= end:
+                break
+            pos += len(raw)
             if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]  # byte-order mark
             raw = raw.rstrip(b"\r\n")
@@ -157,8 +205,7 @@ def read_rows(src: Source) -> Iterator[dict]:
             yield row
 
 
-def generate(sources: list[Source], fingerprints: list[tuple]) -> Iterator[dict]:
-    """Entry for `datasets.Dataset.from_generator`; `fingerprints` only keys its cache."""
-    del fingerprints
-    for src in sources:
-        yield from read_rows(src)
+def generate(shards: list[Shard]) -> Iterator[dict]:
+    """Entry for `datasets.Dataset.from_generator` (which splits `shards` over its processes)."""
+    for shard in shards:
+        yield from read_rows(shard.source, shard.start, shard.end, shard.first_line)

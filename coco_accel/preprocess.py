@@ -223,6 +223,7 @@ def preprocess(
     num_shards: Optional[int] = None,
     cache_dir: Optional[str] = None,
     eval_fraction: float = 0.0,
+    min_shard_bytes: int = 8 << 20,
 ) -> dict:
     """Run the pipeline; returns the stats written to OUT/stats.json.
 
@@ -248,9 +249,10 @@ def preprocess(
         for corpus in dict.fromkeys(s.corpus for s in sources):
             group = [s for s in sources if s.corpus == corpus]
             logger.info("Corpus %s: %s", corpus, ", ".join(s.path for s in group))
+            parts = corpora.shards(group, num_proc, min_shard_bytes)
             raw = datasets.Dataset.from_generator(
-                corpora.generate, features=_raw_features(), cache_dir=cache_dir,
-                gen_kwargs={"sources": group, "fingerprints": [corpora.fingerprint(s) for s in group]})
+                corpora.generate, features=_raw_features(), cache_dir=cache_dir, gen_kwargs={"shards": parts},
+                num_proc=min(num_proc, len(parts)) if len(parts) > 1 else None)
             features = raw.features.copy()
             features.update({"spans": datasets.List(datasets.List(datasets.Value(id_type))),
                              "drop": datasets.Value("string"), "key": datasets.Value("int64"),

@@ -213,3 +213,26 @@ def test_rerun_into_the_same_folder_replaces_the_layout(tmp_path, small_corpus, 
     assert set(datasets.load_from_disk(str(out))) == {"train", "eval"}
     preprocess([str(small_corpus)], minilm_path, str(out), cache_dir=str(tmp_path / "c"))
     assert isinstance(datasets.load_from_disk(str(out)), datasets.Dataset)
+
+
+def test_large_files_are_read_in_shards_with_true_line_numbers(tmp_path, minilm_path):
+    from coco_accel import corpora
+
+    lines = [_doc(i) for i in range(40)]
+    lines[7] = '{"_id": "broken"'  # a reject in the first shard
+    lines[33] = "[1]"  # and one in the last
+    src = _write(tmp_path / "big" / "corpus.jsonl", lines)
+    found = corpora.discover([str(src.parent)])
+    parts = corpora.shards(found, 3, min_bytes=1)
+    assert len(parts) == 3 and parts[0].first_line == 1
+    rows = [r for p in parts for r in corpora.read_rows(p.source, p.start, p.end, p.first_line)]
+    assert [r["line"] for r in rows] == list(range(1, 41))
+    assert [r["doc_id"] for r in rows if not r["reject"]] == [f"d{i}" for i in range(40) if i not in (7, 33)]
+    outs = []
+    for n in (1, 3):
+        out = tmp_path / f"o{n}"
+        stats = preprocess([str(src.parent)], minilm_path, str(out), num_proc=n, min_shard_bytes=1,
+                           cache_dir=str(tmp_path / f"c{n}"))
+        outs.append((stats["total"], datasets.load_from_disk(str(out)).to_dict(), (out / "rejects.jsonl").read_text()))
+    assert outs[0] == outs[1]
+    assert sorted(json.loads(line)["line"] for line in outs[0][2].splitlines()) == [8, 34]
