@@ -29,7 +29,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from coco_accel.losses import masked_lm_loss, span_contrastive_loss  # noqa: E402
+from coco_accel.losses import span_contrastive_loss  # noqa: E402
 from coco_accel.model import Condenser  # noqa: E402
 from coco_accel.step import StepSettings, cached_step, plain_step  # noqa: E402
 

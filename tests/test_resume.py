@@ -1,7 +1,6 @@
 """Exact resume: a run interrupted (crash or SIGTERM) and resumed ends with the weights of an uninterrupted run."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
