@@ -27,6 +27,7 @@ def test_step_benchmark_runs_every_row_kind(minilm_path):
     styles = [r["style"] for r in result["rows"]]
     assert styles == ["reference", "ours", "ours", "ours + gradient cache"]
     assert result["speedup"] > 0 and "cache_over_plain_step_time" in result
+    assert result["loss_check"]["abs_diff"] < 1e-3  # both styles compute the same loss
 
 
 def test_preprocess_benchmark_runs(minilm_path):
