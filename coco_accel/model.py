@@ -209,7 +209,13 @@ def save_export(model: Condenser, tokenizer, output_dir: str, state_dict: Option
             first_name[id(param)] = name
     mlm_state = {k[len("mlm."):]: v for k, v in state.items()
                  if k.startswith("mlm.") and k[len("mlm."):] not in tied_copies}
-    model.mlm.save_pretrained(output_dir, state_dict=mlm_state)
+    # Save the names the model uses now: by default transformers reverts load-time renames (LayerNorm
+    # weight/bias back to a legacy checkpoint's gamma/beta), which happened under ZeRO-3.
+    import inspect
+
+    as_is = {"save_original_format": False} if "save_original_format" in inspect.signature(
+        model.mlm.save_pretrained).parameters else {}
+    model.mlm.save_pretrained(output_dir, state_dict=mlm_state, **as_is)
     if tokenizer is not None:
         tokenizer.save_pretrained(output_dir)
     head = {k: v.detach().cpu().contiguous() for k, v in state.items() if k.startswith("c_head.")}

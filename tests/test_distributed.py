@@ -105,9 +105,9 @@ def test_fp32_two_processes_within_tolerance(setup32):
     _assert_same(ref, out, tol=1e-5)
 
 
-def _deepspeed(nproc: int, args: list[str]) -> None:
+def _deepspeed(nproc: int, args: list[str], stage: int = 2) -> None:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           "accelerate_configs/cpu_deepspeed_zero2.yaml", "--num_processes", str(nproc),
+           f"accelerate_configs/cpu_deepspeed_zero{stage}.yaml", "--num_processes", str(nproc),
            "--main_process_port", str(_port()), "coco_accel/train.py", *args]
     subprocess.run(cmd, cwd=REPO, env=_env(ACCELERATE_USE_CPU="false"), check=True, timeout=600)
 
@@ -166,3 +166,11 @@ def test_two_nodes_of_two_processes_equal_one(setup):
     out = root / "nodes"
     _torchrun(2, _flags(model, data, out, GLOBAL_DOCS // 4), nnodes=2)
     _assert_same(ref, out)
+
+
+def test_deepspeed_zero3_trains_and_exports_gathered_weights(setup32):
+    """ZeRO-3 shards the parameters; the export gathers them (same names, same values as one process)."""
+    model, data, root, ref = setup32
+    out = root / "zero3"
+    _deepspeed(2, _flags(model, data, out, GLOBAL_DOCS // 2), stage=3)
+    _assert_same(ref, out, tol=1e-5)
