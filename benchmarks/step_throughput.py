@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     p.add_argument("--our_docs", default=None, help="comma list of our batch sizes (default 16 CPU; 128,...,2048 GPU)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per row (default 3 CPU / 10 GPU)")
     p.add_argument("--max_seq_length", type=int, default=128)
-    p.add_argument("--bucket_width", type=int, default=16)
+    p.add_argument("--bucket_width", type=int, default=8)
     p.add_argument("--cache_chunk", type=int, default=512, help="spans per chunk for the gradient-cache row")
     p.add_argument("--cache_row", action="store_true", help="add the gradient-cache row on CPU too (always on GPU)")
     p.add_argument("--peak_tflops", type=float, default=None, help="for MFU (default: 989 on H100/H200 bf16, none on CPU)")

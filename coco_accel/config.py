@@ -47,7 +47,7 @@ class TrainConfig:
     normalize: bool = _f(False, "L2-normalise CLS vectors before the contrastive dot product.", "model")
 
     # -- data
-    length_bucket_width: int = _f(16, "Encode rows grouped by length rounded up to this many tokens, each group "
+    length_bucket_width: int = _f(8, "Encode rows grouped by length rounded up to this many tokens, each group "
                                   "cut to its longest row (0 = pad the batch to its longest row).", "data")
     max_seq_length: int = _f(128, "Longest span in tokens, [CLS] and [SEP] included; longer spans are cut at a random window.", "data")
     mlm_probability: float = _f(0.15, "Share of tokens masked, by whole words, with 80/10/10 replacement.", "data")
