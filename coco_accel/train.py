@@ -371,7 +371,7 @@ def train(cfg: TrainConfig) -> dict:
                 (out_dir / PREEMPTED_MARKER).write_text(f"{stop.signal_name or 'signal'} at step {step}\n")
             logger.warning("Stopped by %s at step %d; checkpoint written. Resume with the same command.",
                            stop.signal_name or "a signal on another process", step)
-            acc.end_training()
+            _finish(acc)
             return {"first": first, "last": last, "steps": step, "preempted": True}
         if cfg.save_steps and step % cfg.save_steps == 0 and step < run.total_steps:
             checkpoint(step)
@@ -381,8 +381,19 @@ def train(cfg: TrainConfig) -> dict:
         logger.info("Loss: first %.4f (step %d) -> last %.4f (step %d); contrastive accuracy %.3f -> %.3f",
                     first["loss"], first["step"], last["loss"], last["step"], first["contrastive_acc"],
                     last["contrastive_acc"])
-    acc.end_training()
+    _finish(acc)
     return {"first": first, "last": last, "steps": run.total_steps, "preempted": False}
+
+
+def _finish(acc) -> None:
+    """Close the trackers once every process is done. Single-process: Accelerate's end_training. In a
+    process group, the group is left to `_exit`, which ends the process without C++ teardown."""
+    acc.wait_for_everyone()
+    if acc.num_processes > 1:
+        for tracker in acc.trackers:
+            tracker.finish()
+    else:
+        acc.end_training()
 
 
 def _nonfinite(cfg: TrainConfig, step: int, parts, skipped: int) -> int:
@@ -425,5 +436,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return PREEMPTED_EXIT_CODE if result["preempted"] else 0
 
 
+def _exit(code: int) -> None:
+    """Leave the process. In a process group everything is written and every process has passed the
+    final barrier by now, but C++ teardown (destroying the group, gloo and DeepSpeed threads at
+    interpreter exit) aborted finished runs now and then (SIGABRT, 'terminate called without an active
+    exception'); os._exit skips it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())
