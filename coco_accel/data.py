@@ -8,7 +8,6 @@ step and two with 4 see exactly the same data, and a resumed run sees the batche
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +16,6 @@ import numpy as np
 import torch
 
 from coco_accel.masking import SPAN_CHOICE, TRUNCATE, continuation_table, keyed_uniform, whole_word_mask
-
-logger = logging.getLogger(__name__)
 
 DOC_ORDER = 21  # keyed-random purpose tag for the epoch's document order
 

@@ -121,9 +121,6 @@ class Condenser(nn.Module):
         return CondenserOutput(cls=last[:, 0], head_logits=head_logits, backbone_logits=backbone_logits,
                                targets=targets)
 
-    def head_state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"c_head.{k}": v for k, v in self.c_head.state_dict().items()}
-
 
 def disable_backbone_dropout(model: Condenser) -> int:
     """What the reference's `lm.eval()` inside forward did to training: backbone dropout off (the Condenser
