@@ -39,7 +39,7 @@ PRESETS = {  # (layers, hidden, heads, intermediate)
 }
 
 
-def make_model(preset: str, attn: str, bucket_width: int, device) -> Condenser:
+def make_model(preset: str, attn: str, bucket_width: int, device, call_cost: int = -1) -> Condenser:
     from transformers import BertConfig, BertForMaskedLM
 
     layers, hidden, heads, inter = PRESETS[preset]
@@ -47,7 +47,7 @@ def make_model(preset: str, attn: str, bucket_width: int, device) -> Condenser:
                      intermediate_size=inter, attn_implementation=attn)
     torch.manual_seed(0)
     model = Condenser(BertForMaskedLM(cfg), n_head_layers=2, skip_from=min(6, layers // 2), late_mlm=True,
-                      length_bucket_width=bucket_width)
+                      length_bucket_width=bucket_width, bucket_call_cost=call_cost)
     return model.to(device).train()
 
 
@@ -110,23 +110,25 @@ def same_loss(preset: str, docs: int, max_len: int, width: int, device) -> dict:
     with torch.no_grad():
         a = float(reference_loss(ref, make_batch(docs, max_len, True, 0, device), None))
         b = float(plain_step(ours, make_batch(docs, max_len, False, 0, device), lambda loss, last: None,
-                             StepSettings(length_bucket_width=width)).loss)
+                             StepSettings()).loss)
     return {"reference_loss": a, "ours_loss": b, "abs_diff": abs(a - b)}
 
 
 _SCALER = None
 
 
-def our_step(model: Condenser, batch: dict, optimizer, autocast_dtype, cache_chunk: int, width: int) -> None:
-    settings = StepSettings(length_bucket_width=width)
+def our_step(model: Condenser, batch: dict, optimizer, autocast_dtype, cache_chunk: int) -> int:
+    """One training step; returns the tokens the encoder computed (padding of the length groups included)."""
+    settings = StepSettings()
     backward = lambda loss, last: loss.backward()
     with torch.autocast(batch["input_ids"].device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         if cache_chunk > 0:
-            cached_step(model, batch, backward, settings, cache_chunk)
+            parts = cached_step(model, batch, backward, settings, cache_chunk)
         else:
-            plain_step(model, batch, backward, settings)
+            parts = plain_step(model, batch, backward, settings)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return int(parts.padded_tokens)
 
 
 def useful_flops_per_token(model: Condenser, avg_len: float) -> float:
@@ -140,10 +142,10 @@ def useful_flops_per_token(model: Condenser, avg_len: float) -> float:
     return 6 * (dense + attention + mlm)
 
 
-def measure(fn, steps: int, device) -> tuple[float, float]:
-    """(seconds per step, peak GiB) after warm-up steps (kernel selection, allocator growth)."""
+def measure(fn, steps: int, device) -> tuple[float, float, object]:
+    """(seconds per step, peak GiB, what fn returned) after warm-up steps (kernel selection, allocator growth)."""
     for _ in range(3 if device.type == "cuda" else 1):
-        fn()
+        result = fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -154,7 +156,7 @@ def measure(fn, steps: int, device) -> tuple[float, float]:
         torch.cuda.synchronize()
     secs = (time.perf_counter() - start) / steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    return secs, peak
+    return secs, peak, result
 
 
 def main(argv=None) -> int:
@@ -167,7 +169,11 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="timed steps per row (default 3 CPU / 10 GPU)")
     p.add_argument("--max_seq_length", type=int, default=128)
     p.add_argument("--bucket_width", type=int, default=8)
-    p.add_argument("--cache_chunk", type=int, default=512, help="spans per chunk for the gradient-cache row")
+    p.add_argument("--call_costs", default="-1", help="comma list of --length_bucket_call_cost values to compare "
+                                                       "(-1 = the trainer's auto default)")
+    p.add_argument("--compile", action="store_true", help="add a torch.compile row at the largest batch (GPU: ~1 min "
+                                                          "of compilation)")
+    p.add_argument("--cache_chunk", default="512", help="spans per chunk for the gradient-cache row (comma list: one row each)")
     p.add_argument("--cache_row", action="store_true", help="add the gradient-cache row on CPU too (always on GPU)")
     p.add_argument("--peak_tflops", type=float, default=None, help="for MFU (default: 989 on H100/H200 bf16, none on CPU)")
     args = p.parse_args(argv)
@@ -186,24 +192,19 @@ def main(argv=None) -> int:
     rows = []
     check = same_loss(preset, min(ref_docs, 16), args.max_seq_length, args.bucket_width, device)
 
-    def record(label, docs, fn, batch, model):
+    def record(label, docs, fn, batch, model, call_cost=None):
         try:
-            secs, mem = measure(fn, steps, device)
+            secs, mem, computed = measure(fn, steps, device)
         except torch.OutOfMemoryError:
-            rows.append({"style": label, "docs": docs, "oom": True})
+            rows.append({"style": label, "docs": docs, "call_cost": call_cost, "oom": True})
             if gpu:
                 torch.cuda.empty_cache()
             return
         real = int(batch["attention_mask"].sum())
-        if label.startswith("ours"):
-            lengths = batch["attention_mask"].sum(1)
-            w = args.bucket_width
-            padded = int(torch.clamp((lengths + w - 1) // w * w, max=batch["input_ids"].shape[1]).sum())
-        else:
-            padded = batch["attention_mask"].numel()
+        padded = computed if computed is not None else batch["attention_mask"].numel()
         flops = useful_flops_per_token(model, real / batch["input_ids"].shape[0]) * real / secs
-        rows.append({"style": label, "docs": docs, "step_ms": secs * 1e3, "real_tok_s": real / secs,
-                     "padded_tok_s": padded / secs, "peak_gib": mem,
+        rows.append({"style": label, "docs": docs, "call_cost": call_cost, "step_ms": secs * 1e3,
+                     "real_tok_s": real / secs, "padded_tok_s": padded / secs, "peak_gib": mem,
                      "mfu": flops / (peak * 1e12) if peak else None})
 
     model = make_model(preset, "eager", 0, device)
@@ -211,38 +212,53 @@ def main(argv=None) -> int:
     batch = make_batch(ref_docs, args.max_seq_length, True, 0, device)
     record("reference", ref_docs, lambda: reference_step(model, batch, opt, ref_dtype), batch, model)
     del model, opt
-    model = make_model(preset, "sdpa", args.bucket_width, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=gpu or None)
-    for docs in sorted(set(our_docs + [ref_docs])):
-        batch = make_batch(docs, args.max_seq_length, False, 0, device)
-        record("ours", docs, lambda: our_step(model, batch, opt, our_dtype, 0, args.bucket_width), batch, model)
-        if (gpu or args.cache_row) and docs == max(our_docs):
-            record("ours + gradient cache", docs,
-                   lambda: our_step(model, batch, opt, our_dtype, args.cache_chunk, args.bucket_width), batch, model)
+    costs = [int(x) for x in args.call_costs.split(",")]
+    for cost in costs:
+        model = make_model(preset, "sdpa", args.bucket_width, device, cost)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=gpu or None)
+        for docs in sorted(set(our_docs + [ref_docs])):
+            batch = make_batch(docs, args.max_seq_length, False, 0, device)
+            record("ours", docs, lambda: our_step(model, batch, opt, our_dtype, 0), batch, model, cost)
+            if (gpu or args.cache_row) and docs == max(our_docs) and cost == costs[0]:
+                for chunk in (int(x) for x in args.cache_chunk.split(",")):
+                    record(f"ours + gradient cache ({chunk} spans/chunk)", docs,
+                           lambda: our_step(model, batch, opt, our_dtype, chunk), batch, model, cost)
+            if gpu:
+                torch.cuda.empty_cache()
+        if args.compile and cost == costs[0]:
+            model.mlm.base_model.compile(dynamic=True)
+            model.c_head.compile(dynamic=True)
+            batch = make_batch(max(our_docs), args.max_seq_length, False, 0, device)
+            record("ours + torch.compile", max(our_docs), lambda: our_step(model, batch, opt, our_dtype, 0), batch,
+                   model, cost)
+        del model, opt
         if gpu:
             torch.cuda.empty_cache()
 
     ref = rows[0]
     done = [r for r in rows if not r.get("oom")]
-    best = max((r for r in done if r["style"] == "ours"), key=lambda r: r["real_tok_s"])
-    same = next(r for r in done if r["style"] == "ours" and r["docs"] == ref_docs)
+    first = [r for r in done if r["call_cost"] == costs[0]]  # the configuration the JSON speaks of
+    best = max((r for r in first if r["style"] == "ours"), key=lambda r: r["real_tok_s"])
+    same = next(r for r in first if r["style"] == "ours" and r["docs"] == ref_docs)
     print(f"device: {name} | model: {preset} + 2-layer head | {steps} timed steps per row")
     print(f"same spans, same weights, fp32, no dropout: reference loss {check['reference_loss']:.6f}, "
           f"ours {check['ours_loss']:.6f} (|diff| {check['abs_diff']:.1e})")
-    print("| style | docs/step | step ms | real tok/s | padded tok/s | peak GiB | MFU | vs reference |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| style | docs/step | merge cost | step ms | real tok/s | computed tok/s | peak GiB | MFU | vs reference |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        cost = "" if r["call_cost"] is None else ("auto" if r["call_cost"] < 0 else str(r["call_cost"]))
         if r.get("oom"):
-            print(f"| {r['style']} | {r['docs']} | out of memory | | | | | |")
+            print(f"| {r['style']} | {r['docs']} | {cost} | out of memory | | | | | |")
             continue
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
         ratio = r["real_tok_s"] / ref["real_tok_s"]
         mem = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "n/a"
-        print(f"| {r['style']} | {r['docs']} | {r['step_ms']:.0f} | {r['real_tok_s']:,.0f} | {r['padded_tok_s']:,.0f} | "
+        print(f"| {r['style']} | {r['docs']} | {cost} | {r['step_ms']:.0f} | {r['real_tok_s']:,.0f} | {r['padded_tok_s']:,.0f} | "
               f"{mem} | {mfu} | {ratio:.2f}x |")
-    cached = next((r for r in done if r["style"].endswith("cache")), None)
-    plain_at_max = next((r for r in done if r["style"] == "ours" and r["docs"] == max(our_docs)), None)
-    result = {"device": name, "preset": preset, "loss_check": check, "rows": rows, "reference_real_tok_s": ref.get("real_tok_s"),
+    cached = min((r for r in first if "gradient cache" in r["style"]), key=lambda r: r["step_ms"], default=None)
+    plain_at_max = next((r for r in first if r["style"] == "ours" and r["docs"] == max(our_docs)), None)
+    result = {"device": name, "preset": preset, "loss_check": check, "rows": rows, "call_cost": costs[0],
+              "reference_real_tok_s": ref.get("real_tok_s"),
               "ours_best_real_tok_s": best["real_tok_s"], "ours_best_docs": best["docs"],
               "speedup_same_batch": same["real_tok_s"] / ref["real_tok_s"],
               "speedup": best["real_tok_s"] / ref["real_tok_s"]}

@@ -34,11 +34,48 @@ class CondenserOutput:
     head_logits: torch.Tensor  # [M, V] head MLM logits at the M masked positions
     backbone_logits: Optional[torch.Tensor]  # [M, V] backbone MLM logits there (late_mlm), else None
     targets: torch.Tensor  # [M] original ids at the masked positions
+    computed_tokens: int  # tokens the encoder ran on, padding included
+
+
+def auto_call_cost(device: torch.device) -> int:
+    """Padding tokens one more encoder call is worth. On a GPU each call of a small group is bound by
+    kernel launches and host dispatch, not arithmetic; on a CPU the arithmetic dominates."""
+    return 2048 if device.type == "cuda" else 64
+
+
+def length_groups(lengths: list[int], width: int, max_width: int, call_cost: int) -> list[tuple[int, list[int]]]:
+    """Rows grouped for encoding: [(padded width, row indices)], narrowest first.
+
+    Lengths are rounded up to a multiple of `width` (capped at `max_width`); neighbouring widths are
+    then merged where that is cheaper, counting each group as (rows x its widest width) + `call_cost`
+    tokens. The grouping minimising that total is found exactly (a small dynamic programme over at
+    most max_width / width distinct widths).
+    """
+    by_width: dict[int, list[int]] = {}
+    for row, n in enumerate(lengths):
+        by_width.setdefault(min(max_width, -(-n // width) * width), []).append(row)
+    widths = sorted(by_width)
+    counts = [len(by_width[w]) for w in widths]
+    best = [0] + [None] * len(widths)  # best[j]: cheapest grouping of widths[:j]
+    cut = [0] * (len(widths) + 1)
+    for j in range(1, len(widths) + 1):
+        rows = 0
+        for i in range(j - 1, -1, -1):  # group = widths[i:j], padded to widths[j - 1]
+            rows += counts[i]
+            cost = best[i] + rows * widths[j - 1] + call_cost
+            if best[j] is None or cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], len(widths)
+    while j > 0:
+        i = cut[j]
+        groups.append((widths[j - 1], [r for w in widths[i:j] for r in by_width[w]]))
+        j = i
+    return groups[::-1]
 
 
 class Condenser(nn.Module):
     def __init__(self, mlm: nn.Module, n_head_layers: int, skip_from: int, late_mlm: bool,
-                 length_bucket_width: int = 0):
+                 length_bucket_width: int = 0, bucket_call_cost: int = -1):
         super().__init__()
         model_type = mlm.config.model_type
         if model_type not in MLM_HEAD_ATTR:
@@ -50,6 +87,7 @@ class Condenser(nn.Module):
         self.skip_from = skip_from
         self.late_mlm = late_mlm
         self.length_bucket_width = length_bucket_width
+        self.bucket_call_cost = bucket_call_cost
         layer_cls = type(mlm.base_model.encoder.layer[0])  # the backbone's own layer class
         self.c_head = nn.ModuleList([layer_cls(mlm.config) for _ in range(n_head_layers)])
         self.c_head.apply(mlm._init_weights)
@@ -75,34 +113,31 @@ class Condenser(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> CondenserOutput:
         """input_ids, attention_mask, labels: [N, L] (right-padded); labels hold -100 where nothing is predicted.
 
-        With `length_bucket_width` w > 0, rows are grouped by length rounded up to a multiple of w and
-        each group runs cut to its own longest row: spans average ~27 tokens but a tenth run to 128, and
+        With `length_bucket_width` w > 0, rows are grouped by length (see `length_groups`) and each
+        group runs cut to its own widest row: spans average ~27 tokens but a tenth run to 128, and
         padding every row to the batch's longest wasted most of the compute. Rows are independent, so
         the result is the padded computation's up to float rounding; CLS rows come back in input order.
         """
-        lengths = attention_mask.sum(dim=1)
         if self.length_bucket_width <= 0 or input_ids.shape[0] <= 1:
             return self._forward_rows(input_ids, attention_mask, labels)
-        groups = torch.div(lengths + self.length_bucket_width - 1, self.length_bucket_width, rounding_mode="floor")
-        keys = groups.tolist()  # one host sync per forward; bucket shapes must be known on the host
-        order: dict[int, list[int]] = {}
-        for row, key in enumerate(keys):
-            order.setdefault(key, []).append(row)
-        if len(order) == 1:
-            width = min(input_ids.shape[1], keys[0] * self.length_bucket_width)
+        lengths = attention_mask.sum(dim=1).tolist()  # one host sync; group shapes must be known on the host
+        call_cost = self.bucket_call_cost if self.bucket_call_cost >= 0 else auto_call_cost(input_ids.device)
+        groups = length_groups(lengths, self.length_bucket_width, input_ids.shape[1], call_cost)
+        if len(groups) == 1:
+            width = groups[0][0]
             return self._forward_rows(input_ids[:, :width], attention_mask[:, :width], labels[:, :width])
         parts, rows = [], []
-        for key in sorted(order):
-            idx = torch.tensor(order[key], device=input_ids.device)
-            width = min(input_ids.shape[1], key * self.length_bucket_width)
+        for width, members in groups:
+            idx = torch.tensor(members, device=input_ids.device)
             parts.append(self._forward_rows(input_ids[idx, :width], attention_mask[idx, :width], labels[idx, :width]))
             rows.append(idx)
-        inverse = torch.empty_like(lengths)
-        inverse[torch.cat(rows)] = torch.arange(len(lengths), device=lengths.device)
+        inverse = torch.empty(len(lengths), dtype=torch.long, device=input_ids.device)
+        inverse[torch.cat(rows)] = torch.arange(len(lengths), device=input_ids.device)
         backbone = torch.cat([p.backbone_logits for p in parts]) if self.late_mlm else None
         return CondenserOutput(cls=torch.cat([p.cls for p in parts])[inverse],
                                head_logits=torch.cat([p.head_logits for p in parts]), backbone_logits=backbone,
-                               targets=torch.cat([p.targets for p in parts]))
+                               targets=torch.cat([p.targets for p in parts]),
+                               computed_tokens=sum(p.computed_tokens for p in parts))
 
     def _forward_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> CondenserOutput:
         out = self.mlm.base_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
@@ -119,7 +154,7 @@ class Condenser(nn.Module):
         head_logits = head(hidden[where])  # [M, V]
         backbone_logits = head(last[where]) if self.late_mlm else None
         return CondenserOutput(cls=last[:, 0], head_logits=head_logits, backbone_logits=backbone_logits,
-                               targets=targets)
+                               targets=targets, computed_tokens=input_ids.numel())
 
 
 def disable_backbone_dropout(model: Condenser) -> int:
@@ -147,7 +182,7 @@ def _read_head_weights(folder: Path) -> tuple[Optional[dict], Optional[str]]:
 
 
 def load_condenser(path: str, n_head_layers: int, skip_from: int, late_mlm: bool,
-                   strict_head: bool = False, length_bucket_width: int = 0) -> Condenser:
+                   strict_head: bool = False, length_bucket_width: int = 0, bucket_call_cost: int = -1) -> Condenser:
     """Warm start from an HF MLM folder, one of our exports, or a reference Condenser folder.
 
     The head comes from condenser_head.safetensors (ours) or model.pt (the reference's c_head.* keys);
@@ -165,7 +200,7 @@ def load_condenser(path: str, n_head_layers: int, skip_from: int, late_mlm: bool
     if mlm.dtype in (torch.float16, torch.bfloat16):
         mlm = mlm.float()
     model = Condenser(mlm, n_head_layers=n_head_layers, skip_from=skip_from, late_mlm=late_mlm,
-                      length_bucket_width=length_bucket_width)
+                      length_bucket_width=length_bucket_width, bucket_call_cost=bucket_call_cost)
     state, source = _read_head_weights(folder)
     if state is None:
         if strict_head:

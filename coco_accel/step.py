@@ -21,7 +21,6 @@ from coco_accel.losses import at_least_fp32, masked_lm_loss, span_contrastive_lo
 class StepSettings:
     temperature: float = 1.0
     normalize: bool = False
-    length_bucket_width: int = 0  # the model's, to count the tokens it really computes
 
 
 @dataclass
@@ -61,16 +60,6 @@ def _mlm_terms(out, mlm_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
     return head, masked_lm_loss(out.backbone_logits, out.targets, norm)
 
 
-def _token_counts(batch: dict, bucket_width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(real tokens, tokens computed including padding) of a batch, with the model's length buckets."""
-    mask = batch["attention_mask"]
-    lengths = mask.sum(dim=1)
-    if bucket_width <= 0:
-        return lengths.sum(), torch.tensor(mask.numel(), device=mask.device)
-    widths = torch.clamp((lengths + bucket_width - 1) // bucket_width * bucket_width, max=mask.shape[1])
-    return lengths.sum(), widths.sum()
-
-
 Backward = Callable[[torch.Tensor, bool], None]  # (loss, is the step's last backward)
 
 
@@ -83,9 +72,8 @@ def plain_step(model, batch: dict, backward: Backward, settings: StepSettings) -
     contrastive, correct = span_contrastive_loss(out.cls, columns, offset, span_norm,
                                                  settings.temperature, settings.normalize)
     backward(head + backbone + contrastive, True)
-    real, padded = _token_counts(batch, settings.length_bucket_width)
     return StepParts(head.detach(), backbone.detach(), contrastive.detach(), correct,
-                     torch.tensor(out.cls.shape[0]), real, padded)
+                     torch.tensor(out.cls.shape[0]), batch["attention_mask"].sum(), torch.tensor(out.computed_tokens))
 
 
 class _RandState:
@@ -141,7 +129,7 @@ def cached_step(model, batch: dict, backward: Backward, settings: StepSettings, 
     (rep_grad,) = torch.autograd.grad(contrastive, local)
     head_total = torch.zeros((), device=device)
     backbone_total = torch.zeros((), device=device)
-    start = 0
+    start = computed = 0
     for i, (part, state) in enumerate(zip(chunks, states)):
         state.restore()
         last = i == len(chunks) - 1
@@ -153,9 +141,9 @@ def cached_step(model, batch: dict, backward: Backward, settings: StepSettings, 
             surrogate = (at_least_fp32(out.cls) * grad).sum()
             backward(head + backbone + surrogate, last)
         start += out.cls.shape[0]
+        computed += out.computed_tokens
         head_total += head.detach()
         backbone_total += backbone.detach()
-    real, padded = _token_counts(batch, settings.length_bucket_width)
     return StepParts(head_total, backbone_total, contrastive.detach(), correct,
-                     torch.tensor(local.shape[0]), real, padded)
+                     torch.tensor(local.shape[0]), batch["attention_mask"].sum(), torch.tensor(computed))
 

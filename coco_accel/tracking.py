@@ -64,6 +64,9 @@ class Meter:
             record["loss_scale"] = loss_scale
             record["overflow_steps"] = self.overflows
         record["seconds_per_step"] = elapsed / n
+        if self.device.type == "cuda":  # this process's peak since the last flush
+            record["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)
         self._reset()
         return record
 

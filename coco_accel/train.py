@@ -205,7 +205,7 @@ def build(cfg: TrainConfig) -> Run:
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
     model = load_condenser(cfg.model_name_or_path, cfg.n_head_layers, cfg.skip_from, cfg.late_mlm, cfg.strict_head,
-                           cfg.length_bucket_width)
+                           cfg.length_bucket_width, cfg.length_bucket_call_cost)
     cfg.validate_against_model(model.config.num_hidden_layers, model.config.model_type)
     if cfg.reference_backbone_without_dropout:
         from coco_accel.model import disable_backbone_dropout
@@ -233,14 +233,13 @@ def build(cfg: TrainConfig) -> Run:
     optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay)
     scheduler = linear_schedule(optimizer, warmup, total_steps)
     deepspeed = accelerator.state.deepspeed_plugin is not None
-    bucket_width = cfg.length_bucket_width
     if deepspeed:
         _fill_deepspeed_config(accelerator, cfg, per_device)
-        if accelerator.state.deepspeed_plugin.zero_stage == 3 and bucket_width:
+        if accelerator.state.deepspeed_plugin.zero_stage == 3 and model.length_bucket_width:
             # ZeRO-3 gathers each module's parameters collectively at every call, so every process must
             # call the encoder equally often; the number of length buckets differs between processes.
             logger.info("ZeRO-3: length buckets off (--length_bucket_width 0); rows pad to the batch's longest.")
-            bucket_width = model.length_bucket_width = 0
+            model.length_bucket_width = 0
         if cfg.max_nonfinite_skips:
             raise ConfigError("--max_nonfinite_skips is not available under DeepSpeed: it applies the update inside "
                               "backward, before the loss can be checked (its fp16 loss scaler skips overflow steps "
@@ -254,7 +253,7 @@ def build(cfg: TrainConfig) -> Run:
         else:
             accelerator.backward(loss)
 
-    settings = StepSettings(cfg.temperature, cfg.normalize, bucket_width)
+    settings = StepSettings(cfg.temperature, cfg.normalize)
     no_sync = (lambda: accelerator.no_sync(model)) if (world > 1 and not deepspeed) else None
 
     def step_fn(batch):

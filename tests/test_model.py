@@ -138,6 +138,47 @@ def test_length_buckets_give_the_padded_result(width):
                                    atol=1e-4, rtol=1e-6)
 
 
+def test_length_groups_merge_only_where_cheaper():
+    from coco_accel.model import length_groups
+
+    lengths = [10, 12, 30, 31, 100, 128, 9]
+    # no call cost: every rounded width is its own group (8-token buckets), rows kept exactly once
+    groups = length_groups(lengths, 8, 128, 0)
+    assert [w for w, _ in groups] == [16, 32, 104, 128]
+    assert sorted(r for _, rows in groups for r in rows) == list(range(len(lengths)))
+    assert dict(groups)[16] == [0, 1, 6]
+    # a large call cost merges everything into one group padded to the widest row
+    assert length_groups(lengths, 8, 128, 10**6) == [(128, [0, 1, 6, 2, 3, 4, 5])]
+    # a middling one merges the two long rows (cost 2*128 + c < 104 + 128 + 2c  <=>  c > 24)
+    assert [w for w, _ in length_groups(lengths, 8, 128, 30)] == [16, 32, 128]
+    # the chosen grouping is the cheapest of all contiguous groupings (brute force over the 3 cut points)
+    import itertools
+    widths, counts = [16, 32, 104, 128], [3, 2, 1, 1]
+    cost = lambda cuts: sum(sum(counts[i:j]) * widths[j - 1] + 50 for i, j in zip((0,) + cuts, cuts + (4,)))
+    brute = min(cost(c) for k in range(4) for c in itertools.combinations(range(1, 4), k))
+    chosen = length_groups(lengths, 8, 128, 50)
+    assert sum(len(rows) * w + 50 for w, rows in chosen) == brute
+    # widths are capped at the batch's width
+    assert length_groups([3, 5], 8, 6, 0) == [(6, [0, 1])]
+
+
+@pytest.mark.parametrize("call_cost", [0, 40, 10**6])
+def test_merged_length_groups_give_the_padded_result(call_cost):
+    torch.manual_seed(1)
+    plain = Condenser(_tiny(), 2, 2, late_mlm=True)
+    grouped = Condenser(_tiny(), 2, 2, late_mlm=True, length_bucket_width=2, bucket_call_cost=call_cost)
+    grouped.load_state_dict(plain.state_dict())
+    lengths = torch.tensor([20, 3, 7, 12, 5, 20, 9, 4, 16])
+    ids = torch.randint(5, 120, (9, 20)) * (torch.arange(20)[None, :] < lengths[:, None])
+    mask = (ids != 0).long()
+    labels = torch.where(torch.rand(9, 20) < 0.3, ids, -100).masked_fill(mask == 0, -100)
+    a, b = plain(ids, mask, labels), grouped(ids, mask, labels)
+    torch.testing.assert_close(a.cls, b.cls, atol=1e-5, rtol=1e-5)
+    assert a.computed_tokens == 9 * 20 and b.computed_tokens <= a.computed_tokens
+    if call_cost == 0:
+        assert b.computed_tokens == int(((lengths + 1) // 2 * 2).sum())
+
+
 def test_roberta_backbone_dispatches_on_model_type():
     from transformers import RobertaConfig, RobertaForMaskedLM
 

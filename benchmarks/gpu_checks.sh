@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Every GPU check in one go (about 5 minutes on one H100):
+#   1. benchmarks/step_throughput.py on BERT-base: reference style vs ours, 128..2048 documents per
+#      step, four length-group merge costs, gradient caching at three chunk sizes;
+#   2. the GPU-only tests (fp16 loss scaling, bf16; NCCL when there are two GPUs);
+#   3. the real trainer (accelerate launch, data loader, collator, optimizer) on ONE GPU at the
+#      paper's 2048-document global batch, BERT-base from a config, plain and gradient-cached;
+#   4. a torch.compile row at 2048 documents.
+#
+#   benchmarks/gpu_checks.sh OUT_DIR SPAN_DATA TOKENIZER_DIR
+#
+# SPAN_DATA: a preprocessed dataset with at least 2048 documents; TOKENIZER_DIR: a BERT uncased
+# WordPiece tokenizer folder (no weights needed). Logs and metrics land in OUT_DIR; big files
+# (the BERT-base folder, exports) stay under ${TMPDIR:-/tmp}.
+set -uo pipefail
+out=${1:?OUT_DIR}
+data=${2:?SPAN_DATA}
+tok=${3:?TOKENIZER_DIR}
+py=${PYTHON:-python3}
+work=$(mktemp -d)
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+mkdir -p "$out"
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+$py -c "import torch, transformers, accelerate, datasets; print('torch', torch.__version__, '| transformers',
+transformers.__version__, '| accelerate', accelerate.__version__, '| datasets', datasets.__version__)" | tee -a "$out/gpu.txt"
+
+echo "== 1. step benchmark"
+$py benchmarks/step_throughput.py --device cuda --call_costs=-1,0,512,8192 --cache_chunk 512,1024,2048 \
+    2>&1 | tee "$out/step_throughput.txt"
+
+echo "== 2. GPU tests"
+COCO_ACCEL_TEST_TOKENIZER="$tok" $py -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 \
+    | tee "$out/test_gpu.txt"
+
+echo "== 3. the trainer at 2048 documents per step on one GPU"
+$py - "$tok" "$work/bert-base" <<'EOF'
+import sys
+import torch
+from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+torch.manual_seed(0)
+BertForMaskedLM(BertConfig(vocab_size=len(tok))).save_pretrained(sys.argv[2])
+tok.save_pretrained(sys.argv[2])
+EOF
+for mode in plain cached; do
+    extra=()
+    [ "$mode" = cached ] && extra=(--cache_chunk_size 1024)
+    $py -m accelerate.commands.launch --config_file accelerate_configs/single_gpu.yaml coco_accel/train.py \
+        --model_name_or_path "$work/bert-base" --train_dir "$data" --output_dir "$work/train_$mode" \
+        --per_device_train_batch_size 2048 --max_steps 5 --logging_steps 1 --save_steps 0 --late_mlm \
+        --dataloader_drop_last --dataloader_num_workers 4 --learning_rate 1e-4 --warmup_steps 1 \
+        --report_to none "${extra[@]}" > "$out/train_$mode.log" 2>&1 || tail -n 20 "$out/train_$mode.log"
+    cp "$work/train_$mode/metrics.jsonl" "$out/train_$mode.metrics.jsonl" 2>/dev/null
+done
+$py - "$out" <<'EOF'
+import json, sys
+from pathlib import Path
+
+for mode in ("plain", "cached"):
+    path = Path(sys.argv[1]) / f"train_{mode}.metrics.jsonl"
+    if not path.exists():
+        print(f"trainer {mode}: no metrics")
+        continue
+    rows = [json.loads(line) for line in path.read_text().splitlines() if '"loss"' in line]
+    steady = rows[1:] or rows  # the first step includes CUDA start-up and kernel selection
+    print(f"trainer {mode}: steps {[r['step'] for r in rows]}, loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}, "
+          f"s/step {sum(r['seconds_per_step'] for r in steady) / len(steady):.3f}, real tok/s "
+          f"{sum(r['real_tokens_per_s'] for r in steady) / len(steady):,.0f}, peak GiB "
+          f"{max(r.get('peak_memory_gib', 0) for r in rows):.1f}")
+EOF
+
+echo "== 4. torch.compile of the encoder at 2048 documents (compilation takes a minute or more)"
+timeout 150 $py benchmarks/step_throughput.py --device cuda --our_docs 2048 --steps 5 --compile 2>&1 \
+    | tee "$out/step_throughput_compile.txt"
+rm -rf "$work"
