@@ -3,8 +3,9 @@
 Reference style (luyug/Condenser / OpenMatch COCO-DR): fp16 autocast on GPU (fp32 on CPU, where
 fp16 autocast is not how anyone trains), eager attention, every span padded to --max_seq_length,
 MLM logits at every position (head and backbone), unfused AdamW.
-Ours: bf16 autocast on GPU (fp32 on CPU), SDPA attention, length-bucketed rows, MLM logits only at
-masked positions, fused AdamW on GPU; similarity and loss in fp32 for both.
+Ours: bf16 autocast on GPU (fp32 on CPU), SDPA attention, spans packed into rows in one call (or
+length groups, --layouts), MLM logits only at masked positions, fused AdamW on GPU; similarity and
+loss in fp32 for both.
 Spans follow the reference preprocessing: <= 30 tokens, a tenth longer (up to 126), CLS/SEP added.
 
     python benchmarks/step_throughput.py                 # CPU: a MiniLM-sized model, < 2 minutes
@@ -39,7 +40,8 @@ PRESETS = {  # (layers, hidden, heads, intermediate)
 }
 
 
-def make_model(preset: str, attn: str, bucket_width: int, device, call_cost: int = -1) -> Condenser:
+def make_model(preset: str, attn: str, bucket_width: int, device, layout: str = "") -> Condenser:
+    """layout: "packN" (packed rows of N tokens), "bucketC" (length groups, merge cost C, -1 = auto), or ""."""
     from transformers import BertConfig, BertForMaskedLM
 
     layers, hidden, heads, inter = PRESETS[preset]
@@ -47,7 +49,9 @@ def make_model(preset: str, attn: str, bucket_width: int, device, call_cost: int
                      intermediate_size=inter, attn_implementation=attn)
     torch.manual_seed(0)
     model = Condenser(BertForMaskedLM(cfg), n_head_layers=2, skip_from=min(6, layers // 2), late_mlm=True,
-                      length_bucket_width=bucket_width, bucket_call_cost=call_cost)
+                      length_bucket_width=bucket_width if layout.startswith("bucket") else 0,
+                      bucket_call_cost=int(layout[6:]) if layout.startswith("bucket") else -1,
+                      pack_length=int(layout[4:]) if layout.startswith("pack") else 0)
     return model.to(device).train()
 
 
@@ -103,10 +107,10 @@ def reference_loss(model: Condenser, batch: dict, autocast_dtype) -> torch.Tenso
     return mlm + con
 
 
-def same_loss(preset: str, docs: int, max_len: int, width: int, device) -> dict:
+def same_loss(preset: str, docs: int, max_len: int, width: int, device, layout: str) -> dict:
     """Correctness before speed: both styles, same weights and spans, fp32, no dropout -> the same loss."""
     ref = make_model(preset, "eager", 0, device).eval()
-    ours = make_model(preset, "sdpa", width, device).eval()
+    ours = make_model(preset, "sdpa", width, device, layout).eval()
     with torch.no_grad():
         a = float(reference_loss(ref, make_batch(docs, max_len, True, 0, device), None))
         b = float(plain_step(ours, make_batch(docs, max_len, False, 0, device), lambda loss, last: None,
@@ -169,8 +173,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="timed steps per row (default 3 CPU / 10 GPU)")
     p.add_argument("--max_seq_length", type=int, default=128)
     p.add_argument("--bucket_width", type=int, default=8)
-    p.add_argument("--call_costs", default="-1", help="comma list of --length_bucket_call_cost values to compare "
-                                                       "(-1 = the trainer's auto default)")
+    p.add_argument("--layouts", default="pack256", help="comma list of row layouts to compare: packN (--pack_length "
+                   "N, the trainer's default is pack256), bucketC (--pack_length 0, --length_bucket_call_cost C; "
+                   "-1 = auto); the JSON speaks of the first")
     p.add_argument("--compile", action="store_true", help="add a torch.compile row at the largest batch (GPU: ~1 min "
                                                           "of compilation)")
     p.add_argument("--cache_chunk", default="512", help="spans per chunk for the gradient-cache row (comma list: one row each)")
@@ -190,20 +195,21 @@ def main(argv=None) -> int:
     our_dtype = torch.bfloat16 if gpu else None
     _SCALER = torch.amp.GradScaler(enabled=gpu)
     rows = []
-    check = same_loss(preset, min(ref_docs, 16), args.max_seq_length, args.bucket_width, device)
+    check = same_loss(preset, min(ref_docs, 16), args.max_seq_length, args.bucket_width, device,
+                      args.layouts.split(",")[0])
 
-    def record(label, docs, fn, batch, model, call_cost=None):
+    def record(label, docs, fn, batch, model, layout=None):
         try:
             secs, mem, computed = measure(fn, steps, device)
         except torch.OutOfMemoryError:
-            rows.append({"style": label, "docs": docs, "call_cost": call_cost, "oom": True})
+            rows.append({"style": label, "docs": docs, "layout": layout, "oom": True})
             if gpu:
                 torch.cuda.empty_cache()
             return
         real = int(batch["attention_mask"].sum())
         padded = computed if computed is not None else batch["attention_mask"].numel()
         flops = useful_flops_per_token(model, real / batch["input_ids"].shape[0]) * real / secs
-        rows.append({"style": label, "docs": docs, "call_cost": call_cost, "step_ms": secs * 1e3,
+        rows.append({"style": label, "docs": docs, "layout": layout, "step_ms": secs * 1e3,
                      "real_tok_s": real / secs, "padded_tok_s": padded / secs, "peak_gib": mem,
                      "mfu": flops / (peak * 1e12) if peak else None})
 
@@ -212,7 +218,7 @@ def main(argv=None) -> int:
     batch = make_batch(ref_docs, args.max_seq_length, True, 0, device)
     record("reference", ref_docs, lambda: reference_step(model, batch, opt, ref_dtype), batch, model)
     del model, opt
-    costs = [int(x) for x in args.call_costs.split(",")]
+    costs = args.layouts.split(",")
     for cost in costs:
         model = make_model(preset, "sdpa", args.bucket_width, device, cost)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=gpu or None)
@@ -237,16 +243,16 @@ def main(argv=None) -> int:
 
     ref = rows[0]
     done = [r for r in rows if not r.get("oom")]
-    first = [r for r in done if r["call_cost"] == costs[0]]  # the configuration the JSON speaks of
+    first = [r for r in done if r["layout"] == costs[0]]  # the configuration the JSON speaks of
     best = max((r for r in first if r["style"] == "ours"), key=lambda r: r["real_tok_s"])
     same = next(r for r in first if r["style"] == "ours" and r["docs"] == ref_docs)
     print(f"device: {name} | model: {preset} + 2-layer head | {steps} timed steps per row")
     print(f"same spans, same weights, fp32, no dropout: reference loss {check['reference_loss']:.6f}, "
           f"ours {check['ours_loss']:.6f} (|diff| {check['abs_diff']:.1e})")
-    print("| style | docs/step | merge cost | step ms | real tok/s | computed tok/s | peak GiB | MFU | vs reference |")
+    print("| style | docs/step | layout | step ms | real tok/s | computed tok/s | peak GiB | MFU | vs reference |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        cost = "" if r["call_cost"] is None else ("auto" if r["call_cost"] < 0 else str(r["call_cost"]))
+        cost = r["layout"] or ""
         if r.get("oom"):
             print(f"| {r['style']} | {r['docs']} | {cost} | out of memory | | | | | |")
             continue
@@ -257,7 +263,7 @@ def main(argv=None) -> int:
               f"{mem} | {mfu} | {ratio:.2f}x |")
     cached = min((r for r in first if "gradient cache" in r["style"]), key=lambda r: r["step_ms"], default=None)
     plain_at_max = next((r for r in first if r["style"] == "ours" and r["docs"] == max(our_docs)), None)
-    result = {"device": name, "preset": preset, "loss_check": check, "rows": rows, "call_cost": costs[0],
+    result = {"device": name, "preset": preset, "loss_check": check, "rows": rows, "layout": costs[0],
               "reference_real_tok_s": ref.get("real_tok_s"),
               "ours_best_real_tok_s": best["real_tok_s"], "ours_best_docs": best["docs"],
               "speedup_same_batch": same["real_tok_s"] / ref["real_tok_s"],

@@ -47,10 +47,13 @@ class TrainConfig:
     normalize: bool = _f(False, "L2-normalise CLS vectors before the contrastive dot product.", "model")
 
     # -- data
+    pack_length: int = _f(128, "Encode all spans in ONE call, packed into rows of this many tokens with block-diagonal "
+                          "attention and per-span positions: no padding, exact per span (0 = length buckets "
+                          "instead).", "data")
     length_bucket_width: int = _f(8, "Encode rows grouped by length rounded up to this many tokens, each group "
                                   "cut to its longest row (0 = pad the batch to its longest row).", "data")
     length_bucket_call_cost: int = _f(-1, "Padding tokens one more encoder call is worth: neighbouring length buckets "
-                                      "are merged where that costs less (-1 = auto: 2048 on GPU, 64 on CPU; 0 = never "
+                                      "are merged where that costs less (-1 = auto: 8192 on GPU, 64 on CPU; 0 = never "
                                       "merge).", "data")
     max_seq_length: int = _f(128, "Longest span in tokens, [CLS] and [SEP] included; longer spans are cut at a random window.", "data")
     mlm_probability: float = _f(0.15, "Share of tokens masked, by whole words, with 80/10/10 replacement.", "data")
@@ -125,6 +128,8 @@ class TrainConfig:
                 "and raise --per_device_train_batch_size, using --cache_chunk_size K to fit it in memory.")
         if self.length_bucket_width < 0:
             raise ConfigError(f"--length_bucket_width must be >= 0, got {self.length_bucket_width}.")
+        if self.pack_length < 0:
+            raise ConfigError(f"--pack_length must be >= 0, got {self.pack_length}.")
         if self.length_bucket_call_cost < -1:
             raise ConfigError(f"--length_bucket_call_cost must be -1 (auto) or >= 0, got {self.length_bucket_call_cost}.")
         if self.global_batch_size < 0:

@@ -104,17 +104,18 @@ class SpanBuilder:
         # (sentence-transformers folders truncate at 128): spans need every token.
         from tokenizers import Tokenizer
 
-        self.encoder = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-        self.encoder.no_truncation()
-        self.encoder.no_padding()
+        from coco_accel.wordpiece import SentenceEncoder
+
+        rust = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        rust.no_truncation()
+        rust.no_padding()
+        self.encoder = SentenceEncoder(rust)
 
     def _sentence_tokens(self, texts: list[str]) -> list[list[list[int]]]:
-        """Per document, the token ids of each Punkt sentence (no special tokens): all sentences of the
-        batch in one call to the Rust tokenizer, ids only, instead of one Python call per sentence."""
+        """Per document, the token ids of each Punkt sentence (no special tokens), all sentences of the
+        batch at once (coco_accel.wordpiece: the tokenizer's exact ids)."""
         sentences = [self.splitter.tokenize(t) if t else [] for t in texts]
-        flat = [s for doc in sentences for s in doc]
-        encode = getattr(self.encoder, "encode_batch_fast", self.encoder.encode_batch)
-        ids = [enc.ids for enc in encode(flat, add_special_tokens=False)] if flat else []
+        ids = self.encoder.encode([s for doc in sentences for s in doc])
         out, pos = [], 0
         for doc in sentences:
             out.append(ids[pos:pos + len(doc)])

@@ -205,7 +205,7 @@ def build(cfg: TrainConfig) -> Run:
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
     model = load_condenser(cfg.model_name_or_path, cfg.n_head_layers, cfg.skip_from, cfg.late_mlm, cfg.strict_head,
-                           cfg.length_bucket_width, cfg.length_bucket_call_cost)
+                           cfg.length_bucket_width, cfg.length_bucket_call_cost, cfg.pack_length)
     cfg.validate_against_model(model.config.num_hidden_layers, model.config.model_type)
     if cfg.reference_backbone_without_dropout:
         from coco_accel.model import disable_backbone_dropout
@@ -235,7 +235,7 @@ def build(cfg: TrainConfig) -> Run:
     deepspeed = accelerator.state.deepspeed_plugin is not None
     if deepspeed:
         _fill_deepspeed_config(accelerator, cfg, per_device)
-        if accelerator.state.deepspeed_plugin.zero_stage == 3 and model.length_bucket_width:
+        if accelerator.state.deepspeed_plugin.zero_stage == 3 and model.length_bucket_width and not model.pack_length:
             # ZeRO-3 gathers each module's parameters collectively at every call, so every process must
             # call the encoder equally often; the number of length buckets differs between processes.
             logger.info("ZeRO-3: length buckets off (--length_bucket_width 0); rows pad to the batch's longest.")

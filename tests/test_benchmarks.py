@@ -23,10 +23,10 @@ def test_collator_benchmark_runs(minilm_path):
 
 def test_step_benchmark_runs_every_row_kind(minilm_path):
     result = _last_json(["benchmarks/step_throughput.py", "--ref_docs", "2", "--our_docs", "2,4", "--steps", "1",
-                         "--cache_row", "--cache_chunk", "4", "--call_costs=-1,0"])
-    styles = [(r["style"], r["call_cost"]) for r in result["rows"]]
-    assert styles == [("reference", None), ("ours", -1), ("ours", -1), ("ours + gradient cache (4 spans/chunk)", -1),
-                      ("ours", 0), ("ours", 0)]
+                         "--cache_row", "--cache_chunk", "4", "--layouts=pack64,bucket-1"])
+    styles = [(r["style"], r["layout"]) for r in result["rows"]]
+    assert styles == [("reference", None), ("ours", "pack64"), ("ours", "pack64"),
+                      ("ours + gradient cache (4 spans/chunk)", "pack64"), ("ours", "bucket-1"), ("ours", "bucket-1")]
     assert result["speedup"] > 0 and "cache_over_plain_step_time" in result
     assert result["loss_check"]["abs_diff"] < 1e-3  # both styles compute the same loss
 

@@ -1,0 +1,78 @@
+"""Sentence -> token ids for BERT-style WordPiece tokenizers, identical to the Rust tokenizer's, faster.
+
+A BERT uncased tokenizer cleans and lowercases the text, splits it into words at whitespace and
+punctuation, and tokenizes every word on its own. For ASCII text without control characters the
+cleaning is the identity and the split is one regular expression, so a sentence's ids are the
+concatenation of its words' ids, and a word's ids never change: they are computed once by the Rust
+model and kept. Any other sentence (accents, CJK, control characters) goes to the full Rust
+tokenizer. `tests/test_wordpiece.py` checks equality with the Rust tokenizer sentence by sentence.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from itertools import chain
+from typing import Optional
+
+_WORDS = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")  # after lowercasing ASCII: words and single punctuation marks
+_UNSAFE = re.compile(r"[^\t\n\r\x20-\x7e]")  # anything but printable ASCII and \t \n \r
+
+
+def _is_bert_uncased(spec: dict) -> bool:
+    norm, pre, model = spec.get("normalizer") or {}, spec.get("pre_tokenizer") or {}, spec.get("model") or {}
+    return (norm.get("type") == "BertNormalizer" and norm.get("lowercase") is True
+            and norm.get("clean_text") is True and norm.get("strip_accents") in (None, True)
+            and pre.get("type") == "BertPreTokenizer" and model.get("type") == "WordPiece")
+
+
+class _WordIds(dict):
+    """word -> tuple of ids, filled by the Rust WordPiece model on first sight (max chars -> [UNK] included)."""
+
+    def __init__(self, model, limit: int):
+        super().__init__()
+        self.model = model
+        self.limit = limit
+
+    def __missing__(self, word: str) -> tuple:
+        if len(self) >= self.limit:  # bounded memory on huge corpora: start over
+            self.clear()
+        ids = tuple(t.id for t in self.model.tokenize(word))
+        self[word] = ids
+        return ids
+
+
+class SentenceEncoder:
+    """`encode(sentences) -> [ids]` without special tokens, for any tokenizer; fast for BERT uncased."""
+
+    def __init__(self, tokenizer, cache_words: int = 1_000_000):
+        """tokenizer: a `tokenizers.Tokenizer` without truncation or padding."""
+        self.tokenizer = tokenizer
+        spec = json.loads(tokenizer.to_str())
+        self.words: Optional[_WordIds] = _WordIds(tokenizer.model, cache_words) if _is_bert_uncased(spec) else None
+
+    @property
+    def fast(self) -> bool:
+        return self.words is not None
+
+    def encode(self, sentences: list[str]) -> list[list[int]]:
+        if self.words is None:
+            return self._rust(sentences)
+        out: list = [None] * len(sentences)
+        slow = []
+        get = self.words.__getitem__
+        for i, sentence in enumerate(sentences):
+            if _UNSAFE.search(sentence):
+                slow.append(i)
+            else:
+                out[i] = list(chain.from_iterable(map(get, _WORDS.findall(sentence.lower()))))
+        if slow:
+            for i, ids in zip(slow, self._rust([sentences[i] for i in slow])):
+                out[i] = ids
+        return out
+
+    def _rust(self, sentences: list[str]) -> list[list[int]]:
+        if not sentences:
+            return []
+        encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
+        return [enc.ids for enc in encode(sentences, add_special_tokens=False)]

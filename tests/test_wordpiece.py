@@ -1,0 +1,73 @@
+"""The fast sentence encoder gives the Rust tokenizer's ids exactly, on crafted and real text."""
+
+import json
+
+import pytest
+
+from conftest import SHARED_DATA
+
+from coco_accel.wordpiece import SentenceEncoder
+
+CRAFTED = [
+    "The quick brown fox -- jumped over 3.14 lazy dogs!!!", "e.g. U.S.A. (1999) [x] {y} <z> a/b\\c ~`^_|@#$%&*+=",
+    "UPPER lower MiXeD 123abc abc123", "tab\tand\nnewline\rreturn", "", "   ", "a" * 150 + " word",
+    "Café naïve résumé", "中文字符 mixed with English", "control\x07char here", "nul\x00inside", "zero\u200bwidth",
+    "vertical\x0btab and form\x0cfeed", "don't can't won't", "ﬁligature", "x" * 100, "x" * 101,
+    "unaffable unaffableness antidisestablishmentarianism", "###", "##ing",
+]
+
+
+def _rust(tokenizer_path):
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    tok = Tokenizer.from_str(AutoTokenizer.from_pretrained(tokenizer_path).backend_tokenizer.to_str())
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
+
+
+def _assert_same(encoder, rust, sentences):
+    expected = [e.ids for e in rust.encode_batch(sentences, add_special_tokens=False)]
+    got = encoder.encode(sentences)
+    for s, a, b in zip(sentences, got, expected):
+        assert a == b, f"{s!r}: {a} != {b}"
+
+
+def test_crafted_sentences_match_rust(tokenizer_path):
+    rust = _rust(tokenizer_path)
+    encoder = SentenceEncoder(rust)
+    assert encoder.fast
+    _assert_same(encoder, rust, CRAFTED)
+    _assert_same(encoder, rust, CRAFTED)  # second time from the word cache
+
+
+def test_word_cache_is_bounded(tokenizer_path):
+    rust = _rust(tokenizer_path)
+    encoder = SentenceEncoder(rust, cache_words=5)
+    _assert_same(encoder, rust, [f"w{i} x{i} y{i}" for i in range(50)])
+    assert len(encoder.words) <= 5
+
+
+def test_other_tokenizers_use_rust_unchanged():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    encoder = SentenceEncoder(tok)
+    assert not encoder.fast
+    assert encoder.encode(["a b c", ""]) == [[0, 1, 2], []]
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "cisi").is_dir(), reason="needs ../shared/data/cisi")
+def test_real_corpus_sentences_match_rust(tokenizer_path):
+    from coco_accel.preprocess import load_sentence_splitter
+
+    splitter, _ = load_sentence_splitter()
+    sentences = []
+    with open(SHARED_DATA / "cisi" / "corpus.jsonl", encoding="utf-8") as fh:
+        for line in fh:
+            doc = json.loads(line)
+            sentences.extend(splitter.tokenize(f"{doc.get('title', '')} {doc['text']}".strip()))
+    rust = _rust(tokenizer_path)
+    _assert_same(SentenceEncoder(rust), rust, sentences)
