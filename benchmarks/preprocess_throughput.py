@@ -4,6 +4,7 @@ The reference algorithm (OpenMatch/COCO-DR helper, re-implemented here from its 
 JSON line per document, nltk Punkt sentences, one tokenizer call per sentence, spans grouped up to 30
 tokens with a 10% random break, a multiprocessing Pool of --num_proc workers, JSON lines out.
 Ours: `coco_accel.preprocess.preprocess` end to end (read, Arrow, datasets.map, save), cache cold.
+Each is timed in a fresh Python process, start-up and imports included, as a user runs it.
 
     python benchmarks/preprocess_throughput.py [--corpus BEIR_DIR_OR_JSONL] [--repeat 20] [--num_proc 2]
 
@@ -62,6 +63,7 @@ def _ref_encode(line: str, max_len: int = 30):
 
 
 def reference(corpus: Path, out: Path, tokenizer_path: str, num_proc: int) -> float:
+    corpus, out, num_proc = Path(corpus), Path(out), int(num_proc)
     start = time.perf_counter()
     with open(out, "w") as fh, open(corpus) as lines, Pool(num_proc, _ref_init, (tokenizer_path,)) as pool:
         for row in pool.imap_unordered(_ref_encode, lines, chunksize=500):
@@ -71,6 +73,7 @@ def reference(corpus: Path, out: Path, tokenizer_path: str, num_proc: int) -> fl
 
 
 def ours(corpus_dir: Path, out: Path, tokenizer_path: str, num_proc: int, cache: Path) -> float:
+    num_proc = int(num_proc)
     import datasets
 
     from coco_accel.preprocess import preprocess
@@ -78,6 +81,17 @@ def ours(corpus_dir: Path, out: Path, tokenizer_path: str, num_proc: int, cache:
     datasets.disable_progress_bars()
     start = time.perf_counter()
     preprocess([str(corpus_dir)], tokenizer_path, str(out), num_proc=num_proc, cache_dir=str(cache))
+    return time.perf_counter() - start
+
+
+def fresh(name: str, *args) -> float:
+    """Wall-clock seconds of `name(*args)` run in a new Python process (start-up and imports included)."""
+    import subprocess
+
+    code = (f"import sys; sys.path.insert(0, {str(REPO / 'benchmarks')!r}); import preprocess_throughput as b; "
+            f"b.{name}(*{[str(a) if isinstance(a, Path) else a for a in args]!r})")
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True, stderr=subprocess.DEVNULL)
     return time.perf_counter() - start
 
 
@@ -116,9 +130,9 @@ def main(argv=None) -> int:
 
             write_corpus(tmp / "one")
             n = build_corpus(tmp / "one", args.repeat, tmp / "corpus")
-        t_ref = reference(tmp / "corpus" / "corpus.jsonl", tmp / "ref.jsonl", args.tokenizer, args.num_proc)
-        t_ours = ours(tmp / "corpus", tmp / "ours", args.tokenizer, args.num_proc, tmp / "cache")
-        t_ours1 = ours(tmp / "corpus", tmp / "ours1", args.tokenizer, 1, tmp / "cache1")
+        t_ref = fresh("reference", tmp / "corpus" / "corpus.jsonl", tmp / "ref.jsonl", args.tokenizer, args.num_proc)
+        t_ours = fresh("ours", tmp / "corpus", tmp / "ours", args.tokenizer, args.num_proc, tmp / "cache")
+        t_ours1 = fresh("ours", tmp / "corpus", tmp / "ours1", args.tokenizer, 1, tmp / "cache1")
     rows = [("reference algorithm", args.num_proc, t_ref), ("coco-accel", args.num_proc, t_ours),
             ("coco-accel", 1, t_ours1)]
     print(f"{n} documents ({args.repeat} x {args.corpus or 'docstring corpus'})")

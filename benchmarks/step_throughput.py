@@ -173,8 +173,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="timed steps per row (default 3 CPU / 10 GPU)")
     p.add_argument("--max_seq_length", type=int, default=128)
     p.add_argument("--bucket_width", type=int, default=8)
-    p.add_argument("--layouts", default="pack256", help="comma list of row layouts to compare: packN (--pack_length "
-                   "N, the trainer's default is pack256), bucketC (--pack_length 0, --length_bucket_call_cost C; "
+    p.add_argument("--layouts", default="pack128", help="comma list of row layouts to compare: packN (--pack_length "
+                   "N, the trainer's default is pack128), bucketC (--pack_length 0, --length_bucket_call_cost C; "
                    "-1 = auto); the JSON speaks of the first")
     p.add_argument("--compile", action="store_true", help="add a torch.compile row at the largest batch (GPU: ~1 min "
                                                           "of compilation)")

