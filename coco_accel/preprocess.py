@@ -15,12 +15,14 @@ import functools
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
 import sys
+from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+import pyarrow as pa
 
 from coco_accel import corpora
 from coco_accel.masking import keyed_uniform
@@ -113,21 +115,16 @@ def drop_reason(spans: list[list[int]]) -> str:
 class SpanBuilder:
     """The `datasets.map` function: a batch of documents -> spans, drop reason, id key, held-out flag."""
 
-    def __init__(self, tokenizer, splitter, max_span_tokens: int, seed: int, eval_fraction: float = 0.0):
+    def __init__(self, tokenizer, splitter, max_span_tokens: int, seed: int, eval_fraction: float = 0.0,
+                 id_type: str = "int32"):
+        self.id_type = id_type  # the Arrow value type of the spans' token ids
         self.splitter = splitter
         self.max_span_tokens = max_span_tokens
         self.seed = seed
         self.eval_fraction = eval_fraction
-        # A private copy of the Rust tokenizer without the truncation/padding a tokenizer.json may carry
-        # (sentence-transformers folders truncate at 128): spans need every token.
-        from tokenizers import Tokenizer
-
         from coco_accel.wordpiece import SentenceEncoder
 
-        rust = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-        rust.no_truncation()
-        rust.no_padding()
-        self.encoder = SentenceEncoder(rust)
+        self.encoder = SentenceEncoder(tokenizer)  # a tokenizers.Tokenizer without truncation or padding
 
     def __getstate__(self) -> dict:
         # What `datasets` hashes for its cache and pickles for worker processes: the configuration,
@@ -151,7 +148,10 @@ class SpanBuilder:
             pos += len(doc)
         return out
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, table: pa.Table) -> pa.Table:
+        """A batch as an Arrow table in, the same rows out: the bookkeeping columns passed through as they
+        are, title and text replaced by spans (list<list<id>>), drop reason, id key and held-out flag."""
+        batch = {k: table.column(k).to_pylist() for k in ("title", "text", "reject", "corpus", "doc_id")}
         texts = [("" if reject else f"{title.strip()} {text.strip()}".strip() if title else text.strip())
                  for title, text, reject in zip(batch["title"], batch["text"], batch["reject"])]
         tokens = self._sentence_tokens(texts)
@@ -163,19 +163,31 @@ class SpanBuilder:
         doc_of = np.repeat(np.arange(len(tokens)), counts)
         index = np.arange(len(doc_of)) - np.repeat(np.cumsum(counts) - counts, counts)
         breaks = keyed_uniform(self.seed, corpus_keys[doc_of], doc_keys[doc_of], index, SPAN_BREAK) < BREAK_PROBABILITY
-        out_spans, out_drop = [], []
+        kept_spans, spans_per_doc, out_drop = [], [], []
         start = 0
         for toks, reject in zip(tokens, batch["reject"]):
             doc_breaks, start = breaks[start:start + len(toks)], start + len(toks)
-            if reject:
-                out_spans.append([])
-                out_drop.append("")
-                continue
-            spans = group_spans(toks, doc_breaks, self.max_span_tokens)
-            reason = drop_reason(spans)
-            out_spans.append([] if reason else spans)
+            spans = [] if reject else group_spans(toks, doc_breaks, self.max_span_tokens)
+            reason = drop_reason(spans) if not reject else ""
+            if reason:
+                spans = []
+            kept_spans.extend(spans)
+            spans_per_doc.append(len(spans))
             out_drop.append(reason)
-        return {"spans": out_spans, "drop": out_drop, "key": doc_keys.tolist(), "heldout": heldout.tolist()}
+        kept = [c for c in table.column_names if c not in ("title", "text")]
+        return table.select(kept).append_column("spans", self._nested(kept_spans, spans_per_doc)).append_column(
+            "drop", pa.array(out_drop, pa.string())).append_column("key", pa.array(doc_keys)).append_column(
+            "heldout", pa.array(heldout))
+
+    def _nested(self, spans: list[list[int]], spans_per_doc: list[int]):
+        """list<list<id>> per document, built from flat arrays (no Python-object conversion per token)."""
+        span_lengths = np.fromiter(map(len, spans), dtype=np.int32, count=len(spans))
+        values = pa.array(np.fromiter(chain.from_iterable(spans), dtype=np.int64, count=int(span_lengths.sum()))
+                          .astype(self.id_type))
+        inner = pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(span_lengths)]).astype(np.int32)),
+                                         values)
+        doc_offsets = np.concatenate([[0], np.cumsum(spans_per_doc)]).astype(np.int32)
+        return pa.ListArray.from_arrays(pa.array(doc_offsets), inner)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -267,14 +279,15 @@ def preprocess(
     each); a re-run on unchanged input reuses the `datasets` cache.
     """
     import datasets
-    from transformers import AutoTokenizer
+
+    from coco_accel.wordpiece import load_backend_tokenizer
 
     sources = corpora.discover(list(inputs))
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_name))
+    tokenizer = load_backend_tokenizer(str(tokenizer_name))
     splitter, split_source = load_sentence_splitter()
     logger.info("Sentence splitter: %s", split_source)
-    builder = SpanBuilder(tokenizer, splitter, max_span_tokens, seed, eval_fraction)
-    id_type = "uint16" if len(tokenizer) <= np.iinfo(np.uint16).max else "int32"
+    id_type = "uint16" if tokenizer.get_vocab_size(with_added_tokens=True) <= np.iinfo(np.uint16).max else "int32"
+    builder = SpanBuilder(tokenizer, splitter, max_span_tokens, seed, eval_fraction, id_type)
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -290,11 +303,13 @@ def preprocess(
                 corpora.generate, features=_raw_features(), cache_dir=cache_dir, gen_kwargs={"shards": parts},
                 num_proc=min(num_proc, len(parts)) if len(parts) > 1 else None)
             features = raw.features.copy()
+            del features["title"], features["text"]  # not needed after this: the cache keeps ids, not text twice
             features.update({"spans": datasets.List(datasets.List(datasets.Value(id_type))),
                              "drop": datasets.Value("string"), "key": datasets.Value("int64"),
                              "heldout": datasets.Value("bool")})
-            built = raw.map(builder, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 else None,
-                            features=features, desc=f"Spans: {corpus}")
+            built = raw.with_format("arrow").map(builder, batched=True, batch_size=256, features=features,
+                                                 num_proc=num_proc if num_proc > 1 else None,
+                                                 desc=f"Spans: {corpus}").with_format(None)
             outcome = _outcomes(built)
             stats["corpora"][corpus] = outcome.counts
             _add_counts(total, outcome.counts)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 from itertools import chain
+from pathlib import Path
 from typing import Optional
 
 _WORDS = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")  # after lowercasing ASCII: words and single punctuation marks
@@ -24,6 +25,41 @@ def _is_bert_uncased(spec: dict) -> bool:
     return (norm.get("type") == "BertNormalizer" and norm.get("lowercase") is True
             and norm.get("clean_text") is True and norm.get("strip_accents") in (None, True)
             and pre.get("type") == "BertPreTokenizer" and model.get("type") == "WordPiece")
+
+
+# tokenizer_config.json keys through which transformers would rebuild a BERT normalizer, and the
+# BertNormalizer fields they set
+_BERT_OPTIONS = {"do_lower_case": "lowercase", "strip_accents": "strip_accents",
+                 "tokenize_chinese_chars": "handle_chinese_chars"}
+
+
+def load_backend_tokenizer(folder: str):
+    """The Rust tokenizer of an HF tokenizer folder, without truncation or padding (spans need every token).
+
+    A BERT folder whose tokenizer.json agrees with its tokenizer_config.json is read directly (no
+    transformers import: about 1.5 s of start-up, torch included); anything else goes through
+    `AutoTokenizer`, which may rebuild parts of the pipeline from the config.
+    """
+    from tokenizers import Tokenizer
+
+    path = Path(folder)
+    rust = None
+    if (path / "tokenizer.json").is_file():
+        config_file = path / "tokenizer_config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        candidate = Tokenizer.from_file(str(path / "tokenizer.json"))
+        norm = json.loads(candidate.to_str()).get("normalizer") or {}
+        agrees = (config.get("tokenizer_class") in ("BertTokenizer", "BertTokenizerFast")
+                  and norm.get("type") == "BertNormalizer"
+                  and all(key not in config or config[key] == norm.get(field) for key, field in _BERT_OPTIONS.items()))
+        rust = candidate if agrees else None
+    if rust is None:
+        from transformers import AutoTokenizer
+
+        rust = Tokenizer.from_str(AutoTokenizer.from_pretrained(str(path)).backend_tokenizer.to_str())
+    rust.no_truncation()
+    rust.no_padding()
+    return rust
 
 
 class _WordIds(dict):

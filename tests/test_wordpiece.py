@@ -71,3 +71,32 @@ def test_real_corpus_sentences_match_rust(tokenizer_path):
             sentences.extend(splitter.tokenize(f"{doc.get('title', '')} {doc['text']}".strip()))
     rust = _rust(tokenizer_path)
     _assert_same(SentenceEncoder(rust), rust, sentences)
+
+
+def _spec(rust):
+    return json.loads(rust.to_str())
+
+
+@pytest.mark.parametrize("config_change", [None, {"do_lower_case": False}])
+def test_backend_tokenizer_is_what_auto_tokenizer_builds(tmp_path, tokenizer_path, config_change):
+    """Read directly when tokenizer.json and tokenizer_config.json agree, through AutoTokenizer otherwise:
+    either way the same pipeline as transformers' (truncation and padding off)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from coco_accel.wordpiece import load_backend_tokenizer
+
+    folder = tmp_path / "tok"
+    shutil.copytree(tokenizer_path, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    if config_change:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        config.update(config_change)
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    expected = AutoTokenizer.from_pretrained(str(folder)).backend_tokenizer
+    expected.no_truncation()
+    expected.no_padding()
+    got = load_backend_tokenizer(str(folder))
+    assert _spec(got) == _spec(expected)
+    if config_change:  # the config wins over tokenizer.json in transformers, and so here
+        assert _spec(got)["normalizer"]["lowercase"] is False
