@@ -86,7 +86,7 @@ def discover(inputs: list[str]) -> list[Source]:
 
 
 def fingerprint(src: Source) -> tuple:
-    """Changes whenever the file does: keys the `datasets` cache of a re-run."""
+    """Changes whenever the file does: keys the raw-Arrow cache of a re-run."""
     st = os.stat(src.path)
     return (src.corpus, src.path, src.kind, src.id_prefix, st.st_size, st.st_mtime_ns)
 
@@ -99,7 +99,7 @@ class Shard:
     start: int
     end: int
     first_line: int
-    fingerprint: tuple  # keys the `datasets` cache; changes with the file
+    fingerprint: tuple  # keys the raw-Arrow cache; changes with the file
 
 
 def shards(sources: list[Source], n: int, min_bytes: int = 8 << 20) -> list[Shard]:
@@ -203,9 +203,3 @@ def read_rows(src: Source, start: int = 0, end: int = -1, first_line: int = 1) -
                 if not (row["title"].strip() or row["text"].strip()):
                     row["reject"], row["detail"] = "empty_text", "title and text are empty"
             yield row
-
-
-def generate(shards: list[Shard]) -> Iterator[dict]:
-    """Entry for `datasets.Dataset.from_generator` (which splits `shards` over its processes)."""
-    for shard in shards:
-        yield from read_rows(shard.source, shard.start, shard.end, shard.first_line)

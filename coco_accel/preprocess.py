@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from itertools import chain
@@ -299,9 +300,7 @@ def preprocess(
             group = [s for s in sources if s.corpus == corpus]
             logger.info("Corpus %s: %s", corpus, ", ".join(s.path for s in group))
             parts = corpora.shards(group, num_proc, min_shard_bytes)
-            raw = datasets.Dataset.from_generator(
-                corpora.generate, features=_raw_features(), cache_dir=cache_dir, gen_kwargs={"shards": parts},
-                num_proc=min(num_proc, len(parts)) if len(parts) > 1 else None)
+            raw = read_corpus(parts, cache_dir, num_proc)
             features = raw.features.copy()
             del features["title"], features["text"]  # not needed after this: the cache keeps ids, not text twice
             features.update({"spans": datasets.List(datasets.List(datasets.Value(id_type))),
@@ -345,6 +344,62 @@ def _remove_previous_output(out: Path) -> None:
     for split in ("train", "eval"):
         if (out / split / "state.json").is_file():
             shutil.rmtree(out / split)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reading: corpus files -> cached Arrow files (one per shard), memory-mapped
+
+READER_VERSION = 1  # part of the raw cache key: bump when the readers' output changes
+
+
+def _raw_cache_file(shard: corpora.Shard, cache_dir: Path) -> Path:
+    key = json.dumps([READER_VERSION, list(shard.fingerprint), shard.start, shard.end, shard.first_line])
+    return cache_dir / f"raw-{hashlib.blake2b(key.encode(), digest_size=12).hexdigest()}.arrow"
+
+
+def _write_raw(shard: corpora.Shard, path: Path, batch_rows: int = 8192) -> None:
+    """Read one shard into an Arrow file, in batches of columns (no per-document Arrow conversion);
+    written under a temporary name and renamed, so an interrupted run never leaves a partial cache."""
+    from datasets.arrow_writer import ArrowWriter
+
+    features = _raw_features()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with ArrowWriter(features=features, path=str(tmp)) as writer:
+        columns: dict = {k: [] for k in features}
+        for row in corpora.read_rows(shard.source, shard.start, shard.end, shard.first_line):
+            for k, values in columns.items():
+                values.append(row[k])
+            if len(columns["line"]) >= batch_rows:
+                writer.write_batch(columns)
+                columns = {k: [] for k in features}
+        if columns["line"]:
+            writer.write_batch(columns)
+        writer.finalize()
+    os.replace(tmp, path)
+
+
+def read_corpus(parts: list[corpora.Shard], cache_dir: Optional[str], num_proc: int):
+    """The rows of a corpus's shards as one memory-mapped dataset. Each shard's Arrow file is cached
+    under a key of its file's path, size and mtime, so a re-run on unchanged input reads nothing and
+    `datasets` finds the same fingerprints (and the cached spans) again."""
+    import datasets
+
+    folder = Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / "coco_accel_raw"
+    folder.mkdir(parents=True, exist_ok=True)
+    files = [_raw_cache_file(shard, folder) for shard in parts]
+    todo = [(shard, path) for shard, path in zip(parts, files) if not path.exists()]
+    if len(todo) > 1 and num_proc > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(min(num_proc, len(todo)), mp_context=multiprocessing.get_context("fork")) as pool:
+            for done in [pool.submit(_write_raw, shard, path) for shard, path in todo]:
+                done.result()
+    else:
+        for shard, path in todo:
+            _write_raw(shard, path)
+    parts_ds = [datasets.Dataset.from_file(str(path)) for path in files]
+    return parts_ds[0] if len(parts_ds) == 1 else datasets.concatenate_datasets(parts_ds)
 
 
 def _raw_features():

@@ -236,3 +236,24 @@ def test_large_files_are_read_in_shards_with_true_line_numbers(tmp_path, minilm_
         outs.append((stats["total"], datasets.load_from_disk(str(out)).to_dict(), (out / "rejects.jsonl").read_text()))
     assert outs[0] == outs[1]
     assert sorted(json.loads(line)["line"] for line in outs[0][2].splitlines()) == [8, 34]
+
+
+def test_rerun_on_unchanged_input_reuses_the_cache(tmp_path, small_corpus, minilm_path):
+    """The second run reads nothing and maps nothing: no new cache file, the same output; a changed
+    input file is read again."""
+    import os
+    import shutil
+
+    src = tmp_path / "docs"
+    shutil.copytree(small_corpus, src)
+    cache = tmp_path / "cache"
+    first = preprocess([str(src)], minilm_path, str(tmp_path / "a"), cache_dir=str(cache))
+    files = sorted(p.name for p in cache.rglob("*") if p.is_file())
+    again = preprocess([str(src)], minilm_path, str(tmp_path / "b"), cache_dir=str(cache))
+    assert sorted(p.name for p in cache.rglob("*") if p.is_file()) == files and again["total"] == first["total"]
+    with open(src / "corpus.jsonl", "a", encoding="utf-8") as fh:
+        fh.write('{"_id": "new", "text": "One sentence here. And another one there. A third one."}\n')
+    st = os.stat(src / "corpus.jsonl")
+    os.utime(src / "corpus.jsonl", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    changed = preprocess([str(src)], minilm_path, str(tmp_path / "c"), cache_dir=str(cache))
+    assert changed["total"]["read"] == first["total"]["read"] + 1
