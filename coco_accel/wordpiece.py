@@ -4,7 +4,7 @@ A BERT uncased tokenizer cleans and lowercases the text, splits it into words at
 punctuation, and tokenizes every word on its own. For ASCII text without control characters the
 cleaning is the identity and the split is one regular expression, so a sentence's ids are the
 concatenation of its words' ids, and a word's ids never change: they are computed once by the Rust
-model and kept. Any other sentence (accents, CJK, control characters) goes to the full Rust
+model and kept (as are those of whitespace-separated chunks, so that the hot path is str.split). Any other sentence (accents, CJK, control characters) goes to the full Rust
 tokenizer. `tests/test_wordpiece.py` checks equality with the Rust tokenizer sentence by sentence.
 """
 
@@ -78,6 +78,24 @@ class _WordIds(dict):
         return ids
 
 
+class _ChunkIds(dict):
+    """whitespace-free chunk ("(1999)," or "word") -> tuple of ids: its words' ids in order. Splitting at
+    whitespace is C-fast and chunks repeat like words, so the regular expression runs once per new
+    chunk, not once per sentence."""
+
+    def __init__(self, words: _WordIds, limit: int):
+        super().__init__()
+        self.words = words
+        self.limit = limit
+
+    def __missing__(self, chunk: str) -> tuple:
+        if len(self) >= self.limit:
+            self.clear()
+        ids = tuple(chain.from_iterable(map(self.words.__getitem__, _WORDS.findall(chunk))))
+        self[chunk] = ids
+        return ids
+
+
 class SentenceEncoder:
     """`encode(sentences) -> [ids]` without special tokens, for any tokenizer; fast for BERT uncased."""
 
@@ -86,12 +104,14 @@ class SentenceEncoder:
         self.tokenizer = tokenizer
         spec = json.loads(tokenizer.to_str())
         self.words: Optional[_WordIds] = _WordIds(tokenizer.model, cache_words) if _is_bert_uncased(spec) else None
+        self.chunks = _ChunkIds(self.words, cache_words) if self.words is not None else None
 
     def __getstate__(self) -> dict:
         # the word table is a cache: pickled (and hashed by `datasets`) empty, so fingerprints do not drift
         state = dict(vars(self))
         if self.words is not None:
             state["words"] = _WordIds(self.words.model, self.words.limit)
+            state["chunks"] = _ChunkIds(state["words"], self.chunks.limit)
         return state
 
     @property
@@ -103,12 +123,12 @@ class SentenceEncoder:
             return self._rust(sentences)
         out: list = [None] * len(sentences)
         slow = []
-        get = self.words.__getitem__
+        get = self.chunks.__getitem__
         for i, sentence in enumerate(sentences):
             if _UNSAFE.search(sentence):
                 slow.append(i)
             else:
-                out[i] = list(chain.from_iterable(map(get, _WORDS.findall(sentence.lower()))))
+                out[i] = list(chain.from_iterable(map(get, sentence.lower().split())))
         if slow:
             for i, ids in zip(slow, self._rust([sentences[i] for i in slow])):
                 out[i] = ids

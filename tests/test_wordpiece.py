@@ -46,7 +46,7 @@ def test_word_cache_is_bounded(tokenizer_path):
     rust = _rust(tokenizer_path)
     encoder = SentenceEncoder(rust, cache_words=5)
     _assert_same(encoder, rust, [f"w{i} x{i} y{i}" for i in range(50)])
-    assert len(encoder.words) <= 5
+    assert len(encoder.words) <= 5 and len(encoder.chunks) <= 5
 
 
 def test_other_tokenizers_use_rust_unchanged():
