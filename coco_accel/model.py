@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -175,8 +176,6 @@ class Condenser(nn.Module):
         """All spans in ONE encoder call, concatenated into rows of `pack_length` tokens (longer when a span
         is): attention is block-diagonal (each span sees only itself) and positions restart at every span,
         so each span is computed exactly as alone, without padding and without a call per length group."""
-        import numpy as np
-
         n, width = input_ids.shape
         device = input_ids.device
         lengths = attention_mask.sum(dim=1).tolist()  # one host sync; the packing is planned on the host
@@ -185,8 +184,9 @@ class Condenser(nn.Module):
         lens = np.asarray(lengths, dtype=np.int64)
         span = np.repeat(np.arange(n), lens)  # per real token: its span
         within = np.arange(len(span)) - np.repeat(np.cumsum(lens) - lens, lens)  # its position in the span
-        starts = np.asarray(row_of, dtype=np.int64) * capacity + np.asarray(offset_of, dtype=np.int64)
-        dest = torch.from_numpy(np.repeat(starts, lens) + within).to(device)
+        first_slots = np.asarray(row_of, dtype=np.int64) * capacity + np.asarray(offset_of, dtype=np.int64)
+        dest = torch.from_numpy(np.repeat(first_slots, lens) + within).to(device)
+        starts = torch.from_numpy(first_slots).to(device)  # each span's first slot in the flattened rows
         src = torch.from_numpy(span * width + within).to(device)
 
         def packed(values: torch.Tensor, fill: int) -> torch.Tensor:
@@ -213,13 +213,13 @@ class Condenser(nn.Module):
         last = out.hidden_states[-1]  # [R, P, H]
         skip = out.hidden_states[self.skip_from]
         first = torch.zeros(rows * capacity, dtype=torch.bool, device=device)
-        first[torch.from_numpy(starts).to(device)] = True
+        first[starts] = True
         hidden = torch.where(first.view(rows, capacity, 1), last, skip)  # each span: [its CLS; skip tokens]
         for layer in self.c_head:
             hidden = layer(hidden, mask)
         where = targets_packed != -100
         head = self._mlm_head()
-        return CondenserOutput(cls=last.reshape(rows * capacity, -1)[torch.from_numpy(starts).to(device)],
+        return CondenserOutput(cls=last.reshape(rows * capacity, -1)[starts],
                                head_logits=head(hidden[where]),
                                backbone_logits=head(last[where]) if self.late_mlm else None,
                                targets=targets_packed[where], computed_tokens=rows * capacity)
