@@ -1,0 +1,72 @@
+"""Punkt break decisions from per-word facts == nltk's own, context by context."""
+
+import json
+import random
+import re
+
+import pytest
+
+from conftest import SHARED_DATA
+
+from coco_accel.breaks import BreakDecider
+from coco_accel.preprocess import forget_breaks, load_sentence_splitter
+
+CRAFTED = [
+    "Dr. Smith went to Washington. He arrived at 5 p.m. on Tuesday. Mr. and Mrs. Jones followed.",
+    "The U.S. economy grew 3.5% in 2019. It was e.g. better than expected, i.e. good. See Fig. 2. Then stop.",
+    "J. R. R. Tolkien wrote it. A. Smith replied... And then? Yes! No!! Maybe?! (Really.) \"Quoted.\" 'Single.'",
+    "Version 2.0. Next version 3. 4. Items: 1. first 2. second. etc. Also vs. them. Jan. 5 was cold.",
+    "He said -- wait. ... Ellipsis at start. Ends with ellipsis... Lower case after. lower start. 12. 13. Done.",
+    "St. Louis, Mo. is a city. Co. Ltd. Inc. Corp. are suffixes. No. 5 is a number. pp. 12-14. Vol. 3. Ch. 4.",
+    "a. b. c. Single letters. X. Y. Z. Upper initials. The end.", "Mid-sentence abbr. like approx. 5 kg. Fine.",
+    "Rated No. 1. Business is good. Up 3. Credit grew. In 1987. International sales rose. Item 2. Dividend paid.",
+    "Calif. However it rained. Corp. Meanwhile they left. Aug. Although late. Co. Moreover. Ala. He came.",
+    "Sentence one.Sentence two without space. Tab\tseparated. Two  spaces.  Three.", "?", ".", "...", "Ok. ",
+]
+
+
+def _contexts(splitter, texts):
+    out = set()
+    for text in texts:
+        for _, context in splitter._match_potential_end_contexts(text):
+            out.add(context)
+    return out
+
+
+def _assert_same(texts):
+    splitter, _ = load_sentence_splitter()
+    nltk_splitter = forget_breaks(splitter)  # nltk's own decision, nothing remembered
+    fast = BreakDecider(nltk_splitter)
+    contexts = _contexts(nltk_splitter, texts)
+    assert contexts
+    wrong = [c for c in contexts if fast(c) != nltk_splitter.text_contains_sentbreak(c)]
+    assert not wrong, wrong[:10]
+    # and whole documents split alike
+    for text in texts[:2000]:
+        a = list(nltk_splitter.span_tokenize(text))
+        nltk_splitter.text_contains_sentbreak = fast
+        b = list(nltk_splitter.span_tokenize(text))
+        del nltk_splitter.text_contains_sentbreak
+        assert a == b, text
+    return len(contexts)
+
+
+def test_crafted_contexts_match_nltk():
+    _assert_same(CRAFTED + [t.replace(". ", ".\n") for t in CRAFTED] + [t.lower() for t in CRAFTED])
+
+
+def test_docstring_contexts_match_nltk():
+    from coco_accel.demo import docstring_documents
+
+    texts = [f"{d.get('title', '')} {d['text']}".strip() for d in docstring_documents()]
+    assert _assert_same(texts) > 1000
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "cisi").is_dir(), reason="needs ../shared/data/cisi")
+def test_cisi_contexts_match_nltk_also_mixed():
+    docs = [json.loads(line) for line in open(SHARED_DATA / "cisi" / "corpus.jsonl", encoding="utf-8")]
+    texts = [f"{d.get('title', '')} {d['text']}".strip() for d in docs]
+    pool = [s for t in texts for s in re.split(r"(?<=[.!?])\s+", t) if s]
+    rng = random.Random(0)
+    mixed = [" ".join(rng.choice(pool) for _ in range(8)) for _ in range(3000)]
+    assert _assert_same(texts + mixed) > 5000
