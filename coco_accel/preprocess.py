@@ -309,7 +309,7 @@ def preprocess(
             features.update({"spans": datasets.List(datasets.List(datasets.Value(id_type))),
                              "drop": datasets.Value("string"), "key": datasets.Value("int64"),
                              "heldout": datasets.Value("bool")})
-            built = raw.with_format("arrow").map(builder, batched=True, batch_size=256, features=features,
+            built = raw.with_format("arrow").map(builder, batched=True, batch_size=1024, features=features,
                                                  num_proc=num_proc if num_proc > 1 else None,
                                                  desc=f"Spans: {corpus}").with_format(None)
             outcome = _outcomes(built)

@@ -21,6 +21,8 @@ CRAFTED = [
     "a. b. c. Single letters. X. Y. Z. Upper initials. The end.", "Mid-sentence abbr. like approx. 5 kg. Fine.",
     "Rated No. 1. Business is good. Up 3. Credit grew. In 1987. International sales rose. Item 2. Dividend paid.",
     "Calif. However it rained. Corp. Meanwhile they left. Aug. Although late. Co. Moreover. Ala. He came.",
+    "(Sent one.) Sent two. \"Quoted end.\" Next. [Bracket.] After. {Brace!} x. 'Single?' y. Ends in quote.\"",
+    " Leading space. Trailing space. ", "\tTabbed. Lines.\n\nNew paragraph. End.\n", "No break at all",
     "Sentence one.Sentence two without space. Tab\tseparated. Two  spaces.  Three.", "?", ".", "...", "Ok. ",
 ]
 
@@ -42,7 +44,7 @@ def _assert_same(texts):
     wrong = [c for c in contexts if fast(c) != nltk_splitter.text_contains_sentbreak(c)]
     assert not wrong, wrong[:10]
     # and whole documents split alike
-    for text in texts[:2000]:
+    for text in texts:
         a = list(nltk_splitter.span_tokenize(text))
         nltk_splitter.text_contains_sentbreak = fast
         b = list(nltk_splitter.span_tokenize(text))
