@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Every GPU check in one go (about 4 minutes on one H100/H200):
 #   1. benchmarks/step_throughput.py on BERT-base: reference style vs ours at 128, 512 and 2048
-#      documents per step, packed rows of 128/256/512 tokens and length groups, gradient caching;
-#   2. the GPU-only tests (fp16 loss scaling, bf16; NCCL when there are two GPUs);
-#   3. the real trainer (accelerate launch, data loader, collator, optimizer) on ONE GPU at the
-#      paper's 2048-document global batch, BERT-base from a config, plain and gradient-cached.
+#      documents per step (LAYOUTS: packed rows, length groups), gradient caching, torch.compile;
+#   2. the real trainer (accelerate launch, data loader, collator, optimizer) on ONE GPU at the
+#      paper's 2048-document global batch, BERT-base from a config (TRAIN_MODES: plain, gradient-cached,
+#      torch.compile);
+#   3. the GPU-only tests (fp16 loss scaling, bf16; NCCL when there are two GPUs).
 #
 #   benchmarks/gpu_checks.sh OUT_DIR SPAN_DATA TOKENIZER_DIR
 #
@@ -27,14 +28,10 @@ transformers.__version__, '| accelerate', accelerate.__version__, '| datasets', 
 
 echo "== 1. step benchmark"
 $py benchmarks/step_throughput.py --device cuda --our_docs ${DOCS:-128,512,2048} \
-    --layouts=${LAYOUTS:-pack128,pack256,pack512,bucket-1} --cache_chunk ${CHUNKS:-1024,2048} \
+    --layouts=${LAYOUTS:-pack128,pack256,bucket-1} --cache_chunk ${CHUNKS:-1024,2048} ${COMPILE---compile} \
     2>&1 | tee "$out/step_throughput.txt"
 
-echo "== 2. GPU tests"
-COCO_ACCEL_TEST_TOKENIZER="$tok" $py -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 \
-    | tee "$out/test_gpu.txt"
-
-echo "== 3. the trainer at 2048 documents per step on one GPU"
+echo "== 2. the trainer at 2048 documents per step on one GPU"
 $py - "$tok" "$work/bert-base" <<'EOF'
 import sys
 import torch
@@ -45,9 +42,11 @@ torch.manual_seed(0)
 BertForMaskedLM(BertConfig(vocab_size=len(tok))).save_pretrained(sys.argv[2])
 tok.save_pretrained(sys.argv[2])
 EOF
-for mode in plain cached; do
+modes=(${TRAIN_MODES:-plain compiled cached})
+for mode in "${modes[@]}"; do
     extra=()
     [ "$mode" = cached ] && extra=(--cache_chunk_size 1024)
+    [ "$mode" = compiled ] && extra=(--torch_compile)
     $py -m accelerate.commands.launch --config_file accelerate_configs/single_gpu.yaml coco_accel/train.py \
         --model_name_or_path "$work/bert-base" --train_dir "$data" --output_dir "$work/train_$mode" \
         --per_device_train_batch_size 2048 --max_steps 5 --logging_steps 1 --save_steps 0 --late_mlm \
@@ -55,21 +54,27 @@ for mode in plain cached; do
         --report_to none "${extra[@]}" > "$out/train_$mode.log" 2>&1 || tail -n 20 "$out/train_$mode.log"
     cp "$work/train_$mode/metrics.jsonl" "$out/train_$mode.metrics.jsonl" 2>/dev/null
 done
-$py - "$out" <<'EOF'
+$py - "$out" "${modes[@]}" <<'EOF'
 import json, sys
 from pathlib import Path
 
-for mode in ("plain", "cached"):
+for mode in sys.argv[2:]:
     path = Path(sys.argv[1]) / f"train_{mode}.metrics.jsonl"
     if not path.exists():
         print(f"trainer {mode}: no metrics")
         continue
     rows = [json.loads(line) for line in path.read_text().splitlines() if '"loss"' in line]
-    steady = rows[1:] or rows  # the first step includes CUDA start-up and kernel selection
+    # the first step includes CUDA start-up and kernel selection (and compilation)
+    steady = rows[1:] or rows
     print(f"trainer {mode}: steps {[r['step'] for r in rows]}, loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}, "
           f"s/step {sum(r['seconds_per_step'] for r in steady) / len(steady):.3f}, real tok/s "
           f"{sum(r['real_tokens_per_s'] for r in steady) / len(steady):,.0f}, peak GiB "
-          f"{max(r.get('peak_memory_gib', 0) for r in rows):.1f}")
+          f"{max(r.get('peak_memory_gib', 0) for r in rows):.1f}, each step (s) "
+          f"{[round(r['seconds_per_step'], 3) for r in rows]}")
 EOF
 
+
+echo "== 3. GPU tests"
+COCO_ACCEL_TEST_TOKENIZER="$tok" $py -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 \
+    | tee "$out/test_gpu.txt"
 rm -rf "$work"
