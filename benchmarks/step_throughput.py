@@ -232,8 +232,7 @@ def main(argv=None) -> int:
             if gpu:
                 torch.cuda.empty_cache()
         if args.compile and cost == costs[0]:
-            model.mlm.base_model.compile(dynamic=True)
-            model.c_head.compile(dynamic=True)
+            model.compile_parts()
             batch = make_batch(max(our_docs), args.max_seq_length, False, 0, device)
             record("ours + torch.compile", max(our_docs), lambda: our_step(model, batch, opt, our_dtype, 0), batch,
                    model, cost)

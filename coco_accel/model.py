@@ -127,6 +127,16 @@ class Condenser(nn.Module):
     def config(self):
         return self.mlm.config
 
+    def compile_parts(self) -> None:
+        """torch.compile the backbone, each head layer and the MLM head, in place (nn.Module.compile), so
+        parameter names, checkpoints and the export are unchanged. Dynamic shapes: the number of packed
+        rows and of masked positions changes from step to step. Mask building, packing and the losses
+        stay eager."""
+        self.mlm.base_model.compile(dynamic=True)
+        for layer in self.c_head:  # a ModuleList has no forward of its own to compile
+            layer.compile(dynamic=True)
+        self._mlm_head().compile(dynamic=True)
+
     def _mlm_head(self) -> nn.Module:
         return getattr(self.mlm, MLM_HEAD_ATTR[self.mlm.config.model_type])
 

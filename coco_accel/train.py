@@ -213,10 +213,7 @@ def build(cfg: TrainConfig) -> Run:
         logger.info("Backbone dropout off in %d modules (--reference_backbone_without_dropout).",
                     disable_backbone_dropout(model))
     if cfg.torch_compile:
-        # In place (nn.Module.compile), so parameter names, checkpoints and the export are unchanged;
-        # dynamic shapes because every length bucket has its own width.
-        model.mlm.base_model.compile(dynamic=True)
-        model.c_head.compile(dynamic=True)
+        model.compile_parts()
     dataset = load_train_data(cfg.train_dir)
 
     world = accelerator.num_processes
