@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check in one go (about 4 minutes on one H100/H200):
 #   1. benchmarks/step_throughput.py on BERT-base: reference style vs ours at 128, 512 and 2048
-#      documents per step (LAYOUTS: packed rows, length groups), gradient caching, torch.compile;
+#      documents per step (LAYOUTS: packed rows, length groups), gradient caching, torch.compile
+#      (COMPILE=--no-compile leaves it out);
 #   2. the real trainer (accelerate launch, data loader, collator, optimizer) on ONE GPU at the
 #      paper's 2048-document global batch, BERT-base from a config (TRAIN_MODES: plain, gradient-cached,
 #      torch.compile);
@@ -28,7 +29,7 @@ transformers.__version__, '| accelerate', accelerate.__version__, '| datasets', 
 
 echo "== 1. step benchmark"
 $py benchmarks/step_throughput.py --device cuda --our_docs ${DOCS:-128,512,2048} \
-    --layouts=${LAYOUTS:-pack128,pack256,bucket-1} --cache_chunk ${CHUNKS:-1024,2048} ${COMPILE---compile} \
+    --layouts=${LAYOUTS:-pack128,pack256,bucket-1} --cache_chunk ${CHUNKS:-1024,2048} ${COMPILE:-} \
     2>&1 | tee "$out/step_throughput.txt"
 
 echo "== 2. the trainer at 2048 documents per step on one GPU"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -26,6 +27,72 @@ def masked_lm_loss(logits: torch.Tensor, targets: torch.Tensor, normalizer: floa
         # Keep the graph connected (every parameter used) so DDP and ZeRO see the same parameters.
         return logits.sum() * 0.0
     return F.cross_entropy(at_least_fp32(logits), targets, reduction="sum") / normalizer
+
+
+# Rows of logits per chunk in decoder_cross_entropy: 2**27 fp32 elements (512 MiB) at most per chunk.
+DECODER_CHUNK_ELEMENTS = 2 ** 27
+
+
+def decoder_cross_entropy(features: torch.Tensor, decoder: nn.Linear, targets: torch.Tensor,
+                          normalizer) -> torch.Tensor:
+    """`masked_lm_loss(decoder(features), targets, normalizer)` without ever holding all the logits.
+
+    features: [M, H] the MLM head's transformed states at the masked positions; decoder: the tied
+    vocabulary projection. With ~22k masked positions and a 30k vocabulary, BERT's logits, their fp32
+    copy and their gradient take ~13 GiB for the head and backbone together. Here the logits exist one
+    chunk of rows at a time: each chunk's loss and its gradients (features, weight, bias) are computed
+    at once, in the matmul dtype that autocast would use, with the softmax in fp32, and backward only
+    scales them. The same FLOPs as the plain computation.
+
+    Falls back to the plain computation when no gradient is wanted, when there is nothing to predict,
+    and under ZeRO-3 (whose parameters are only whole inside their module's forward).
+    """
+    weight, bias = decoder.weight, decoder.bias
+    partitioned = hasattr(weight, "ds_id")  # DeepSpeed ZeRO-3
+    wants_grad = torch.is_grad_enabled() and (features.requires_grad or weight.requires_grad)
+    if features.shape[0] == 0 or partitioned or not wants_grad or bias is None:
+        return masked_lm_loss(decoder(features), targets, normalizer)
+    device_type = features.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+    chunk = max(1, DECODER_CHUNK_ELEMENTS // weight.shape[0])
+    return _DecoderCrossEntropy.apply(features, weight, bias, targets, dtype, chunk) / normalizer
+
+
+class _DecoderCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `features @ weight.T + bias` against targets, with the gradients computed
+    chunk by chunk in forward (see decoder_cross_entropy)."""
+
+    @staticmethod
+    def forward(ctx, features, weight, bias, targets, dtype, chunk):
+        acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype  # softmax and sums
+        with torch.autocast(features.device.type, enabled=False):
+            w, b = weight.to(dtype), bias.to(dtype)
+            total = torch.zeros((), dtype=acc, device=features.device)
+            grad_features = torch.empty_like(features)
+            grad_weight = torch.zeros(weight.shape, dtype=torch.promote_types(acc, weight.dtype), device=weight.device)
+            grad_bias = torch.zeros(bias.shape, dtype=grad_weight.dtype, device=bias.device)
+            for start in range(0, features.shape[0], chunk):
+                f = features[start:start + chunk].to(dtype)
+                t = targets[start:start + chunk]
+                logits = torch.addmm(b, f, w.T).to(acc)  # [c, V]
+                lse = torch.logsumexp(logits, dim=1)
+                rows = torch.arange(t.shape[0], device=t.device)
+                total += (lse - logits[rows, t]).sum()
+                probs = logits.sub_(lse[:, None]).exp_()  # d loss / d logits = softmax - one-hot
+                probs[rows, t] -= 1.0
+                g = probs.to(dtype)
+                del logits, probs
+                grad_features[start:start + chunk] = g @ w
+                grad_weight += (g.T @ f).to(grad_weight.dtype)
+                grad_bias += g.to(grad_bias.dtype).sum(dim=0)
+        ctx.save_for_backward(grad_features, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_features, grad_weight, grad_bias = ctx.saved_tensors
+        return (grad_features * grad_total.to(grad_features.dtype), grad_weight * grad_total.to(grad_weight.dtype),
+                grad_bias * grad_total.to(grad_bias.dtype), None, None, None)
 
 
 def sibling_index(index: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """The Condenser: an HF masked-LM backbone plus a small head fed [last-layer CLS; layer-`skip_from` tokens].
 
-No distributed code and no loss normalisation here: forward returns CLS vectors and MLM logits at
-the masked positions only (a third of a padded step's compute was logits nobody predicts).
+No distributed code and no loss normalisation here: forward returns CLS vectors and the MLM head's
+states at the masked positions only (a third of a padded step's compute was logits nobody predicts);
+the vocabulary projection is left to the loss (`losses.decoder_cross_entropy`), which never holds
+all the logits at once.
 """
 
 from __future__ import annotations
@@ -32,10 +34,19 @@ class ModelError(ValueError):
 @dataclass
 class CondenserOutput:
     cls: torch.Tensor  # [N, H] last-layer CLS of every span
-    head_logits: torch.Tensor  # [M, V] head MLM logits at the M masked positions
-    backbone_logits: Optional[torch.Tensor]  # [M, V] backbone MLM logits there (late_mlm), else None
+    head_features: torch.Tensor  # [M, H] the MLM head's transformed head states at the M masked positions
+    backbone_features: Optional[torch.Tensor]  # [M, H] the same for the backbone's last layer (late_mlm), else None
     targets: torch.Tensor  # [M] original ids at the masked positions
     computed_tokens: int  # tokens the encoder ran on, padding included
+    decoder: nn.Module  # the tied vocabulary projection: logits = decoder(features)
+
+    @property
+    def head_logits(self) -> torch.Tensor:  # [M, V]
+        return self.decoder(self.head_features)
+
+    @property
+    def backbone_logits(self) -> Optional[torch.Tensor]:  # [M, V] or None
+        return None if self.backbone_features is None else self.decoder(self.backbone_features)
 
 
 def auto_call_cost(device: torch.device) -> int:
@@ -53,19 +64,25 @@ def pack_rows(lengths: list[int], capacity: int) -> tuple[list[int], list[int], 
         raise ValueError(f"a span of {max(lengths)} tokens does not fit a packed row of {capacity}")
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     free: list[list[int]] = [[] for _ in range(capacity + 1)]  # free[c]: rows with exactly c tokens free
+    nonempty = 0  # bit c set <=> free[c] is not empty: the tightest fit is one bit scan away
     used: list[int] = []
     row_of, offset_of = [0] * len(lengths), [0] * len(lengths)
     for i in order:
         n = lengths[i]
-        c = next((c for c in range(n, capacity + 1) if free[c]), None)
-        if c is None:
+        fits = nonempty >> n
+        if fits:
+            c = n + (fits & -fits).bit_length() - 1  # the fewest free tokens that still hold the span
+            row = free[c].pop()
+            if not free[c]:
+                nonempty &= ~(1 << c)
+        else:
             used.append(0)
             row = len(used) - 1
-        else:
-            row = free[c].pop()
         row_of[i], offset_of[i] = row, used[row]
         used[row] += n
-        free[capacity - used[row]].append(row)
+        c = capacity - used[row]
+        free[c].append(row)
+        nonempty |= 1 << c
     return row_of, offset_of, len(used)
 
 
@@ -135,10 +152,19 @@ class Condenser(nn.Module):
         self.mlm.base_model.compile(dynamic=True)
         for layer in self.c_head:  # a ModuleList has no forward of its own to compile
             layer.compile(dynamic=True)
-        self._mlm_head().compile(dynamic=True)
+        transform, _ = self._mlm_parts()
+        if isinstance(transform, nn.Module):
+            transform.compile(dynamic=True)
 
     def _mlm_head(self) -> nn.Module:
         return getattr(self.mlm, MLM_HEAD_ATTR[self.mlm.config.model_type])
+
+    def _mlm_parts(self):
+        """(transform, decoder) of the MLM head: head(x) == decoder(transform(x))."""
+        head = self._mlm_head()
+        if self.mlm.config.model_type == "bert":
+            return head.predictions.transform, head.predictions.decoder
+        return (lambda x: head.layer_norm(nn.functional.gelu(head.dense(x)))), head.decoder  # RobertaLMHead
 
     def _attention_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor):
         from transformers.masking_utils import create_bidirectional_mask
@@ -175,11 +201,11 @@ class Condenser(nn.Module):
             rows.append(idx)
         inverse = torch.empty(len(lengths), dtype=torch.long, device=input_ids.device)
         inverse[torch.cat(rows)] = torch.arange(len(lengths), device=input_ids.device)
-        backbone = torch.cat([p.backbone_logits for p in parts]) if self.late_mlm else None
+        backbone = torch.cat([p.backbone_features for p in parts]) if self.late_mlm else None
         return CondenserOutput(cls=torch.cat([p.cls for p in parts])[inverse],
-                               head_logits=torch.cat([p.head_logits for p in parts]), backbone_logits=backbone,
+                               head_features=torch.cat([p.head_features for p in parts]), backbone_features=backbone,
                                targets=torch.cat([p.targets for p in parts]),
-                               computed_tokens=sum(p.computed_tokens for p in parts))
+                               computed_tokens=sum(p.computed_tokens for p in parts), decoder=parts[0].decoder)
 
     def _forward_packed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                         labels: torch.Tensor) -> CondenserOutput:
@@ -188,10 +214,14 @@ class Condenser(nn.Module):
         so each span is computed exactly as alone, without padding and without a call per length group."""
         n, width = input_ids.shape
         device = input_ids.device
-        lengths = attention_mask.sum(dim=1).tolist()  # one host sync; the packing is planned on the host
+        # One host sync, before any work is queued: the packing and the masked slots are planned on the host,
+        # so that nothing later in the step waits for the device (boolean indexing would, mid-forward).
+        host = torch.cat([attention_mask.sum(dim=1, keepdim=True), (labels != -100)], dim=1).to(torch.int32).cpu()
+        host = host.numpy()
+        lens = host[:, 0].astype(np.int64)
+        lengths = lens.tolist()
         capacity = -(-max(self.pack_length, max(lengths)) // 8) * 8  # aligned rows suit the attention kernels
         row_of, offset_of, rows = pack_rows(lengths, capacity)
-        lens = np.asarray(lengths, dtype=np.int64)
         span = np.repeat(np.arange(n), lens)  # per real token: its span
         within = np.arange(len(span)) - np.repeat(np.cumsum(lens) - lens, lens)  # its position in the span
         first_slots = np.asarray(row_of, dtype=np.int64) * capacity + np.asarray(offset_of, dtype=np.int64)
@@ -205,7 +235,6 @@ class Condenser(nn.Module):
             return out.view(rows, capacity)
 
         ids = packed(input_ids, 0)
-        targets_packed = packed(labels, -100)
         segment = packed(torch.arange(n, device=device)[:, None].expand(n, width), -1)  # -1: free space
         positions = packed(torch.arange(width, device=device)[None, :].expand(n, width), 0)
         if self.mlm.config.model_type != "bert":  # RoBERTa family: positions start after the padding index
@@ -227,12 +256,15 @@ class Condenser(nn.Module):
         hidden = torch.where(first.view(rows, capacity, 1), last, skip)  # each span: [its CLS; skip tokens]
         for layer in self.c_head:
             hidden = layer(hidden, mask)
-        where = targets_packed != -100
-        head = self._mlm_head()
-        return CondenserOutput(cls=last.reshape(rows * capacity, -1)[starts],
-                               head_logits=head(hidden[where]),
-                               backbone_logits=head(last[where]) if self.late_mlm else None,
-                               targets=targets_packed[where], computed_tokens=rows * capacity)
+        # masked tokens in span order: their slots in the packed rows and their places in `labels`
+        span_m, pos_m = np.nonzero(host[:, 1:].astype(bool) & (np.arange(width)[None, :] < lens[:, None]))
+        slots = torch.from_numpy(first_slots[span_m] + pos_m).to(device)
+        targets = labels.reshape(-1)[torch.from_numpy(span_m * width + pos_m).to(device)]
+        transform, decoder = self._mlm_parts()
+        last = last.reshape(rows * capacity, -1)
+        return CondenserOutput(cls=last[starts], head_features=transform(hidden.reshape(rows * capacity, -1)[slots]),
+                               backbone_features=transform(last[slots]) if self.late_mlm else None,
+                               targets=targets, computed_tokens=rows * capacity, decoder=decoder)
 
     def _forward_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> CondenserOutput:
         out = self.mlm.base_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
@@ -244,12 +276,10 @@ class Condenser(nn.Module):
             hidden = layer(hidden, mask)
 
         where = labels != -100  # [N, L]
-        targets = labels[where]  # [M]
-        head = self._mlm_head()
-        head_logits = head(hidden[where])  # [M, V]
-        backbone_logits = head(last[where]) if self.late_mlm else None
-        return CondenserOutput(cls=last[:, 0], head_logits=head_logits, backbone_logits=backbone_logits,
-                               targets=targets, computed_tokens=input_ids.numel())
+        transform, decoder = self._mlm_parts()
+        return CondenserOutput(cls=last[:, 0], head_features=transform(hidden[where]),
+                               backbone_features=transform(last[where]) if self.late_mlm else None,
+                               targets=labels[where], computed_tokens=input_ids.numel(), decoder=decoder)
 
 
 def disable_backbone_dropout(model: Condenser) -> int:

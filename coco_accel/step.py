@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 
 from coco_accel import dist
-from coco_accel.losses import at_least_fp32, masked_lm_loss, span_contrastive_loss
+from coco_accel.losses import at_least_fp32, decoder_cross_entropy, span_contrastive_loss
 
 
 @dataclass(frozen=True)
@@ -54,10 +54,10 @@ def _global_counts(batch: dict) -> tuple[float, float]:
 
 def _mlm_terms(out, mlm_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
     norm = max(mlm_norm, 1e-12)
-    head = masked_lm_loss(out.head_logits, out.targets, norm)
-    if out.backbone_logits is None:
+    head = decoder_cross_entropy(out.head_features, out.decoder, out.targets, norm)
+    if out.backbone_features is None:
         return head, torch.zeros((), device=head.device)
-    return head, masked_lm_loss(out.backbone_logits, out.targets, norm)
+    return head, decoder_cross_entropy(out.backbone_features, out.decoder, out.targets, norm)
 
 
 Backward = Callable[[torch.Tensor, bool], None]  # (loss, is the step's last backward)

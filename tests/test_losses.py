@@ -89,3 +89,49 @@ def test_masked_lm_loss_is_sum_over_normaliser():
     assert masked_lm_loss(logits, targets, 4.0).item() == pytest.approx(expected / 4)
     empty = masked_lm_loss(torch.zeros(0, 3, requires_grad=True), torch.zeros(0, dtype=torch.long), 1.0)
     assert empty.item() == 0.0 and empty.requires_grad
+
+
+@pytest.mark.parametrize("chunk_rows", [7, 1000])
+def test_decoder_cross_entropy_equals_the_loss_on_full_logits(monkeypatch, chunk_rows):
+    """Chunked, gradients-in-forward == cross-entropy on all the logits: loss and the gradients of the
+    features, the (tied) weight and the bias, in float64; several chunks and one."""
+    from coco_accel import losses
+
+    monkeypatch.setattr(losses, "DECODER_CHUNK_ELEMENTS", chunk_rows * 50)
+    torch.manual_seed(0)
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        decoder = torch.nn.Linear(8, 50).double()
+        features = torch.randn(37, 8, dtype=torch.float64, requires_grad=True)
+        targets = torch.randint(0, 50, (37,))
+        if fused:
+            loss = losses.decoder_cross_entropy(features, decoder, targets, 5.0)
+        else:
+            loss = masked_lm_loss(decoder(features), targets, 5.0)
+        (loss * 3.0).backward()  # a non-unit upstream gradient
+        results.append((loss.detach(), features.grad, decoder.weight.grad, decoder.bias.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+def test_decoder_cross_entropy_under_bf16_autocast_and_its_fallbacks():
+    from coco_accel.losses import decoder_cross_entropy
+
+    torch.manual_seed(0)
+    decoder = torch.nn.Linear(16, 40)
+    features = torch.randn(20, 16, requires_grad=True)
+    targets = torch.randint(0, 40, (20,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = decoder_cross_entropy(features, decoder, targets, 1.0)
+        plain = masked_lm_loss(decoder(features), targets, 1.0)
+    assert fused.dtype == torch.float32
+    torch.testing.assert_close(fused, plain, rtol=1e-3, atol=1e-3)  # same bf16 logits, fp32 softmax
+    (g_fused,) = torch.autograd.grad(fused, features)
+    (g_plain,) = torch.autograd.grad(plain, features)
+    torch.testing.assert_close(g_fused, g_plain, rtol=2e-2, atol=2e-3)
+    with torch.no_grad():  # no gradient wanted: the plain computation
+        assert decoder_cross_entropy(features, decoder, targets, 1.0).item() == pytest.approx(
+            masked_lm_loss(decoder(features), targets, 1.0).item())
+    empty = decoder_cross_entropy(torch.zeros(0, 16, requires_grad=True), decoder, targets[:0], 1.0)
+    assert empty.item() == 0.0 and empty.requires_grad

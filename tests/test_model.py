@@ -252,7 +252,7 @@ def test_compiled_parts_give_the_eager_result():
     compiled.compile_parts()
     assert [name for name, _ in compiled.named_parameters()] == names
     assert all(getattr(m, "_compiled_call_impl", None) is not None
-               for m in [compiled.mlm.base_model, compiled._mlm_head(), *compiled.c_head])
+               for m in [compiled.mlm.base_model, compiled._mlm_parts()[0], *compiled.c_head])
     ce = torch.nn.functional.cross_entropy
     for n in (9, 14):
         lengths = torch.randint(3, 21, (n,))
@@ -312,3 +312,35 @@ def test_reference_backbone_without_dropout_keeps_head_dropout():
     assert torch.allclose(model(ids, mask, labels).cls, model(ids, mask, labels).cls)  # backbone deterministic
     head_dropouts = [m for m in model.c_head.modules() if isinstance(m, torch.nn.Dropout)]
     assert head_dropouts and all(m.p == 0.5 for m in head_dropouts)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_chunked_decoder_loss_gives_the_full_logits_gradients(family, monkeypatch):
+    """The step's MLM terms (vocabulary projection chunk by chunk, never all logits) == cross-entropy on
+    the full logits: every parameter's gradient, the decoder weight tied to the word embeddings included."""
+    from coco_accel import losses
+    from coco_accel.step import _mlm_terms
+
+    monkeypatch.setattr(losses, "DECODER_CHUNK_ELEMENTS", 5 * 120)  # 5 rows per chunk
+    torch.manual_seed(1)
+    model = Condenser(_bert_or_roberta(family, "sdpa"), 2, 2, late_mlm=True, pack_length=24).double()
+    lengths = torch.tensor([20, 3, 7, 12, 5, 20])
+    mask = (torch.arange(20)[None, :] < lengths[:, None]).long()
+    ids = torch.where(mask.bool(), torch.randint(5, 120, (6, 20)), 0 if family == "bert" else 1)
+    labels = torch.where(torch.rand(6, 20) < 0.4, ids, -100).masked_fill(mask == 0, -100)
+    grads = []
+    for chunked in (True, False):
+        model.zero_grad()
+        out = model(ids, mask, labels)
+        if chunked:
+            head, backbone = _mlm_terms(out, 7.0)
+        else:
+            ce = torch.nn.functional.cross_entropy
+            head = ce(out.head_logits, out.targets, reduction="sum") / 7.0
+            backbone = ce(out.backbone_logits, out.targets, reduction="sum") / 7.0
+        (head + 2 * backbone).backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert model.mlm.get_input_embeddings().weight.grad is not None
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-10, rtol=1e-8, msg=name)
