@@ -29,12 +29,14 @@ _REF = {}
 
 
 def _ref_init(tokenizer_path: str) -> None:
+    import nltk  # noqa: F401  (plainly, as the reference does: scipy included)
     from transformers import AutoTokenizer
 
-    from coco_accel.preprocess import load_sentence_splitter
+    from coco_accel.preprocess import forget_breaks, load_sentence_splitter
 
     _REF["tok"] = AutoTokenizer.from_pretrained(tokenizer_path)
-    _REF["split"] = load_sentence_splitter()[0]
+    # the same Punkt model, with nltk's own break decisions (not coco_accel.breaks' remembered ones)
+    _REF["split"] = forget_breaks(load_sentence_splitter()[0])
 
 
 def _ref_encode(line: str, max_len: int = 30):

@@ -9,10 +9,16 @@ in the first pass and every fact the second pass reads depends on one word alone
 computed once per distinct word; the second pass itself is a few comparisons. Contexts with a line
 break (where nltk's paragraph bookkeeping applies) go to nltk. `tests/test_breaks.py` checks the
 answers against nltk's on every context of real corpora and on crafted cases.
+
+`PunktSentences` is nltk's `tokenize(text)` itself (candidate scan, breaks, realignment), rewritten
+for printable-ASCII text with the standard `re` module: nltk 3.10 runs every pattern through a
+timeout-guarded `regex` wrapper and looks for the last space before each candidate one character at
+a time, which together cost more than the break decisions.
 """
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 # nltk's own orthographic-context bits, so that both read the trained parameters alike
@@ -119,3 +125,76 @@ class BreakDecider:
             if sentbreak:
                 found = True
         return False
+
+
+# Printable ASCII plus tab, newline and carriage return: the only text on which the `re` module and
+# nltk's `regex` patterns (whose \s, \w and \d follow a different Unicode table, e.g. for \x1c-\x1f)
+# are known to agree. Anything else goes to nltk.
+_UNSAFE = re.compile(r"[^\t\n\r\x20-\x7e]")
+
+
+class PunktSentences:
+    """`splitter.tokenize(text)` (realigned sentences), the same list of strings as nltk's, faster."""
+
+    def __init__(self, splitter):
+        self.splitter = splitter
+        lang = splitter._lang_vars
+        self.period = re.compile(lang.period_context_re().pattern, re.UNICODE | re.VERBOSE)
+        self.realign = re.compile(lang.re_boundary_realignment.pattern, re.MULTILINE)
+
+    def __call__(self, text: str) -> list[str]:
+        if _UNSAFE.search(text):
+            return self.splitter.tokenize(text)
+        return self._realigned(text, self._slices(text))
+
+    def _slices(self, text: str) -> list[tuple[int, int]]:
+        """nltk's _slices_from_text over _match_potential_end_contexts: each candidate's context is the
+        word before it (from the last whitespace after the previous candidate's word), the candidate
+        and what follows; a candidate whose word overlaps the next one's is skipped."""
+        decide = self.splitter.text_contains_sentbreak
+        out = []
+        last_break = 0
+        prev = None
+        prev_start = prev_stop = 0
+
+        def consider(match, start, stop, last_break):
+            if decide(text[start:stop] + match.group() + match.group("after_tok")):
+                out.append((last_break, match.end()))
+                return match.start("next_tok") if match.group("next_tok") else match.end()
+            return last_break
+
+        for match in self.period.finditer(text):
+            begin = match.start()
+            before = text[prev_stop:begin]
+            # nltk's _get_last_whitespace_index: the last whitespace's index, 0 when none (or at 0)
+            space = max(before.rfind(" "), before.rfind("\n"), before.rfind("\t"), before.rfind("\r"))
+            word_start = space + prev_stop + 1 if space > 0 else prev_start
+            if prev is not None and prev_stop <= word_start:
+                last_break = consider(prev, prev_start, prev_stop, last_break)
+            prev, prev_start, prev_stop = match, word_start, begin
+        if prev is not None:
+            last_break = consider(prev, prev_start, prev_stop, last_break)
+        out.append((last_break, len(text.rstrip())))
+        return out
+
+    def _realigned(self, text: str, slices: list[tuple[int, int]]) -> list[str]:
+        """nltk's _realign_boundaries: closing quotes and brackets after a break join the sentence before."""
+        out = []
+        shift = 0
+        last = len(slices) - 1
+        for k, (start, stop) in enumerate(slices):
+            start += shift
+            if k == last:
+                if text[start:stop]:
+                    out.append(text[start:stop])
+                continue
+            next_start, next_stop = slices[k + 1]
+            m = self.realign.match(text[next_start:next_stop])
+            if m:
+                out.append(text[start:next_start + len(m.group(0).rstrip())])
+                shift = m.end()
+            else:
+                shift = 0
+                if text[start:stop]:
+                    out.append(text[start:stop])
+        return out
