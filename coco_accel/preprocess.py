@@ -32,6 +32,8 @@ logger = logging.getLogger("coco_accel.preprocess")
 
 SPAN_BREAK, HELD_OUT = 11, 12  # keyed-random purpose tags, distinct from the training ones
 BREAK_PROBABILITY = 0.1
+SPANS_VERSION = 1  # part of the spans cache key (SpanBuilder.fingerprint): bump when the spans built change
+MAP_BATCH_SIZE = 1024  # documents per datasets.map batch
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -178,6 +180,22 @@ class SpanBuilder:
         vars(self).update(state)
         remember_breaks(self.splitter)
         self._sentences = _punkt_sentences(self.splitter)
+
+    def fingerprint(self, dataset_fingerprint: str, features) -> str:
+        """The `datasets` cache key of mapping a dataset with this builder: the input dataset's key, the
+        span settings, the tokenizer's full definition, the Punkt parameters and SPANS_VERSION. Given to
+        `map` as new_fingerprint, so that datasets does not pickle the whole builder (vocabulary and
+        Punkt tables) to hash it on every run."""
+        params = self.splitter._params
+        h = hashlib.blake2b(digest_size=16)
+        for part in (str(SPANS_VERSION), dataset_fingerprint, repr(features), self.id_type,
+                     repr((self.max_span_tokens, self.seed, self.eval_fraction, BREAK_PROBABILITY, MAP_BATCH_SIZE)),
+                     self.encoder.tokenizer.to_str(),
+                     repr((sorted(params.abbrev_types), sorted(params.collocations), sorted(params.sent_starters),
+                           sorted(params.ortho_context.items())))):
+            h.update(part.encode("utf-8"))
+            h.update(b"\0")
+        return h.hexdigest()
 
     def _sentence_tokens(self, texts: list[str]) -> list[list[list[int]]]:
         """Per document, the token ids of each Punkt sentence (no special tokens), all sentences of the
@@ -348,8 +366,9 @@ def preprocess(
             features.update({"spans": datasets.List(datasets.List(datasets.Value(id_type))),
                              "drop": datasets.Value("string"), "key": datasets.Value("int64"),
                              "heldout": datasets.Value("bool")})
-            built = raw.with_format("arrow").map(builder, batched=True, batch_size=1024, features=features,
+            built = raw.with_format("arrow").map(builder, batched=True, batch_size=MAP_BATCH_SIZE, features=features,
                                                  num_proc=num_proc if num_proc > 1 else None,
+                                                 new_fingerprint=builder.fingerprint(raw._fingerprint, features),
                                                  desc=f"Spans: {corpus}").with_format(None)
             outcome = _outcomes(built)
             stats["corpora"][corpus] = outcome.counts

@@ -257,3 +257,33 @@ def test_rerun_on_unchanged_input_reuses_the_cache(tmp_path, small_corpus, minil
     os.utime(src / "corpus.jsonl", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     changed = preprocess([str(src)], minilm_path, str(tmp_path / "c"), cache_dir=str(cache))
     assert changed["total"]["read"] == first["total"]["read"] + 1
+    files = sorted(p.name for p in cache.rglob("*") if p.is_file())
+    preprocess([str(src)], minilm_path, str(tmp_path / "d"), seed=7, cache_dir=str(cache))  # a new setting: mapped
+    assert len([p for p in cache.rglob("*") if p.is_file()]) > len(files)
+
+
+def test_span_cache_key_covers_every_setting(minilm_path):
+    """The spans' cache key (given to datasets.map) changes with the input, each span setting, the
+    tokenizer and the Punkt parameters, and only with them."""
+    from coco_accel.preprocess import SpanBuilder, load_sentence_splitter
+    from coco_accel.wordpiece import load_backend_tokenizer
+
+    tok = load_backend_tokenizer(minilm_path)
+    splitter, _ = load_sentence_splitter()
+
+    def key(dataset="d0", features="f", tokenizer=tok, **changes):
+        settings = dict(max_span_tokens=30, seed=42, eval_fraction=0.0, id_type="uint16") | changes
+        return SpanBuilder(tokenizer, splitter, **settings).fingerprint(dataset, features)
+
+    base = key()
+    assert key() == base  # stable within a run, and computed from values alone
+    other_tokenizer = load_backend_tokenizer(minilm_path)
+    other_tokenizer.normalizer = None
+    variants = [key(dataset="d1"), key(features="g"), key(max_span_tokens=31), key(seed=7),
+                key(eval_fraction=0.1), key(id_type="int32"), key(tokenizer=other_tokenizer)]
+    assert base not in variants and len(set(variants)) == len(variants)
+    splitter._params.abbrev_types.add("zzq")
+    try:
+        assert key() != base
+    finally:
+        splitter._params.abbrev_types.discard("zzq")
