@@ -11,15 +11,16 @@ break (where nltk's paragraph bookkeeping applies) go to nltk. `tests/test_break
 answers against nltk's on every context of real corpora and on crafted cases.
 
 `PunktSentences` is nltk's `tokenize(text)` itself (candidate scan, breaks, realignment), rewritten
-for printable-ASCII text with the standard `re` module: nltk 3.10 runs every pattern through a
-timeout-guarded `regex` wrapper and looks for the last space before each candidate one character at
-a time, which together cost more than the break decisions.
+with the standard `re` module: nltk 3.10 runs every pattern through a timeout-guarded `regex`
+wrapper and looks for the last space before each candidate one character at a time, which together
+cost more than the break decisions. Texts with a character on which the two modules' whitespace class
+disagrees (the separators U+001C-U+001F) go to nltk.
 """
 
 from __future__ import annotations
 
 import re
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 # nltk's own orthographic-context bits, so that both read the trained parameters alike
 from nltk.tokenize.punkt import _ORTHO_BEG_LC as _BEG_LC
@@ -127,10 +128,25 @@ class BreakDecider:
         return False
 
 
-# Printable ASCII plus tab, newline and carriage return: the only text on which the `re` module and
-# nltk's `regex` patterns (whose \s, \w and \d follow a different Unicode table, e.g. for \x1c-\x1f)
-# are known to agree. Anything else goes to nltk.
-_UNSAFE = re.compile(r"[^\t\n\r\x20-\x7e]")
+def _whitespace_disagreements() -> Optional[re.Pattern]:
+    """Characters on which `re`'s \\s and the \\s of nltk's patterns disagree, as a character class (None
+    when they agree everywhere). nltk 3.10 compiles its patterns with the `regex` module, whose \\s
+    follows Unicode's White_Space property; `re` follows str.isspace(), which also counts \\x1c-\\x1f.
+    Punkt's sentence patterns use no other class than \\s and \\S, and no astral character is whitespace
+    in either, so the Basic Multilingual Plane is checked once (a few milliseconds)."""
+    try:
+        from nltk import redos
+
+        theirs = redos.compile(r"\s")
+    except ImportError:  # nltk before 3.10: plain `re`
+        return None
+    plane = "".join(chr(c) for c in range(0x10000) if not 0xD800 <= c <= 0xDFFF)
+    ours = {m.start() for m in re.finditer(r"\s", plane)}
+    differ = sorted(ours ^ {m.start() for m in theirs.finditer(plane)})
+    return re.compile("[" + "".join(re.escape(plane[i]) for i in differ) + "]") if differ else None
+
+
+_ASCII_WHITESPACE = " \t\n\r\x0b\x0c"  # string.whitespace, what nltk looks for before a candidate
 
 
 class PunktSentences:
@@ -141,9 +157,10 @@ class PunktSentences:
         lang = splitter._lang_vars
         self.period = re.compile(lang.period_context_re().pattern, re.UNICODE | re.VERBOSE)
         self.realign = re.compile(lang.re_boundary_realignment.pattern, re.MULTILINE)
+        self.unsafe = _whitespace_disagreements()  # texts with these characters go to nltk
 
     def __call__(self, text: str) -> list[str]:
-        if _UNSAFE.search(text):
+        if self.unsafe is not None and self.unsafe.search(text):
             return self.splitter.tokenize(text)
         return self._realigned(text, self._slices(text))
 
@@ -166,8 +183,8 @@ class PunktSentences:
         for match in self.period.finditer(text):
             begin = match.start()
             before = text[prev_stop:begin]
-            # nltk's _get_last_whitespace_index: the last whitespace's index, 0 when none (or at 0)
-            space = max(before.rfind(" "), before.rfind("\n"), before.rfind("\t"), before.rfind("\r"))
+            # nltk's _get_last_whitespace_index: the last of string.whitespace, 0 when none (or at 0)
+            space = max(map(before.rfind, _ASCII_WHITESPACE))
             word_start = space + prev_stop + 1 if space > 0 else prev_start
             if prev is not None and prev_stop <= word_start:
                 last_break = consider(prev, prev_start, prev_stop, last_break)
