@@ -4,8 +4,12 @@ A BERT uncased tokenizer cleans and lowercases the text, splits it into words at
 punctuation, and tokenizes every word on its own. For ASCII text without control characters the
 cleaning is the identity and the split is one regular expression, so a sentence's ids are the
 concatenation of its words' ids, and a word's ids never change: they are computed once by the Rust
-model and kept (as are those of whitespace-separated chunks, so that the hot path is str.split). Any other sentence (accents, CJK, control characters) goes to the full Rust
-tokenizer. `tests/test_wordpiece.py` checks equality with the Rust tokenizer sentence by sentence.
+model and kept (as are those of whitespace-separated chunks, so that the hot path is str.split).
+Other sentences (accents, CJK, typographic punctuation) are cut at whitespace too, and each chunk
+that is not printable ASCII gets its ids from the full Rust pipeline once; sentences with characters
+that Python splits at but BERT deletes (vertical tab, form feed, U+001C-U+001F, ...) go to the Rust
+tokenizer whole. `tests/test_wordpiece.py` checks equality with the Rust tokenizer sentence by
+sentence, over every character of the Basic Multilingual Plane.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from typing import Optional
 
 _WORDS = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")  # after lowercasing ASCII: words and single punctuation marks
 _UNSAFE = re.compile(r"[^\t\n\r\x20-\x7e]")  # anything but printable ASCII and \t \n \r
+# Characters str.split() splits at but BERT's normalizer deletes as control characters (or keeps):
+# only sentences without them can be cut into whitespace-free chunks the way BERT cuts them.
+_SPLIT_DISAGREES = re.compile("[\x0b\x0c\x1c-\x1f\x85\u2028\u2029]")
 
 
 def _is_bert_uncased(spec: dict) -> bool:
@@ -96,6 +103,24 @@ class _ChunkIds(dict):
         return ids
 
 
+class _RawChunkIds(dict):
+    """Any other whitespace-free chunk ("Café", "naïve,", "中文") -> its ids from the full Rust pipeline
+    (normalizer included). BERT's normalizer and pre-tokenizer act on each character, or split at
+    whitespace, so a chunk's ids are the same alone as inside its sentence."""
+
+    def __init__(self, tokenizer, limit: int):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.limit = limit
+
+    def __missing__(self, chunk: str) -> tuple:
+        if len(self) >= self.limit:
+            self.clear()
+        ids = tuple(self.tokenizer.encode(chunk, add_special_tokens=False).ids)
+        self[chunk] = ids
+        return ids
+
+
 class SentenceEncoder:
     """`encode(sentences) -> [ids]` without special tokens, for any tokenizer; fast for BERT uncased."""
 
@@ -105,6 +130,7 @@ class SentenceEncoder:
         spec = json.loads(tokenizer.to_str())
         self.words: Optional[_WordIds] = _WordIds(tokenizer.model, cache_words) if _is_bert_uncased(spec) else None
         self.chunks = _ChunkIds(self.words, cache_words) if self.words is not None else None
+        self.raw_chunks = _RawChunkIds(tokenizer, cache_words) if self.words is not None else None
 
     def __getstate__(self) -> dict:
         # the word table is a cache: pickled (and hashed by `datasets`) empty, so fingerprints do not drift
@@ -112,6 +138,7 @@ class SentenceEncoder:
         if self.words is not None:
             state["words"] = _WordIds(self.words.model, self.words.limit)
             state["chunks"] = _ChunkIds(state["words"], self.chunks.limit)
+            state["raw_chunks"] = _RawChunkIds(self.tokenizer, self.raw_chunks.limit)
         return state
 
     @property
@@ -125,14 +152,21 @@ class SentenceEncoder:
         slow = []
         get = self.chunks.__getitem__
         for i, sentence in enumerate(sentences):
-            if _UNSAFE.search(sentence):
-                slow.append(i)
-            else:
+            if not _UNSAFE.search(sentence):  # printable ASCII: lowercase the sentence, cached chunks
                 out[i] = list(chain.from_iterable(map(get, sentence.lower().split())))
+            elif _SPLIT_DISAGREES.search(sentence):
+                slow.append(i)
+            else:  # chunk by chunk: printable-ASCII chunks as above, others through the Rust pipeline
+                out[i] = list(chain.from_iterable(self._mixed_chunk(c) for c in sentence.split()))
         if slow:
             for i, ids in zip(slow, self._rust([sentences[i] for i in slow])):
                 out[i] = ids
         return out
+
+    def _mixed_chunk(self, chunk: str) -> tuple:
+        if chunk.isascii() and chunk.isprintable():
+            return self.chunks[chunk.lower()]
+        return self.raw_chunks[chunk]
 
     def _rust(self, sentences: list[str]) -> list[list[int]]:
         if not sentences:

@@ -100,3 +100,27 @@ def test_backend_tokenizer_is_what_auto_tokenizer_builds(tmp_path, tokenizer_pat
     assert _spec(got) == _spec(expected)
     if config_change:  # the config wins over tokenizer.json in transformers, and so here
         assert _spec(got)["normalizer"]["lowercase"] is False
+
+
+def test_every_bmp_character_in_context_matches_rust(tokenizer_path):
+    """Each character of the Basic Multilingual Plane, inside a word, alone between spaces and next to
+    punctuation, in sentences that also hold plain ASCII words: the chunk-by-chunk path (or its
+    fallback) gives the Rust tokenizer's ids."""
+    rust = _rust(tokenizer_path)
+    encoder = SentenceEncoder(rust)
+    chars = [chr(c) for c in range(0x10000) if not 0xD800 <= c <= 0xDFFF]
+    for start in range(0, len(chars), 4096):
+        sentences = [f"Caf{c}s x{c}y {c} ({c}). pl{c}in ASCII words, {c}{c}" for c in chars[start:start + 4096]]
+        _assert_same(encoder, rust, sentences)
+    assert len(encoder.raw_chunks) > 1000  # most of them went chunk by chunk, not to Rust whole
+
+
+def test_unicode_sentences_match_rust(tokenizer_path):
+    rust = _rust(tokenizer_path)
+    encoder = SentenceEncoder(rust)
+    sentences = ["\u201cQuoted\u201d caf\u00e9 \u2013 na\u00efve r\u00e9sum\u00e9\u2019s \u00c9T\u00c9 \u039f\u0394\u039f\u03a3 \u03a3\u0391\u03a3 x",
+                 "\u0130stanbul \u0131 \u00df STRASSE \ufb01ne \u2126 \u212a", "a\u0301b\u0327c e\u0308\u0301 \u1100\u1161",
+                 "\u4e2d\u6587abc\u5b57 \u3002\u3001 \uff08full\uff09 \uff21\uff22", "emoji \U0001f600 astral \U00010348 x",
+                 "nbsp\u00a0word em\u2003space ideo\u3000space zw\u200bj\u200dn", "line\u2028sep para\u2029sep nel\x85x"]
+    _assert_same(encoder, rust, sentences)
+    _assert_same(encoder, rust, sentences)
