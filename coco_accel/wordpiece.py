@@ -133,13 +133,21 @@ class SentenceEncoder:
         self.raw_chunks = _RawChunkIds(tokenizer, cache_words) if self.words is not None else None
 
     def __getstate__(self) -> dict:
-        # the word table is a cache: pickled (and hashed by `datasets`) empty, so fingerprints do not drift
+        # The tables are caches: pickled as their size limit only (the WordPiece model would travel twice,
+        # once inside the tokenizer), rebuilt empty in the worker process.
         state = dict(vars(self))
         if self.words is not None:
-            state["words"] = _WordIds(self.words.model, self.words.limit)
-            state["chunks"] = _ChunkIds(state["words"], self.chunks.limit)
-            state["raw_chunks"] = _RawChunkIds(self.tokenizer, self.raw_chunks.limit)
+            state["words"] = state["chunks"] = state["raw_chunks"] = None
+            state["cache_limit"] = self.words.limit
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        limit = state.pop("cache_limit", None)
+        vars(self).update(state)
+        if limit is not None:
+            self.words = _WordIds(self.tokenizer.model, limit)
+            self.chunks = _ChunkIds(self.words, limit)
+            self.raw_chunks = _RawChunkIds(self.tokenizer, limit)
 
     @property
     def fast(self) -> bool:
