@@ -129,7 +129,7 @@ def key64(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
 
 
-def group_spans(sentences: list[list[int]], breaks: np.ndarray, max_tokens: int) -> list[list[int]]:
+def group_spans(sentences: list[list[int]], breaks: Sequence[bool], max_tokens: int) -> list[list[int]]:
     """Group tokenized sentences into spans. breaks[i] is True where a span may start before sentence i."""
     spans: list[list[int]] = []
     current: list[int] = []
@@ -139,7 +139,7 @@ def group_spans(sentences: list[list[int]], breaks: np.ndarray, max_tokens: int)
         if current and (brk or len(current) + len(sent) > max_tokens):
             spans.append(current)
             current = []
-        current = current + sent
+        current.extend(sent)
     if current:
         spans.append(current)
     return spans
@@ -223,7 +223,8 @@ class SpanBuilder:
         counts = np.array([len(t) for t in tokens], dtype=np.int64)
         doc_of = np.repeat(np.arange(len(tokens)), counts)
         index = np.arange(len(doc_of)) - np.repeat(np.cumsum(counts) - counts, counts)
-        breaks = keyed_uniform(self.seed, corpus_keys[doc_of], doc_keys[doc_of], index, SPAN_BREAK) < BREAK_PROBABILITY
+        breaks = (keyed_uniform(self.seed, corpus_keys[doc_of], doc_keys[doc_of], index, SPAN_BREAK)
+                  < BREAK_PROBABILITY).tolist()
         kept_spans, spans_per_doc, out_drop = [], [], []
         start = 0
         for toks, reject in zip(tokens, batch["reject"]):
