@@ -19,6 +19,7 @@ disagrees (the separators U+001C-U+001F) go to nltk.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import NamedTuple, Optional
 
@@ -53,6 +54,9 @@ class BreakDecider:
         self.token_cls = splitter._Token
         self.words: dict[str, _Word] = {}
         self.limit = limit
+        # nltk's word pattern on `re` (see PunktSentences), for contexts free of the disputed separators
+        self.word_re = re.compile(self.lang._word_tokenizer_re().pattern, re.UNICODE | re.VERBOSE)
+        self.unsafe = _whitespace_disagreements()
 
     def _word(self, tok: str) -> _Word:
         word = self.words.get(tok)
@@ -115,7 +119,9 @@ class BreakDecider:
             return self.fallback(context)
         if not context.strip():
             return False
-        words = [self._word(tok) for tok in self.lang.word_tokenize(context)]
+        safe = self.unsafe is None or not self.unsafe.search(context)
+        tokens = self.word_re.findall(context) if safe else self.lang.word_tokenize(context)
+        words = [self._word(tok) for tok in tokens]
         found = False
         for i, w in enumerate(words):
             if found:
@@ -128,6 +134,7 @@ class BreakDecider:
         return False
 
 
+@functools.lru_cache(maxsize=None)
 def _whitespace_disagreements() -> Optional[re.Pattern]:
     """Characters on which `re`'s \\s and the \\s of nltk's patterns disagree, as a character class (None
     when they agree everywhere). nltk 3.10 compiles its patterns with the `regex` module, whose \\s
