@@ -32,5 +32,5 @@ def test_step_benchmark_runs_every_row_kind(minilm_path):
 
 
 def test_preprocess_benchmark_runs(minilm_path):
-    result = _last_json(["benchmarks/preprocess_throughput.py", "--repeat", "2", "--mix"])
-    assert result["docs"] > 0 and result["mixed"] and result["speedup"] > 0
+    result = _last_json(["benchmarks/preprocess_throughput.py", "--repeat", "2", "--mix", "--unicode"])
+    assert result["docs"] > 0 and result["mixed"] and result["unicode"] and result["speedup"] > 0
