@@ -18,7 +18,6 @@ import json
 import re
 from itertools import chain
 from pathlib import Path
-from typing import Optional
 
 _WORDS = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")  # after lowercasing ASCII: words and single punctuation marks
 _UNSAFE = re.compile(r"[^\t\n\r\x20-\x7e]")  # anything but printable ASCII and \t \n \r
@@ -69,56 +68,36 @@ def load_backend_tokenizer(folder: str):
     return rust
 
 
-class _WordIds(dict):
-    """word -> tuple of ids, filled by the Rust WordPiece model on first sight (max chars -> [UNK] included)."""
+class _Memo(dict):
+    """key -> tuple of ids, computed by `ids_of` on first sight; bounded memory on huge corpora (a full
+    table starts over)."""
 
-    def __init__(self, model, limit: int):
+    def __init__(self, ids_of, limit: int):
         super().__init__()
-        self.model = model
+        self.ids_of = ids_of
         self.limit = limit
 
-    def __missing__(self, word: str) -> tuple:
-        if len(self) >= self.limit:  # bounded memory on huge corpora: start over
-            self.clear()
-        ids = tuple(t.id for t in self.model.tokenize(word))
-        self[word] = ids
-        return ids
-
-
-class _ChunkIds(dict):
-    """whitespace-free chunk ("(1999)," or "word") -> tuple of ids: its words' ids in order. Splitting at
-    whitespace is C-fast and chunks repeat like words, so the regular expression runs once per new
-    chunk, not once per sentence."""
-
-    def __init__(self, words: _WordIds, limit: int):
-        super().__init__()
-        self.words = words
-        self.limit = limit
-
-    def __missing__(self, chunk: str) -> tuple:
+    def __missing__(self, key: str) -> tuple:
         if len(self) >= self.limit:
             self.clear()
-        ids = tuple(chain.from_iterable(map(self.words.__getitem__, _WORDS.findall(chunk))))
-        self[chunk] = ids
+        ids = self[key] = tuple(self.ids_of(key))
         return ids
 
 
-class _RawChunkIds(dict):
-    """Any other whitespace-free chunk ("Café", "naïve,", "中文") -> its ids from the full Rust pipeline
-    (normalizer included). BERT's normalizer and pre-tokenizer act on each character, or split at
-    whitespace, so a chunk's ids are the same alone as inside its sentence."""
-
-    def __init__(self, tokenizer, limit: int):
-        super().__init__()
-        self.tokenizer = tokenizer
-        self.limit = limit
-
-    def __missing__(self, chunk: str) -> tuple:
-        if len(self) >= self.limit:
-            self.clear()
-        ids = tuple(self.tokenizer.encode(chunk, add_special_tokens=False).ids)
-        self[chunk] = ids
-        return ids
+def _tables(tokenizer, limit: int) -> tuple[_Memo, _Memo, _Memo]:
+    """The encoder's memo tables, empty:
+    - words: word -> its ids from the Rust WordPiece model (max chars -> [UNK] included);
+    - chunks: whitespace-free printable-ASCII chunk ("(1999)," or "word", lowercased) -> its words' ids
+      in order. Splitting at whitespace is C-fast and chunks repeat like words, so the regular
+      expression runs once per new chunk;
+    - raw chunks: any other whitespace-free chunk ("Café", "naïve,", "中文") -> its ids from the full
+      Rust pipeline (normalizer included). BERT's normalizer and pre-tokenizer act on each character,
+      or split at whitespace, so a chunk's ids are the same alone as inside its sentence."""
+    model = tokenizer.model
+    words = _Memo(lambda word: (t.id for t in model.tokenize(word)), limit)
+    chunks = _Memo(lambda chunk: chain.from_iterable(map(words.__getitem__, _WORDS.findall(chunk))), limit)
+    raw = _Memo(lambda chunk: tokenizer.encode(chunk, add_special_tokens=False).ids, limit)
+    return words, chunks, raw
 
 
 class SentenceEncoder:
@@ -128,9 +107,9 @@ class SentenceEncoder:
         """tokenizer: a `tokenizers.Tokenizer` without truncation or padding."""
         self.tokenizer = tokenizer
         spec = json.loads(tokenizer.to_str())
-        self.words: Optional[_WordIds] = _WordIds(tokenizer.model, cache_words) if _is_bert_uncased(spec) else None
-        self.chunks = _ChunkIds(self.words, cache_words) if self.words is not None else None
-        self.raw_chunks = _RawChunkIds(tokenizer, cache_words) if self.words is not None else None
+        self.words = self.chunks = self.raw_chunks = None  # memo tables, for BERT uncased only
+        if _is_bert_uncased(spec):
+            self.words, self.chunks, self.raw_chunks = _tables(tokenizer, cache_words)
 
     def __getstate__(self) -> dict:
         # The tables are caches: pickled as their size limit only (the WordPiece model would travel twice,
@@ -145,9 +124,7 @@ class SentenceEncoder:
         limit = state.pop("cache_limit", None)
         vars(self).update(state)
         if limit is not None:
-            self.words = _WordIds(self.tokenizer.model, limit)
-            self.chunks = _ChunkIds(self.words, limit)
-            self.raw_chunks = _RawChunkIds(self.tokenizer, limit)
+            self.words, self.chunks, self.raw_chunks = _tables(self.tokenizer, limit)
 
     @property
     def fast(self) -> bool:
