@@ -115,21 +115,24 @@ def test_decoder_cross_entropy_equals_the_loss_on_full_logits(monkeypatch, chunk
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
 
 
-def test_decoder_cross_entropy_under_bf16_autocast_and_its_fallbacks():
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_decoder_cross_entropy_under_autocast_and_its_fallbacks(half):
     from coco_accel.losses import decoder_cross_entropy
 
     torch.manual_seed(0)
     decoder = torch.nn.Linear(16, 40)
     features = torch.randn(20, 16, requires_grad=True)
     targets = torch.randint(0, 40, (20,))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=half):
         fused = decoder_cross_entropy(features, decoder, targets, 1.0)
         plain = masked_lm_loss(decoder(features), targets, 1.0)
     assert fused.dtype == torch.float32
-    torch.testing.assert_close(fused, plain, rtol=1e-3, atol=1e-3)  # same bf16 logits, fp32 softmax
-    (g_fused,) = torch.autograd.grad(fused, features)
-    (g_plain,) = torch.autograd.grad(plain, features)
-    torch.testing.assert_close(g_fused, g_plain, rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(fused, plain, rtol=1e-3, atol=1e-3)  # same half logits, fp32 softmax
+    g_fused = torch.autograd.grad(fused * 1024.0, [features, decoder.weight, decoder.bias])  # a loss scale
+    g_plain = torch.autograd.grad(plain * 1024.0, [features, decoder.weight, decoder.bias])
+    for a, b in zip(g_fused, g_plain):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a / 1024.0, b / 1024.0, rtol=2e-2, atol=2e-3)
     with torch.no_grad():  # no gradient wanted: the plain computation
         assert decoder_cross_entropy(features, decoder, targets, 1.0).item() == pytest.approx(
             masked_lm_loss(decoder(features), targets, 1.0).item())
