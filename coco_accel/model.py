@@ -225,9 +225,16 @@ class Condenser(nn.Module):
         span = np.repeat(np.arange(n), lens)  # per real token: its span
         within = np.arange(len(span)) - np.repeat(np.cumsum(lens) - lens, lens)  # its position in the span
         first_slots = np.asarray(row_of, dtype=np.int64) * capacity + np.asarray(offset_of, dtype=np.int64)
-        dest = torch.from_numpy(np.repeat(first_slots, lens) + within).to(device)
-        starts = torch.from_numpy(first_slots).to(device)  # each span's first slot in the flattened rows
-        src = torch.from_numpy(span * width + within).to(device)
+        # masked tokens in span order: their slots in the packed rows and their places in `labels`
+        span_m, pos_m = np.nonzero(host[:, 1:].astype(bool) & (np.arange(width)[None, :] < lens[:, None]))
+        # Every index in ONE host-to-device copy, made now: a blocking copy waits for all queued work.
+        parts = (np.repeat(first_slots, lens) + within,  # dest: each real token's slot
+                 first_slots,  # starts: each span's first slot in the flattened rows
+                 span * width + within,  # src: each real token's place in the input
+                 first_slots[span_m] + pos_m,  # slots: each masked token's slot
+                 span_m * width + pos_m)  # each masked token's place in the input
+        dest, starts, src, slots, masked = torch.from_numpy(np.concatenate(parts)).to(device).split(
+            [len(x) for x in parts])
 
         def packed(values: torch.Tensor, fill: int) -> torch.Tensor:
             out = torch.full((rows * capacity,), fill, dtype=values.dtype, device=device)
@@ -256,10 +263,7 @@ class Condenser(nn.Module):
         hidden = torch.where(first.view(rows, capacity, 1), last, skip)  # each span: [its CLS; skip tokens]
         for layer in self.c_head:
             hidden = layer(hidden, mask)
-        # masked tokens in span order: their slots in the packed rows and their places in `labels`
-        span_m, pos_m = np.nonzero(host[:, 1:].astype(bool) & (np.arange(width)[None, :] < lens[:, None]))
-        slots = torch.from_numpy(first_slots[span_m] + pos_m).to(device)
-        targets = labels.reshape(-1)[torch.from_numpy(span_m * width + pos_m).to(device)]
+        targets = labels.reshape(-1)[masked]
         transform, decoder = self._mlm_parts()
         last = last.reshape(rows * capacity, -1)
         return CondenserOutput(cls=last[starts], head_features=transform(hidden.reshape(rows * capacity, -1)[slots]),
