@@ -40,36 +40,9 @@ MAP_BATCH_SIZE = 1024  # documents per datasets.map batch
 # sentences
 
 
-class _SkipScipy:
-    """A meta-path finder that makes `import scipy` fail (see _import_nltk)."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name == "scipy" or name.startswith("scipy."):
-            raise ImportError(f"{name} is not needed for sentence splitting")
-        return None
-
-
-def _import_nltk():
-    """`import nltk` without scipy. nltk's package __init__ imports its collocation metrics, which try
-    `from scipy.stats import fisher_exact` (and fall back when it fails): 0.4 s of a ~0.6 s import,
-    for a test Punkt never runs. When scipy is installed (pytrec_eval needs it) and not yet imported,
-    that one import fails on purpose; scipy stays importable afterwards."""
-    if "nltk" in sys.modules or "scipy" in sys.modules:
-        import nltk
-
-        return nltk
-    blocker = _SkipScipy()
-    sys.meta_path.insert(0, blocker)
-    try:
-        import nltk
-    finally:
-        sys.meta_path.remove(blocker)
-    return nltk
-
-
 def load_sentence_splitter():
     """nltk's English Punkt: nltk's own punkt_tab data when installed, else the same model built offline."""
-    nltk = _import_nltk()
+    from coco_accel.breaks import nltk  # imported there without scipy
     from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
 
     try:
@@ -105,7 +78,6 @@ def remember_breaks(splitter):
 
 def _punkt_sentences(splitter):
     """`splitter.tokenize`, the same sentences, faster (coco_accel.breaks.PunktSentences)."""
-    _import_nltk()
     from coco_accel.breaks import PunktSentences
 
     return PunktSentences(splitter)
@@ -169,8 +141,8 @@ class SpanBuilder:
         self._sentences = _punkt_sentences(splitter)
 
     def __getstate__(self) -> dict:
-        # What `datasets` hashes for its cache and pickles for worker processes: the configuration,
-        # not the memo tables, which fill up with use (a re-run must find the same fingerprint).
+        # What `datasets` pickles for worker processes: the configuration, not the memo tables (which fill
+        # up with use) nor what is rebuilt from the configuration.
         state = dict(vars(self))
         state["splitter"] = forget_breaks(self.splitter)
         del state["_sentences"]

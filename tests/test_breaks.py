@@ -84,3 +84,18 @@ def test_cisi_contexts_match_nltk_also_mixed():
     rng = random.Random(0)
     mixed = [" ".join(rng.choice(pool) for _ in range(8)) for _ in range(3000)]
     assert _assert_same(texts + mixed) > 5000
+
+
+def test_nltk_is_imported_without_scipy_which_stays_importable():
+    """Loading the splitter does not import scipy (0.4 s for a test Punkt never runs); scipy still imports
+    afterwards, and the splitter works."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("scipy")
+    code = ("import sys; from coco_accel.preprocess import load_sentence_splitter; s, _ = load_sentence_splitter(); "
+            "assert 'scipy' not in sys.modules, 'scipy imported'; "
+            "assert s.tokenize('Dr. Smith left. He came back.') == ['Dr. Smith left.', 'He came back.']; "
+            "import scipy.stats; print('ok')")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
