@@ -145,10 +145,10 @@ class Condenser(nn.Module):
         return self.mlm.config
 
     def compile_parts(self) -> None:
-        """torch.compile the backbone, each head layer and the MLM head, in place (nn.Module.compile), so
-        parameter names, checkpoints and the export are unchanged. Dynamic shapes: the number of packed
-        rows and of masked positions changes from step to step. Mask building, packing and the losses
-        stay eager."""
+        """torch.compile the backbone, each head layer and the MLM head's transform (a module in BERT), in
+        place (nn.Module.compile), so parameter names, checkpoints and the export are unchanged. Dynamic
+        shapes: the number of packed rows and of masked positions changes from step to step. Mask
+        building, packing and the losses (the vocabulary projection included) stay eager."""
         self.mlm.base_model.compile(dynamic=True)
         for layer in self.c_head:  # a ModuleList has no forward of its own to compile
             layer.compile(dynamic=True)
