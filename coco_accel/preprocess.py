@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import sys
 from dataclasses import dataclass
 from itertools import chain
@@ -141,15 +142,16 @@ class SpanBuilder:
         self._sentences = _punkt_sentences(splitter)
 
     def __getstate__(self) -> dict:
-        # What `datasets` pickles for worker processes: the configuration, not the memo tables (which fill
-        # up with use) nor what is rebuilt from the configuration.
+        # What `datasets` pickles for each worker process: the configuration, not the memo tables (which
+        # fill up with use) nor what is rebuilt from the configuration. As one blob of the C pickler:
+        # datasets pickles with dill, in pure Python, which took 37 ms for the Punkt tables (C: 5 ms).
         state = dict(vars(self))
         state["splitter"] = forget_breaks(self.splitter)
         del state["_sentences"]
-        return state
+        return {"blob": pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)}
 
     def __setstate__(self, state: dict) -> None:
-        vars(self).update(state)
+        vars(self).update(pickle.loads(state["blob"]))
         remember_breaks(self.splitter)
         self._sentences = _punkt_sentences(self.splitter)
 
