@@ -2,7 +2,9 @@
 # Every GPU check in one go (about 4 minutes on one H100/H200):
 #   1. benchmarks/step_throughput.py on BERT-base: reference style vs ours at 128, 512 and 2048
 #      documents per step (LAYOUTS: packed rows, length groups), gradient caching, torch.compile
-#      (COMPILE=--no-compile leaves it out);
+#      (COMPILE=--no-compile leaves it out); then benchmarks/step_profile.py: the step's time by kind
+#      of kernel, eager and compiled, and the reference's (PROFILE=0 skips it, PROFILE_COMPILE= keeps
+#      it eager);
 #   2. the real trainer (accelerate launch, data loader, collator, optimizer) on ONE GPU at the
 #      paper's 2048-document global batch, BERT-base from a config (TRAIN_MODES: plain, gradient-cached,
 #      torch.compile);
@@ -31,6 +33,11 @@ echo "== 1. step benchmark"
 $py benchmarks/step_throughput.py --device cuda --our_docs ${DOCS:-128,512,2048} \
     --layouts=${LAYOUTS:-pack128,pack256,bucket-1} --cache_chunk ${CHUNKS:-1024,2048} ${COMPILE:-} \
     2>&1 | tee "$out/step_throughput.txt"
+
+echo "== 1b. where the step's time goes (PROFILE=0 skips; the compiled profile compiles for about a minute)"
+if [ "${PROFILE:-1}" != 0 ]; then
+    $py benchmarks/step_profile.py --device cuda --reference ${PROFILE_COMPILE---compile} 2>&1 | tee "$out/step_profile.txt"
+fi
 
 echo "== 2. the trainer at 2048 documents per step on one GPU"
 $py - "$tok" "$work/bert-base" <<'EOF'

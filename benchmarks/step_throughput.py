@@ -56,8 +56,9 @@ def make_model(preset: str, attn: str, bucket_width: int, device, layout: str = 
     return model.to(device).train()
 
 
-def make_batch(docs: int, max_len: int, pad_to_max: bool, seed: int, device) -> dict:
-    """2 spans per document; whole batch masked at 15% (token level is enough for timing).
+def make_batch(docs: int, max_len: int, pad_to_max: bool, seed: int) -> dict:
+    """2 spans per document, on the host like the collator's; whole batch masked at 15% (token level is
+    enough for timing).
 
     Span lengths are a stratified sample of the reference distribution (a tenth 31-126 tokens, the rest
     8-30, plus CLS/SEP; mean 26.95), shuffled: every batch size gets the distribution's mean length.
@@ -83,16 +84,20 @@ def make_batch(docs: int, max_len: int, pad_to_max: bool, seed: int, device) -> 
     chosen[np.arange(n), lengths - 1] = False
     labels = np.where(chosen, ids, -100)
     inputs = np.where(chosen, 103, ids)
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
     return {"input_ids": t(inputs), "attention_mask": t(attention.astype(np.int64)), "labels": t(labels)}
 
 
-def reference_step(model: Condenser, batch: dict, optimizer, autocast_dtype) -> None:
+def on(device, batch: dict) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def reference_step(model: Condenser, batch: dict, optimizer, autocast_dtype, scaler) -> None:
     """The reference's step: its loss, fp16 GradScaler on GPU, unfused AdamW."""
     loss = reference_loss(model, batch, autocast_dtype)
-    _SCALER.scale(loss).backward()
-    _SCALER.step(optimizer)
-    _SCALER.update()
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
     optimizer.zero_grad(set_to_none=True)
 
 
@@ -121,27 +126,25 @@ def same_loss(preset: str, docs: int, max_len: int, width: int, device, layout: 
     ref = make_model(preset, "eager", 0, device).eval()
     ours = make_model(preset, "sdpa", width, device, layout).eval()
     with torch.no_grad():
-        a = float(reference_loss(ref, make_batch(docs, max_len, True, 0, device), None))
-        b = float(plain_step(ours, make_batch(docs, max_len, False, 0, device), lambda loss, last: None,
-                             StepSettings()).loss)
+        a = float(reference_loss(ref, on(device, make_batch(docs, max_len, True, 0)), None))
+        host = make_batch(docs, max_len, False, 0)
+        b = float(plain_step(ours, on(device, host), lambda loss, last: None, StepSettings(), host).loss)
     return {"reference_loss": a, "ours_loss": b, "abs_diff": abs(a - b)}
 
 
-_SCALER = None
-
-
-def our_step(model: Condenser, batch: dict, optimizer, autocast_dtype, cache_chunk: int) -> int:
-    """One training step; returns the tokens the encoder computed (padding of the length groups included)."""
+def our_step(model: Condenser, batch: dict, host: dict, optimizer, autocast_dtype, cache_chunk: int) -> int:
+    """One training step, planned from the host copy of the batch as the trainer does; returns the tokens
+    the encoder computed (padding of the length groups included)."""
     settings = StepSettings()
     backward = lambda loss, last: loss.backward()
     with torch.autocast(batch["input_ids"].device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         if cache_chunk > 0:
-            parts = cached_step(model, batch, backward, settings, cache_chunk)
+            parts = cached_step(model, batch, backward, settings, cache_chunk, host=host)
         else:
-            parts = plain_step(model, batch, backward, settings)
+            parts = plain_step(model, batch, backward, settings, host)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return int(parts.padded_tokens)
+    return parts.computed_tokens
 
 
 def useful_flops_per_token(model: Condenser, avg_len: float) -> float:
@@ -173,7 +176,6 @@ def measure(fn, steps: int, device) -> tuple[float, float, object]:
 
 
 def main(argv=None) -> int:
-    global _SCALER
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="default: minilm on CPU, bert-base on GPU")
@@ -205,7 +207,7 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name() if gpu else "CPU"
     ref_dtype = torch.float16 if gpu else None
     our_dtype = torch.bfloat16 if gpu else None
-    _SCALER = torch.amp.GradScaler(enabled=gpu)
+    scaler = torch.amp.GradScaler(enabled=gpu)
     rows = []
     check = same_loss(preset, min(ref_docs, 16), args.max_seq_length, args.bucket_width, device,
                       args.layouts.split(",")[0])
@@ -227,27 +229,29 @@ def main(argv=None) -> int:
 
     model = make_model(preset, "eager", 0, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    batch = make_batch(ref_docs, args.max_seq_length, True, 0, device)
-    record("reference", ref_docs, lambda: reference_step(model, batch, opt, ref_dtype), batch, model)
+    batch = on(device, make_batch(ref_docs, args.max_seq_length, True, 0))
+    record("reference", ref_docs, lambda: reference_step(model, batch, opt, ref_dtype, scaler), batch, model)
     del model, opt
     costs = args.layouts.split(",")
     for cost in costs:
         model = make_model(preset, "sdpa", args.bucket_width, device, cost)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=gpu or None)
         for docs in sorted(set(our_docs + [ref_docs])):
-            batch = make_batch(docs, args.max_seq_length, False, 0, device)
-            record("ours", docs, lambda: our_step(model, batch, opt, our_dtype, 0), batch, model, cost)
+            host = make_batch(docs, args.max_seq_length, False, 0)
+            batch = on(device, host)
+            record("ours", docs, lambda: our_step(model, batch, host, opt, our_dtype, 0), batch, model, cost)
             if (gpu or args.cache_row) and docs == max(our_docs) and cost == costs[0]:
                 for chunk in (int(x) for x in (args.cache_chunk or ("1024,2048" if gpu else "512")).split(",")):
                     record(f"ours + gradient cache ({chunk} spans/chunk)", docs,
-                           lambda: our_step(model, batch, opt, our_dtype, chunk), batch, model, cost)
+                           lambda: our_step(model, batch, host, opt, our_dtype, chunk), batch, model, cost)
             if gpu:
                 torch.cuda.empty_cache()
         if compile_rows and cost == costs[0]:
             model.compile_parts()  # dynamic shapes: compiled once, for every batch size
             for docs in sorted(set(our_docs + [ref_docs]), reverse=True):
-                batch = make_batch(docs, args.max_seq_length, False, 0, device)
-                record("ours + torch.compile", docs, lambda: our_step(model, batch, opt, our_dtype, 0), batch,
+                host = make_batch(docs, args.max_seq_length, False, 0)
+                batch = on(device, host)
+                record("ours + torch.compile", docs, lambda: our_step(model, batch, host, opt, our_dtype, 0), batch,
                        model, cost)
                 if gpu:
                     torch.cuda.empty_cache()

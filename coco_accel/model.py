@@ -57,6 +57,20 @@ def auto_call_cost(device: torch.device) -> int:
     return 8192 if device.type == "cuda" else 64
 
 
+def host_layout(attention_mask: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    """What packing and length groups are planned from, on the host: int32 [N, 1 + L], each row's length
+    followed by 1 where the row has a label. Read from the collator's CPU batch it costs nothing; read
+    from device tensors it is a transfer that waits for all the work queued before it."""
+    return torch.cat([attention_mask.sum(dim=1, keepdim=True), labels != -100], dim=1).to(torch.int32).cpu().numpy()
+
+
+def to_device(values: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on `device` without waiting for the device: a plain (blocking) copy to a GPU waits
+    for every queued kernel, the previous step's included. Pinned, the copy is queued like a kernel."""
+    t = torch.from_numpy(values)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 def pack_rows(lengths: list[int], capacity: int) -> tuple[list[int], list[int], int]:
     """Best-fit-decreasing packing of spans into rows of `capacity` tokens: (row, offset) of every span
     and the number of rows. Deterministic in the lengths alone, so a gradient-cache replay packs alike."""
@@ -176,8 +190,11 @@ class Condenser(nn.Module):
         out = self.mlm.base_model(input_ids=input_ids, attention_mask=attention_mask)
         return out.last_hidden_state[:, 0]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> CondenserOutput:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                layout: Optional[np.ndarray] = None) -> CondenserOutput:
         """input_ids, attention_mask, labels: [N, L] (right-padded); labels hold -100 where nothing is predicted.
+        layout: `host_layout` of the same rows, read from the batch while it was still on the host; without
+        it, packing and length groups read it from the device, a wait for all the work queued before.
 
         With `length_bucket_width` w > 0, rows are grouped by length (see `length_groups`) and each
         group runs cut to its own widest row: spans average ~27 tokens but a tenth run to 128, and
@@ -185,40 +202,40 @@ class Condenser(nn.Module):
         the result is the padded computation's up to float rounding; CLS rows come back in input order.
         """
         if self.pack_length > 0:
-            return self._forward_packed(input_ids, attention_mask, labels)
+            layout = host_layout(attention_mask, labels) if layout is None else layout
+            return self._forward_packed(input_ids, labels, layout)
         if self.length_bucket_width <= 0 or input_ids.shape[0] <= 1:
             return self._forward_rows(input_ids, attention_mask, labels)
-        lengths = attention_mask.sum(dim=1).tolist()  # one host sync; group shapes must be known on the host
+        layout = host_layout(attention_mask, labels) if layout is None else layout
+        lengths = layout[:, 0].tolist()  # group shapes must be known on the host
         call_cost = self.bucket_call_cost if self.bucket_call_cost >= 0 else auto_call_cost(input_ids.device)
         groups = length_groups(lengths, self.length_bucket_width, input_ids.shape[1], call_cost)
         if len(groups) == 1:
             width = groups[0][0]
             return self._forward_rows(input_ids[:, :width], attention_mask[:, :width], labels[:, :width])
-        parts, rows = [], []
-        for width, members in groups:
-            idx = torch.tensor(members, device=input_ids.device)
+        order = to_device(np.concatenate([np.asarray(members, dtype=np.int64) for _, members in groups]),
+                          input_ids.device)  # the rows, group after group
+        parts = []
+        for (width, _), idx in zip(groups, order.split([len(members) for _, members in groups])):
             parts.append(self._forward_rows(input_ids[idx, :width], attention_mask[idx, :width], labels[idx, :width]))
-            rows.append(idx)
         inverse = torch.empty(len(lengths), dtype=torch.long, device=input_ids.device)
-        inverse[torch.cat(rows)] = torch.arange(len(lengths), device=input_ids.device)
+        inverse[order] = torch.arange(len(lengths), device=input_ids.device)
         backbone = torch.cat([p.backbone_features for p in parts]) if self.late_mlm else None
         return CondenserOutput(cls=torch.cat([p.cls for p in parts])[inverse],
                                head_features=torch.cat([p.head_features for p in parts]), backbone_features=backbone,
                                targets=torch.cat([p.targets for p in parts]),
                                computed_tokens=sum(p.computed_tokens for p in parts), decoder=parts[0].decoder)
 
-    def _forward_packed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        labels: torch.Tensor) -> CondenserOutput:
+    def _forward_packed(self, input_ids: torch.Tensor, labels: torch.Tensor, layout: np.ndarray) -> CondenserOutput:
         """All spans in ONE encoder call, concatenated into rows of `pack_length` tokens (longer when a span
         is): attention is block-diagonal (each span sees only itself) and positions restart at every span,
-        so each span is computed exactly as alone, without padding and without a call per length group."""
+        so each span is computed exactly as alone, without padding and without a call per length group.
+
+        The packing and the masked slots are planned on the host from `layout`, so nothing in the step
+        waits for the device (boolean indexing would, mid-forward)."""
         n, width = input_ids.shape
         device = input_ids.device
-        # One host sync, before any work is queued: the packing and the masked slots are planned on the host,
-        # so that nothing later in the step waits for the device (boolean indexing would, mid-forward).
-        host = torch.cat([attention_mask.sum(dim=1, keepdim=True), (labels != -100)], dim=1).to(torch.int32).cpu()
-        host = host.numpy()
-        lens = host[:, 0].astype(np.int64)
+        lens = layout[:, 0].astype(np.int64)
         lengths = lens.tolist()
         capacity = -(-max(self.pack_length, max(lengths)) // 8) * 8  # aligned rows suit the attention kernels
         row_of, offset_of, rows = pack_rows(lengths, capacity)
@@ -226,15 +243,14 @@ class Condenser(nn.Module):
         within = np.arange(len(span)) - np.repeat(np.cumsum(lens) - lens, lens)  # its position in the span
         first_slots = np.asarray(row_of, dtype=np.int64) * capacity + np.asarray(offset_of, dtype=np.int64)
         # masked tokens in span order: their slots in the packed rows and their places in `labels`
-        span_m, pos_m = np.nonzero(host[:, 1:].astype(bool) & (np.arange(width)[None, :] < lens[:, None]))
-        # Every index in ONE host-to-device copy, made now: a blocking copy waits for all queued work.
+        span_m, pos_m = np.nonzero(layout[:, 1:].astype(bool) & (np.arange(width)[None, :] < lens[:, None]))
+        # Every index in ONE host-to-device copy, queued ahead of the encoder.
         parts = (np.repeat(first_slots, lens) + within,  # dest: each real token's slot
                  first_slots,  # starts: each span's first slot in the flattened rows
                  span * width + within,  # src: each real token's place in the input
                  first_slots[span_m] + pos_m,  # slots: each masked token's slot
                  span_m * width + pos_m)  # each masked token's place in the input
-        dest, starts, src, slots, masked = torch.from_numpy(np.concatenate(parts)).to(device).split(
-            [len(x) for x in parts])
+        dest, starts, src, slots, masked = to_device(np.concatenate(parts), device).split([len(x) for x in parts])
 
         def packed(values: torch.Tensor, fill: int) -> torch.Tensor:
             out = torch.full((rows * capacity,), fill, dtype=values.dtype, device=device)

@@ -33,8 +33,24 @@ logger = logging.getLogger("coco_accel.preprocess")
 
 SPAN_BREAK, HELD_OUT = 11, 12  # keyed-random purpose tags, distinct from the training ones
 BREAK_PROBABILITY = 0.1
-SPANS_VERSION = 1  # part of the spans cache key (SpanBuilder.fingerprint): bump when the spans built change
 MAP_BATCH_SIZE = 1024  # documents per datasets.map batch
+# The code that turns corpus files into spans: part of both caches' keys, with the libraries below.
+PIPELINE_SOURCES = ("corpora.py", "masking.py", "breaks.py", "wordpiece.py", "preprocess.py")
+PIPELINE_LIBRARIES = ("nltk", "tokenizers", "datasets")
+
+
+@functools.lru_cache(maxsize=None)
+def pipeline_key() -> str:
+    """A hash of the preprocessing code and the versions of the libraries it relies on. Part of the raw
+    and span cache keys, so that a change to either rebuilds them rather than serving data an older
+    version built (no version number to remember to bump)."""
+    from importlib.metadata import version
+
+    h = hashlib.blake2b(digest_size=16)
+    for name in PIPELINE_SOURCES:
+        h.update((Path(__file__).parent / name).read_bytes())
+    h.update(repr([version(lib) for lib in PIPELINE_LIBRARIES]).encode())
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -157,12 +173,12 @@ class SpanBuilder:
 
     def fingerprint(self, dataset_fingerprint: str, features) -> str:
         """The `datasets` cache key of mapping a dataset with this builder: the input dataset's key, the
-        span settings, the tokenizer's full definition, the Punkt parameters and SPANS_VERSION. Given to
+        span settings, the tokenizer's full definition, the Punkt parameters and `pipeline_key`. Given to
         `map` as new_fingerprint, so that datasets does not pickle the whole builder (vocabulary and
         Punkt tables) to hash it on every run."""
         params = self.splitter._params
         h = hashlib.blake2b(digest_size=16)
-        for part in (str(SPANS_VERSION), dataset_fingerprint, repr(features), self.id_type,
+        for part in (pipeline_key(), dataset_fingerprint, repr(features), self.id_type,
                      repr((self.max_span_tokens, self.seed, self.eval_fraction, BREAK_PROBABILITY, MAP_BATCH_SIZE)),
                      self.encoder.tokenizer.to_str(),
                      repr((sorted(params.abbrev_types), sorted(params.collocations), sorted(params.sent_starters),
@@ -385,11 +401,8 @@ def _remove_previous_output(out: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # reading: corpus files -> cached Arrow files (one per shard), memory-mapped
 
-READER_VERSION = 1  # part of the raw cache key: bump when the readers' output changes
-
-
 def _raw_cache_file(shard: corpora.Shard, cache_dir: Path) -> Path:
-    key = json.dumps([READER_VERSION, list(shard.fingerprint), shard.start, shard.end, shard.first_line])
+    key = json.dumps([pipeline_key(), list(shard.fingerprint), shard.start, shard.end, shard.first_line])
     return cache_dir / f"raw-{hashlib.blake2b(key.encode(), digest_size=12).hexdigest()}.arrow"
 
 

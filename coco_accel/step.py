@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
+import numpy as np
 import torch
 
 from coco_accel import dist
 from coco_accel.losses import at_least_fp32, decoder_cross_entropy, span_contrastive_loss
+from coco_accel.model import host_layout, to_device
 
 
 @dataclass(frozen=True)
@@ -31,29 +33,34 @@ class StepParts:
     mlm_backbone: torch.Tensor
     contrastive: torch.Tensor
     correct: torch.Tensor  # this process's spans that ranked their sibling first
-    spans: torch.Tensor  # this process's spans
-    real_tokens: torch.Tensor  # non-padding tokens in this process's batch
-    padded_tokens: torch.Tensor  # all tokens including padding
+    spans: int  # this process's spans
+    real_tokens: int  # non-padding tokens in this process's batch
+    computed_tokens: int  # tokens the encoder computed: real ones plus the padding of packed rows or groups
 
     @property
     def loss(self) -> torch.Tensor:
         return self.mlm_head + self.mlm_backbone + self.contrastive
 
 
-def _global_counts(batch: dict) -> tuple[float, float]:
+Count = Union[float, torch.Tensor]  # a normaliser: a number, or a 0-dim tensor on the device
+
+
+def _global_counts(batch: dict, layout: np.ndarray) -> tuple[Count, Count]:
     """(masked tokens, spans) over the whole global batch, divided by the world size.
 
-    Read on the host (a sync) before the forward pass starts, when there is no queued work to wait for.
+    Counted on the host from `layout`. A single process then has plain numbers, and several keep the
+    all-reduced counts on the device: the losses divide by them there, so the step never waits for it.
     """
-    local = torch.stack([(batch["labels"] != -100).sum(), torch.tensor(batch["input_ids"].shape[0],
-                                                                        device=batch["labels"].device)])
-    total = dist.all_reduce_sum(local.to(torch.float64))
+    masked, spans = float(layout[:, 1:].sum()), float(layout.shape[0])
     world = dist.world_size()
-    return float(total[0]) / world, float(total[1]) / world
+    if world == 1:
+        return masked, spans
+    total = dist.all_reduce_sum(to_device(np.array([masked, spans]), batch["labels"].device)) / world
+    return total[0], total[1]
 
 
-def _mlm_terms(out, mlm_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
-    norm = max(mlm_norm, 1e-12)
+def _mlm_terms(out, mlm_norm: Count) -> tuple[torch.Tensor, torch.Tensor]:
+    norm = mlm_norm.clamp_min(1e-12) if isinstance(mlm_norm, torch.Tensor) else max(mlm_norm, 1e-12)
     head = decoder_cross_entropy(out.head_features, out.decoder, out.targets, norm)
     if out.backbone_features is None:
         return head, torch.zeros((), device=head.device)
@@ -63,17 +70,23 @@ def _mlm_terms(out, mlm_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
 Backward = Callable[[torch.Tensor, bool], None]  # (loss, is the step's last backward)
 
 
-def plain_step(model, batch: dict, backward: Backward, settings: StepSettings) -> StepParts:
-    """Encode the whole local batch with graph, score against the gathered global batch, backward once."""
-    mlm_norm, span_norm = _global_counts(batch)
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+def plain_step(model, batch: dict, backward: Backward, settings: StepSettings,
+               host: Optional[dict] = None) -> StepParts:
+    """Encode the whole local batch with graph, score against the gathered global batch, backward once.
+
+    host: the same batch still on the host (the collator's CPU tensors), to plan from without waiting
+    for the device."""
+    layout = _layout(batch, host)
+    mlm_norm, span_norm = _global_counts(batch, layout)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                layout=layout)
     head, backbone = _mlm_terms(out, mlm_norm)
     columns, offset = dist.gather_with_grad(out.cls)
     contrastive, correct = span_contrastive_loss(out.cls, columns, offset, span_norm,
                                                  settings.temperature, settings.normalize)
     backward(head + backbone + contrastive, True)
-    return StepParts(head.detach(), backbone.detach(), contrastive.detach(), correct,
-                     torch.tensor(out.cls.shape[0]), batch["attention_mask"].sum(), torch.tensor(out.computed_tokens))
+    return StepParts(head.detach(), backbone.detach(), contrastive.detach(), correct, layout.shape[0],
+                     int(layout[:, 0].sum()), out.computed_tokens)
 
 
 class _RandState:
@@ -90,19 +103,26 @@ class _RandState:
             torch.cuda.set_rng_state(self.cuda, self.device)
 
 
-def _chunks(batch: dict, size: int) -> list[dict]:
-    """Row chunks of `size` spans, each cut to its own longest row (less padding per chunk)."""
+def _layout(batch: dict, host: Optional[dict]) -> np.ndarray:
+    """The batch's `host_layout`: from its host copy when there is one, else read from the device."""
+    source = batch if host is None else host
+    return host_layout(source["attention_mask"], source["labels"])
+
+
+def _chunks(batch: dict, size: int, layout: np.ndarray) -> list[tuple[dict, np.ndarray]]:
+    """Row chunks of `size` spans with their layouts, each cut to its own longest row (unpacked rows
+    then pad less)."""
     out = []
-    n = batch["input_ids"].shape[0]
-    for start in range(0, n, size):
-        part = {k: batch[k][start:start + size] for k in ("input_ids", "attention_mask", "labels")}
-        width = int(part["attention_mask"].sum(dim=1).max())
-        out.append({k: v[:, :width] for k, v in part.items()})
+    for start in range(0, layout.shape[0], size):
+        rows = layout[start:start + size]
+        width = int(rows[:, 0].max())
+        part = {k: batch[k][start:start + size, :width] for k in ("input_ids", "attention_mask", "labels")}
+        out.append((part, rows[:, :1 + width]))
     return out
 
 
 def cached_step(model, batch: dict, backward: Backward, settings: StepSettings, chunk_size: int,
-                no_sync: Optional[Callable] = None) -> StepParts:
+                no_sync: Optional[Callable] = None, host: Optional[dict] = None) -> StepParts:
     """Gradient cache (Gao et al., 2021): the contrastive loss of the full global batch in bounded memory.
 
     1. Encode the local batch chunk by chunk without graph, keeping each chunk's RNG state.
@@ -111,17 +131,20 @@ def cached_step(model, batch: dict, backward: Backward, settings: StepSettings, 
        MLM + <CLS, cached gradient>: the sum of the chunks' gradients is the full-batch gradient.
     `no_sync` (DDP) defers the gradient all-reduce to the last chunk; under DeepSpeed, `backward`
     marks only the last chunk as the accumulation boundary (no loss scaling by chunk count: the
-    chunks' losses already add up to the step's loss).
+    chunks' losses already add up to the step's loss). `host` as in plain_step.
     """
-    mlm_norm, span_norm = _global_counts(batch)
-    chunks = _chunks(batch, chunk_size)
+    layout = _layout(batch, host)
+    mlm_norm, span_norm = _global_counts(batch, layout)
+    chunks = _chunks(batch, chunk_size, layout)
     device = batch["input_ids"].device
     states, reps = [], []
     with torch.no_grad():
-        for part in chunks:
+        for part, rows in chunks:
             states.append(_RandState(device))
+            unlabelled = rows.copy()
+            unlabelled[:, 1:] = 0
             reps.append(model(input_ids=part["input_ids"], attention_mask=part["attention_mask"],
-                              labels=torch.full_like(part["labels"], -100)).cls)
+                              labels=torch.full_like(part["labels"], -100), layout=unlabelled).cls)
     local = at_least_fp32(torch.cat(reps)).requires_grad_(True)
     columns, offset = dist.gather_with_grad(local)
     contrastive, correct = span_contrastive_loss(local, columns, offset, span_norm,
@@ -130,12 +153,13 @@ def cached_step(model, batch: dict, backward: Backward, settings: StepSettings, 
     head_total = torch.zeros((), device=device)
     backbone_total = torch.zeros((), device=device)
     start = computed = 0
-    for i, (part, state) in enumerate(zip(chunks, states)):
+    for i, ((part, rows), state) in enumerate(zip(chunks, states)):
         state.restore()
         last = i == len(chunks) - 1
         ctx = no_sync() if (no_sync is not None and not last) else nullcontext()
         with ctx:
-            out = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"], labels=part["labels"])
+            out = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"], labels=part["labels"],
+                        layout=rows)
             head, backbone = _mlm_terms(out, mlm_norm)
             grad = rep_grad[start:start + out.cls.shape[0]]
             surrogate = (at_least_fp32(out.cls) * grad).sum()
@@ -144,6 +168,6 @@ def cached_step(model, batch: dict, backward: Backward, settings: StepSettings, 
         computed += out.computed_tokens
         head_total += head.detach()
         backbone_total += backbone.detach()
-    return StepParts(head_total, backbone_total, contrastive.detach(), correct,
-                     torch.tensor(local.shape[0]), batch["attention_mask"].sum(), torch.tensor(computed))
+    return StepParts(head_total, backbone_total, contrastive.detach(), correct, layout.shape[0],
+                     int(layout[:, 0].sum()), computed)
 

@@ -16,15 +16,16 @@ _PARTS = ("mlm_head", "mlm_backbone", "contrastive")
 
 
 class Meter:
-    """Sums of each step's parts since the last log, kept on device so logging is the only host sync."""
+    """Sums of each step's parts since the last log: the losses on the device, the counts on the host, so
+    that logging is the only host sync (a host number copied to a GPU each step would wait for it)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self._reset()
 
     def _reset(self) -> None:
-        # [mlm_head, mlm_backbone, contrastive, correct, spans, real_tokens, padded_tokens]
-        self.sums = torch.zeros(7, dtype=torch.float64, device=self.device)
+        self.sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # [*_PARTS, correct]
+        self.counts = [0, 0, 0]  # spans, real tokens, computed tokens
         self.grad_norm_sum = 0.0
         self.grad_norms = 0
         self.steps = 0
@@ -32,10 +33,10 @@ class Meter:
         self.started = time.perf_counter()
 
     def add(self, parts: StepParts, grad_norm: Optional[torch.Tensor], overflow: bool = False) -> None:
-        vals = torch.stack([parts.mlm_head.double(), parts.mlm_backbone.double(), parts.contrastive.double(),
-                            parts.correct.double().to(self.device), parts.spans.double().to(self.device),
-                            parts.real_tokens.double().to(self.device), parts.padded_tokens.double().to(self.device)])
-        self.sums += vals
+        self.sums += torch.stack([parts.mlm_head.double(), parts.mlm_backbone.double(), parts.contrastive.double(),
+                                  parts.correct.double()])
+        for i, n in enumerate((parts.spans, parts.real_tokens, parts.computed_tokens)):
+            self.counts[i] += n
         if grad_norm is not None:
             self.grad_norm_sum = self.grad_norm_sum + torch.as_tensor(grad_norm).detach().double()  # DeepSpeed: a float
             self.grad_norms += 1
@@ -45,7 +46,8 @@ class Meter:
     def flush(self, step: int, lr: float, docs_seen: int, skipped_steps: int = 0,
               loss_scale: Optional[float] = None) -> dict:
         """Global means over the steps since the last flush (all processes must call it together)."""
-        total = dist.all_reduce_sum(self.sums).tolist()  # host sync, once per logging interval
+        counts = torch.tensor(self.counts, dtype=torch.float64).to(self.device)
+        total = dist.all_reduce_sum(torch.cat([self.sums, counts])).tolist()  # host sync, once per logging interval
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         n = max(self.steps, 1)
         record = {"step": step}

@@ -254,10 +254,10 @@ def build(cfg: TrainConfig) -> Run:
     settings = StepSettings(cfg.temperature, cfg.normalize)
     no_sync = (lambda: accelerator.no_sync(model)) if (world > 1 and not deepspeed) else None
 
-    def step_fn(batch):
+    def step_fn(batch, host):
         if cfg.cache_chunk_size > 0:
-            return cached_step(model, batch, backward, settings, cfg.cache_chunk_size, no_sync)
-        return plain_step(model, batch, backward, settings)
+            return cached_step(model, batch, backward, settings, cfg.cache_chunk_size, no_sync, host)
+        return plain_step(model, batch, backward, settings, host)
 
     collator = SpanCollator(tokenizer, cfg.max_seq_length, cfg.mlm_probability, cfg.seed)
     heldout = {}
@@ -348,7 +348,7 @@ def train(cfg: TrainConfig) -> dict:
     for batch in make_loader(run.batches, run.start_step, run.total_steps, cfg.dataloader_num_workers):
         step = int(batch.pop("step")) + 1  # optimizer steps done once this one is
         global_docs = int(batch.pop("global_docs"))
-        parts = run.step_fn({k: v.to(acc.device, non_blocking=True) for k, v in batch.items()})
+        parts = run.step_fn({k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}, batch)
         # One tiny all-reduce per step so every process agrees on stopping and on a non-finite loss
         # (the host sync this costs is the only one outside logging).
         control = dist.all_reduce_sum(torch.stack([torch.tensor(float(stop.requested), device=acc.device,

@@ -34,3 +34,10 @@ def test_step_benchmark_runs_every_row_kind(minilm_path):
 def test_preprocess_benchmark_runs(minilm_path):
     result = _last_json(["benchmarks/preprocess_throughput.py", "--repeat", "2", "--mix", "--unicode"])
     assert result["docs"] > 0 and result["mixed"] and result["unicode"] and result["speedup"] > 0
+
+
+def test_step_profile_runs_and_accounts_the_time(minilm_path):
+    result = _last_json(["benchmarks/step_profile.py", "--docs", "4"])
+    (profile,) = result["profiles"].values()
+    assert profile["kinds_ms"]["matmul"] > 0 and 0 < profile["busy_ms"] <= profile["wall_ms"]
+    assert sum(profile["kinds_ms"].values()) == pytest.approx(profile["busy_ms"])

@@ -45,3 +45,38 @@ def test_nccl_two_gpus_equal_one(tmp_path, tiny_bert, span_data):
                 *_flags(tmp_path / "two", tiny_bert, span_data, "--global_batch_size", "8")], tmp_path / "two")
     for a, b in zip(one, two):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
+
+
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_step_planned_from_the_host_never_waits_for_the_device(chunk):
+    """The forward and the losses of a packed step, planned from the host batch, queue their work without
+    one synchronising call (CUDA's sync debug mode turns any into an error), so the host prepares the
+    next step while the device still runs this one. Backward is left out: embedding backward syncs."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from coco_accel.model import Condenser
+    from coco_accel.step import StepSettings, cached_step, plain_step
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                     intermediate_size=64)
+    model = Condenser(BertForMaskedLM(cfg), 2, 2, late_mlm=True, pack_length=24).cuda()
+    lengths = torch.tensor([20, 3, 7, 12, 5, 20, 9, 4])
+    mask = (torch.arange(20)[None, :] < lengths[:, None]).long()
+    ids = torch.where(mask.bool(), torch.randint(5, 120, (8, 20)), 0)
+    host = {"input_ids": ids, "attention_mask": mask,
+            "labels": torch.where(torch.rand(8, 20) < 0.4, ids, -100).masked_fill(mask == 0, -100)}
+    batch = {k: v.cuda() for k, v in host.items()}
+    losses = []
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            if chunk:  # its first pass needs no backward; the replay's backward is the no-op below
+                parts = cached_step(model, batch, lambda loss, last: losses.append(loss), StepSettings(), chunk,
+                                    host=host)
+            else:
+                parts = plain_step(model, batch, lambda loss, last: losses.append(loss), StepSettings(), host)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert losses and math.isfinite(float(parts.loss))

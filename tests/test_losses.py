@@ -138,3 +138,52 @@ def test_decoder_cross_entropy_under_autocast_and_its_fallbacks(half):
             masked_lm_loss(decoder(features), targets, 1.0).item())
     empty = decoder_cross_entropy(torch.zeros(0, 16, requires_grad=True), decoder, targets[:0], 1.0)
     assert empty.item() == 0.0 and empty.requires_grad
+
+
+@pytest.mark.parametrize("chunk", [0, 3])
+def test_a_step_planned_from_the_host_batch_equals_one_planned_from_the_device(chunk, monkeypatch):
+    """plain_step and cached_step given the batch's host copy (the trainer's CPU batch) take the layout and
+    the counts from it alone, and give the same losses and gradients as when they read the device."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from coco_accel import model as model_module
+    from coco_accel import step as step_module
+    from coco_accel.model import Condenser
+    from coco_accel.step import StepSettings, cached_step, plain_step
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=120, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = Condenser(BertForMaskedLM(cfg), 2, 2, late_mlm=True, pack_length=24).double()
+    lengths = torch.tensor([20, 3, 7, 12, 5, 20, 9, 4])
+    mask = (torch.arange(20)[None, :] < lengths[:, None]).long()
+    ids = torch.where(mask.bool(), torch.randint(5, 120, (8, 20)), 0)
+    host = {"input_ids": ids, "attention_mask": mask,
+            "labels": torch.where(torch.rand(8, 20) < 0.4, ids, -100).masked_fill(mask == 0, -100)}
+    device_batch = {k: v.clone() for k, v in host.items()}  # stands for the copy on the device
+    real = step_module.host_layout
+    seen = []
+
+    def spy(attention_mask, labels):
+        seen.append(attention_mask is host["attention_mask"] and labels is host["labels"])
+        return real(attention_mask, labels)
+
+    def no_reads(*args):
+        raise AssertionError("the model read the layout from the device tensors")
+
+    results = []
+    for given in (None, host):
+        model.zero_grad()
+        monkeypatch.setattr(step_module, "host_layout", spy if given is not None else real)
+        monkeypatch.setattr(model_module, "host_layout", no_reads if given is not None else real)
+        backward = lambda loss, last: loss.backward()
+        if chunk:
+            parts = cached_step(model, device_batch, backward, StepSettings(), chunk, host=given)
+        else:
+            parts = plain_step(model, device_batch, backward, StepSettings(), given)
+        results.append((parts, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    assert seen and all(seen)
+    (a, ga), (b, gb) = results
+    assert torch.equal(a.loss, b.loss) and (a.spans, a.real_tokens, a.computed_tokens) == (b.spans, b.real_tokens, b.computed_tokens)
+    for name in ga:
+        assert torch.equal(ga[name], gb[name]), name

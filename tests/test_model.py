@@ -344,3 +344,30 @@ def test_chunked_decoder_loss_gives_the_full_logits_gradients(family, monkeypatc
     assert model.mlm.get_input_embeddings().weight.grad is not None
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-10, rtol=1e-8, msg=name)
+
+
+@pytest.mark.parametrize("layout_kind", ["pack", "groups"])
+def test_a_layout_from_the_host_plans_without_reading_the_device(layout_kind, monkeypatch):
+    """Given the layout read from the collator's batch, packing and length groups never look at the
+    device tensors for it, and compute exactly what they compute after reading them."""
+    from coco_accel import model as model_module
+
+    torch.manual_seed(1)
+    extra = dict(pack_length=24) if layout_kind == "pack" else dict(length_bucket_width=4, bucket_call_cost=0)
+    model = Condenser(_bert_or_roberta("bert", "sdpa"), 2, 2, late_mlm=True, **extra).double()
+    lengths = torch.tensor([20, 3, 7, 12, 5, 20, 9, 4])
+    mask = (torch.arange(20)[None, :] < lengths[:, None]).long()
+    ids = torch.where(mask.bool(), torch.randint(5, 120, (8, 20)), 0)
+    labels = torch.where(torch.rand(8, 20) < 0.4, ids, -100).masked_fill(mask == 0, -100)
+    read = model(ids, mask, labels)
+    layout = model_module.host_layout(mask, labels)
+    assert layout.shape == (8, 21) and layout[:, 0].tolist() == lengths.tolist()
+
+    def no_reads(*args):
+        raise AssertionError("read the layout from the device tensors")
+
+    monkeypatch.setattr(model_module, "host_layout", no_reads)
+    planned = model(ids, mask, labels, layout=layout)
+    for field in ("cls", "head_features", "backbone_features", "targets"):
+        assert torch.equal(getattr(read, field), getattr(planned, field)), field
+    assert read.computed_tokens == planned.computed_tokens

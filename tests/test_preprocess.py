@@ -262,9 +262,10 @@ def test_rerun_on_unchanged_input_reuses_the_cache(tmp_path, small_corpus, minil
     assert len([p for p in cache.rglob("*") if p.is_file()]) > len(files)
 
 
-def test_span_cache_key_covers_every_setting(minilm_path):
+def test_span_cache_key_covers_every_setting(minilm_path, monkeypatch):
     """The spans' cache key (given to datasets.map) changes with the input, each span setting, the
-    tokenizer and the Punkt parameters, and only with them."""
+    tokenizer, the Punkt parameters and the preprocessing code, and only with them."""
+    from coco_accel import preprocess as preprocess_module
     from coco_accel.preprocess import SpanBuilder, load_sentence_splitter
     from coco_accel.wordpiece import load_backend_tokenizer
 
@@ -287,3 +288,7 @@ def test_span_cache_key_covers_every_setting(minilm_path):
         assert key() != base
     finally:
         splitter._params.abbrev_types.discard("zzq")
+    package = Path(preprocess_module.__file__).parent
+    assert all((package / name).is_file() for name in preprocess_module.PIPELINE_SOURCES)
+    monkeypatch.setattr(preprocess_module, "pipeline_key", lambda: "code changed")
+    assert key() != base

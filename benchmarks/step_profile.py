@@ -1,0 +1,160 @@
+"""Where one training step's time goes: kernels grouped by kind, the top kernels, and how long the device idles.
+
+Profiles our step (and, with --reference, the reference style's) on the same synthetic spans as
+benchmarks/step_throughput.py, with torch.profiler. On a GPU it reads the CUDA kernels; on a CPU the
+operators. Its last line is one JSON object with the per-kind times.
+
+    python benchmarks/step_profile.py --device cuda                  # ours at 2048 documents, BERT-base
+    python benchmarks/step_profile.py --device cuda --compile --reference
+    python benchmarks/step_profile.py                                # CPU, MiniLM-sized, 16 documents
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from step_throughput import make_batch, make_model, on, our_step, reference_step  # noqa: E402
+
+# First match wins. Kernel names from cuBLAS (nvjet, sm90_xmma, cutlass), PyTorch and Triton; CPU op names.
+KINDS = [
+    ("matmul", r"gemm|nvjet|xmma|cutlass|cublas|addmm|\bmm\b|aten::mm|aten::bmm|aten::linear|matmul"),
+    ("attention", r"fmha|flash|attention|attn"),
+    ("optimizer", r"multi_tensor|fused_adam|_fused_adamw|adam"),
+    ("compiled fusion", r"triton"),
+    ("layer norm", r"layer_norm|layernorm"),
+    ("dropout", r"dropout|philox|bernoulli"),
+    ("softmax / cross-entropy", r"softmax|nll_loss|cross_entropy|logsumexp"),
+    ("copy / cast", r"copy|memcpy|memset|fill|_to_copy|cast"),
+    ("indexing / embedding", r"index|scatter|gather|embedding|nonzero"),
+    ("reduction", r"reduce|sum"),
+    ("elementwise", r"elementwise|gelu|add|mul|div|where|exp"),
+]
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    for kind, pattern in KINDS:
+        if re.search(pattern, low):
+            return kind
+    return "other"
+
+
+def busy_us(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if a > end:
+            total += b - a
+            end = b
+        elif b > end:
+            total += b - end
+            end = b
+    return total
+
+
+def profile(fn, steps: int, gpu: bool) -> dict:
+    from torch.profiler import ProfilerActivity
+
+    for _ in range(3):
+        fn()
+    if gpu:
+        torch.cuda.synchronize()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        if gpu:
+            torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - start) * 1e6
+    events = prof.events()
+    if gpu:  # device activity: kernels, copies, fills
+        picked = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        spans = [(e.time_range.start, e.time_range.end) for e in picked]
+        busy = busy_us(spans)
+        own = {id(e): e.time_range.end - e.time_range.start for e in picked}
+    else:  # operators' self times (their children's excluded), so nothing is counted twice
+        picked = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("aten::")]
+        own = {id(e): e.self_cpu_time_total for e in picked}
+        busy = sum(own.values())
+    by_kind, by_name, calls = defaultdict(float), defaultdict(float), defaultdict(int)
+    for e in picked:
+        by_kind[kind_of(e.name)] += own[id(e)]
+        by_name[e.name] += own[id(e)]
+        calls[e.name] += 1
+    per = 1e3 * steps  # us over all steps -> ms per step
+    return {"wall_ms": wall_us / per, "busy_ms": busy / per, "idle_fraction": max(0.0, 1 - busy / wall_us),
+            "kinds_ms": {k: v / per for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+            "top": [(name, calls[name] / steps, t / per) for name, t in
+                    sorted(by_name.items(), key=lambda kv: -kv[1])[:25]]}
+
+
+def report(label: str, r: dict) -> None:
+    print(f"\n## {label}: {r['wall_ms']:.1f} ms/step under the profiler, device busy {r['busy_ms']:.1f} ms "
+          f"(idle {r['idle_fraction']:.1%})")
+    print("| kind | ms/step | share of busy |")
+    print("|---|---|---|")
+    for kind, ms in r["kinds_ms"].items():
+        print(f"| {kind} | {ms:.2f} | {ms / r['busy_ms']:.1%} |")
+    print("\n| top kernel / operator | calls/step | ms/step |")
+    print("|---|---|---|")
+    for name, n, ms in r["top"]:
+        short = name if len(name) <= 110 else name[:107] + "..."
+        print(f"| `{short}` | {n:g} | {ms:.2f} |")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--docs", type=int, default=None, help="documents per step (default 2048 GPU / 16 CPU)")
+    p.add_argument("--layout", default="pack128", help="packN or bucketC, as in step_throughput.py")
+    p.add_argument("--steps", type=int, default=None, help="profiled steps after 3 warm-up steps (default 3 GPU / 1 CPU)")
+    p.add_argument("--compile", action="store_true", help="also profile with torch.compile (Condenser.compile_parts)")
+    p.add_argument("--reference", action="store_true", help="also profile the reference style at 128 (CPU: 16) docs")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    preset = "bert-base" if gpu else "minilm"
+    docs = args.docs or (2048 if gpu else 16)
+    steps = args.steps or (3 if gpu else 1)
+    our_dtype = torch.bfloat16 if gpu else None
+    results = {}
+    if args.reference:
+        ref_docs = 128 if gpu else 16
+        model = make_model(preset, "eager", 0, device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        batch = on(device, make_batch(ref_docs, 128, True, 0))
+        scaler = torch.amp.GradScaler(enabled=gpu)
+        results[f"reference, {ref_docs} docs"] = profile(
+            lambda: reference_step(model, batch, opt, torch.float16 if gpu else None, scaler), steps, gpu)
+        del model, opt
+    model = make_model(preset, "sdpa", 8, device, args.layout)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=gpu or None)
+    host = make_batch(docs, 128, False, 0)
+    batch = on(device, host)
+    step = lambda: our_step(model, batch, host, opt, our_dtype, 0)
+    results[f"ours, {docs} docs, {args.layout}"] = profile(step, steps, gpu)
+    if args.compile:
+        model.compile_parts()
+        results[f"ours + torch.compile, {docs} docs, {args.layout}"] = profile(step, steps, gpu)
+    name = torch.cuda.get_device_name() if gpu else "CPU"
+    print(f"device: {name} | model: {preset} + 2-layer head | torch {torch.__version__}")
+    for label, r in results.items():
+        report(label, r)
+    print(json.dumps({"device": name, "profiles": {k: {f: v for f, v in r.items() if f != "top"}
+                                                   for k, r in results.items()}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
