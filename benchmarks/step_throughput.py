@@ -133,15 +133,16 @@ def same_loss(preset: str, docs: int, max_len: int, width: int, device, layout: 
 
 
 def our_step(model: Condenser, batch: dict, host: dict, optimizer, autocast_dtype, cache_chunk: int) -> int:
-    """One training step, planned from the host copy of the batch as the trainer does; returns the tokens
-    the encoder computed (padding of the length groups included)."""
+    """One training step as the trainer runs it (planned from the host copy of the batch, forward and losses
+    under autocast, backward outside it); returns the tokens the encoder computed (padding included)."""
     settings = StepSettings()
     backward = lambda loss, last: loss.backward()
-    with torch.autocast(batch["input_ids"].device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        if cache_chunk > 0:
-            parts = cached_step(model, batch, backward, settings, cache_chunk, host=host)
-        else:
-            parts = plain_step(model, batch, backward, settings, host)
+    compute = lambda: torch.autocast(batch["input_ids"].device.type, dtype=autocast_dtype,
+                                     enabled=autocast_dtype is not None)
+    if cache_chunk > 0:
+        parts = cached_step(model, batch, backward, settings, cache_chunk, host=host, compute=compute)
+    else:
+        parts = plain_step(model, batch, backward, settings, host, compute)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return parts.computed_tokens

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, ContextManager, Optional, Union
 
 import numpy as np
 import torch
@@ -68,22 +68,27 @@ def _mlm_terms(out, mlm_norm: Count) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 Backward = Callable[[torch.Tensor, bool], None]  # (loss, is the step's last backward)
+Compute = Callable[[], ContextManager]  # what the forward and the losses run in: the trainer's autocast
 
 
 def plain_step(model, batch: dict, backward: Backward, settings: StepSettings,
-               host: Optional[dict] = None) -> StepParts:
+               host: Optional[dict] = None, compute: Compute = nullcontext) -> StepParts:
     """Encode the whole local batch with graph, score against the gathered global batch, backward once.
 
     host: the same batch still on the host (the collator's CPU tensors), to plan from without waiting
-    for the device."""
+    for the device. compute: the context of the forward and the losses, not of backward. The MLM
+    vocabulary projection takes its matmul dtype from it: the trainer passes `accelerator.autocast`,
+    because Accelerate's own autocast covers only the model's forward and left the projection (about
+    6% of the step's FLOPs) in fp32."""
     layout = _layout(batch, host)
     mlm_norm, span_norm = _global_counts(batch, layout)
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                layout=layout)
-    head, backbone = _mlm_terms(out, mlm_norm)
-    columns, offset = dist.gather_with_grad(out.cls)
-    contrastive, correct = span_contrastive_loss(out.cls, columns, offset, span_norm,
-                                                 settings.temperature, settings.normalize)
+    with compute():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                    layout=layout)
+        head, backbone = _mlm_terms(out, mlm_norm)
+        columns, offset = dist.gather_with_grad(out.cls)
+        contrastive, correct = span_contrastive_loss(out.cls, columns, offset, span_norm,
+                                                     settings.temperature, settings.normalize)
     backward(head + backbone + contrastive, True)
     return StepParts(head.detach(), backbone.detach(), contrastive.detach(), correct, layout.shape[0],
                      int(layout[:, 0].sum()), out.computed_tokens)
@@ -122,7 +127,8 @@ def _chunks(batch: dict, size: int, layout: np.ndarray) -> list[tuple[dict, np.n
 
 
 def cached_step(model, batch: dict, backward: Backward, settings: StepSettings, chunk_size: int,
-                no_sync: Optional[Callable] = None, host: Optional[dict] = None) -> StepParts:
+                no_sync: Optional[Callable] = None, host: Optional[dict] = None,
+                compute: Compute = nullcontext) -> StepParts:
     """Gradient cache (Gao et al., 2021): the contrastive loss of the full global batch in bounded memory.
 
     1. Encode the local batch chunk by chunk without graph, keeping each chunk's RNG state.
@@ -131,14 +137,14 @@ def cached_step(model, batch: dict, backward: Backward, settings: StepSettings, 
        MLM + <CLS, cached gradient>: the sum of the chunks' gradients is the full-batch gradient.
     `no_sync` (DDP) defers the gradient all-reduce to the last chunk; under DeepSpeed, `backward`
     marks only the last chunk as the accumulation boundary (no loss scaling by chunk count: the
-    chunks' losses already add up to the step's loss). `host` as in plain_step.
+    chunks' losses already add up to the step's loss). `host` and `compute` as in plain_step.
     """
     layout = _layout(batch, host)
     mlm_norm, span_norm = _global_counts(batch, layout)
     chunks = _chunks(batch, chunk_size, layout)
     device = batch["input_ids"].device
     states, reps = [], []
-    with torch.no_grad():
+    with torch.no_grad(), compute():
         for part, rows in chunks:
             states.append(_RandState(device))
             unlabelled = rows.copy()
@@ -158,11 +164,12 @@ def cached_step(model, batch: dict, backward: Backward, settings: StepSettings, 
         last = i == len(chunks) - 1
         ctx = no_sync() if (no_sync is not None and not last) else nullcontext()
         with ctx:
-            out = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"], labels=part["labels"],
-                        layout=rows)
-            head, backbone = _mlm_terms(out, mlm_norm)
-            grad = rep_grad[start:start + out.cls.shape[0]]
-            surrogate = (at_least_fp32(out.cls) * grad).sum()
+            with compute():
+                out = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"],
+                            labels=part["labels"], layout=rows)
+                head, backbone = _mlm_terms(out, mlm_norm)
+                grad = rep_grad[start:start + out.cls.shape[0]]
+                surrogate = (at_least_fp32(out.cls) * grad).sum()
             backward(head + backbone + surrogate, last)
         start += out.cls.shape[0]
         computed += out.computed_tokens

@@ -256,8 +256,9 @@ def build(cfg: TrainConfig) -> Run:
 
     def step_fn(batch, host):
         if cfg.cache_chunk_size > 0:
-            return cached_step(model, batch, backward, settings, cfg.cache_chunk_size, no_sync, host)
-        return plain_step(model, batch, backward, settings, host)
+            return cached_step(model, batch, backward, settings, cfg.cache_chunk_size, no_sync, host,
+                               accelerator.autocast)
+        return plain_step(model, batch, backward, settings, host, accelerator.autocast)
 
     collator = SpanCollator(tokenizer, cfg.max_seq_length, cfg.mlm_probability, cfg.seed)
     heldout = {}

@@ -187,3 +187,34 @@ def test_a_step_planned_from_the_host_batch_equals_one_planned_from_the_device(c
     assert torch.equal(a.loss, b.loss) and (a.spans, a.real_tokens, a.computed_tokens) == (b.spans, b.real_tokens, b.computed_tokens)
     for name in ga:
         assert torch.equal(ga[name], gb[name]), name
+
+
+def test_the_trainers_autocast_reaches_the_vocabulary_projection(monkeypatch):
+    """Accelerate autocasts only the model's forward; the step runs the losses under `accelerator.autocast`
+    too, so the MLM vocabulary projection (outside the model) computes in bf16, not fp32, as the
+    benchmark measured it; the contrastive scores stay fp32."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from transformers import BertConfig, BertForMaskedLM
+
+    from coco_accel import losses
+    from coco_accel.model import Condenser
+    from coco_accel.step import StepSettings, plain_step
+
+    seen = []
+    real = losses._DecoderCrossEntropy.apply
+    monkeypatch.setattr(losses._DecoderCrossEntropy, "apply", lambda *a: seen.append(a[4]) or real(*a))
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=120, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32)
+    model = Condenser(BertForMaskedLM(cfg), 2, 2, late_mlm=True, pack_length=24)
+    mask = (torch.arange(20)[None, :] < torch.tensor([20, 3, 7, 12])[:, None]).long()
+    ids = torch.where(mask.bool(), torch.randint(5, 120, (4, 20)), 0)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.where(mask.bool(), ids, -100)}
+    accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+    try:
+        for compute in (accelerator.autocast, None):
+            extra = {"compute": compute} if compute else {}
+            plain_step(model, batch, lambda loss, last: loss.backward(), StepSettings(), batch, **extra)
+    finally:
+        AcceleratorState._reset_state(True)
+    assert seen == [torch.bfloat16, torch.bfloat16, torch.float32, torch.float32]  # head and backbone, twice
