@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     results = {}
     if args.reference:
         ref_docs = 128 if gpu else 16
-        model = make_model(preset, "eager", 0, device)
+        model = make_model(preset, "eager", 0, device, fused_qkv=False)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
         batch = on(device, make_batch(ref_docs, 128, True, 0))
         scaler = torch.amp.GradScaler(enabled=gpu)

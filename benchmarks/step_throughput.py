@@ -41,8 +41,9 @@ PRESETS = {  # (layers, hidden, heads, intermediate)
 }
 
 
-def make_model(preset: str, attn: str, bucket_width: int, device, layout: str = "") -> Condenser:
-    """layout: "packN" (packed rows of N tokens), "bucketC" (length groups, merge cost C, -1 = auto), or ""."""
+def make_model(preset: str, attn: str, bucket_width: int, device, layout: str = "", fused_qkv: bool = True) -> Condenser:
+    """layout: "packN" (packed rows of N tokens), "bucketC" (length groups, merge cost C, -1 = auto), or "".
+    fused_qkv=False keeps the model's own separate query/key/value projections (the reference's)."""
     from transformers import BertConfig, BertForMaskedLM
 
     layers, hidden, heads, inter = PRESETS[preset]
@@ -52,7 +53,7 @@ def make_model(preset: str, attn: str, bucket_width: int, device, layout: str = 
     model = Condenser(BertForMaskedLM(cfg), n_head_layers=2, skip_from=min(6, layers // 2), late_mlm=True,
                       length_bucket_width=bucket_width if layout.startswith("bucket") else 0,
                       bucket_call_cost=int(layout[6:]) if layout.startswith("bucket") else -1,
-                      pack_length=int(layout[4:]) if layout.startswith("pack") else 0)
+                      pack_length=int(layout[4:]) if layout.startswith("pack") else 0, fused_qkv=fused_qkv)
     return model.to(device).train()
 
 
@@ -123,7 +124,7 @@ def reference_loss(model: Condenser, batch: dict, autocast_dtype) -> torch.Tenso
 
 def same_loss(preset: str, docs: int, max_len: int, width: int, device, layout: str) -> dict:
     """Correctness before speed: both styles, same weights and spans, fp32, no dropout -> the same loss."""
-    ref = make_model(preset, "eager", 0, device).eval()
+    ref = make_model(preset, "eager", 0, device, fused_qkv=False).eval()
     ours = make_model(preset, "sdpa", width, device, layout).eval()
     with torch.no_grad():
         a = float(reference_loss(ref, on(device, make_batch(docs, max_len, True, 0)), None))
@@ -194,6 +195,8 @@ def main(argv=None) -> int:
     p.add_argument("--cache_chunk", default=None, help="spans per chunk for the gradient-cache rows (comma list: one "
                    "row each; default 1024,2048 on GPU, 512 on CPU); the JSON's ratio takes the fastest")
     p.add_argument("--cache_row", action="store_true", help="add the gradient-cache row on CPU too (always on GPU)")
+    p.add_argument("--unfused_row", action="store_true", help="add a row with separate query/key/value projections "
+                   "at the largest batch on CPU too (always on GPU)")
     p.add_argument("--peak_tflops", type=float, default=None, help="for MFU (default: 989 on H100/H200 bf16, none on CPU)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -228,7 +231,7 @@ def main(argv=None) -> int:
                      "real_tok_s": real / secs, "padded_tok_s": padded / secs, "peak_gib": mem,
                      "mfu": flops / (peak * 1e12) if peak else None})
 
-    model = make_model(preset, "eager", 0, device)
+    model = make_model(preset, "eager", 0, device, fused_qkv=False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     batch = on(device, make_batch(ref_docs, args.max_seq_length, True, 0))
     record("reference", ref_docs, lambda: reference_step(model, batch, opt, ref_dtype, scaler), batch, model)
@@ -259,6 +262,16 @@ def main(argv=None) -> int:
         del model, opt
         if gpu:
             torch.cuda.empty_cache()
+        if (gpu or args.unfused_row) and cost == costs[0]:  # what fusing the Q/K/V projections is worth
+            model = make_model(preset, "sdpa", args.bucket_width, device, cost, fused_qkv=False)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=gpu or None)
+            host = make_batch(max(our_docs), args.max_seq_length, False, 0)
+            batch = on(device, host)
+            record("ours, separate Q/K/V projections", max(our_docs),
+                   lambda: our_step(model, batch, host, opt, our_dtype, 0), batch, model, cost)
+            del model, opt
+            if gpu:
+                torch.cuda.empty_cache()
 
     ref = rows[0]
     done = [r for r in rows if not r.get("oom")]
@@ -293,6 +306,9 @@ def main(argv=None) -> int:
               "speedup": best["real_tok_s"] / ref["real_tok_s"]}
     if cached and plain_at_max:
         result["cache_over_plain_step_time"] = cached["step_ms"] / plain_at_max["step_ms"]
+    unfused = next((r for r in first if r["style"] == "ours, separate Q/K/V projections"), None)
+    if unfused and plain_at_max:
+        result["fused_qkv_speedup"] = plain_at_max["real_tok_s"] / unfused["real_tok_s"]
     print(json.dumps(result))
     return 0
 

@@ -23,11 +23,12 @@ def test_collator_benchmark_runs(minilm_path):
 
 def test_step_benchmark_runs_every_row_kind(minilm_path):
     result = _last_json(["benchmarks/step_throughput.py", "--ref_docs", "2", "--our_docs", "2,4", "--steps", "1",
-                         "--cache_row", "--cache_chunk", "4", "--layouts=pack64,bucket-1"])
+                         "--cache_row", "--cache_chunk", "4", "--unfused_row", "--layouts=pack64,bucket-1"])
     styles = [(r["style"], r["layout"]) for r in result["rows"]]
     assert styles == [("reference", None), ("ours", "pack64"), ("ours", "pack64"),
-                      ("ours + gradient cache (4 spans/chunk)", "pack64"), ("ours", "bucket-1"), ("ours", "bucket-1")]
-    assert result["speedup"] > 0 and "cache_over_plain_step_time" in result
+                      ("ours + gradient cache (4 spans/chunk)", "pack64"), ("ours, separate Q/K/V projections", "pack64"),
+                      ("ours", "bucket-1"), ("ours", "bucket-1")]
+    assert result["speedup"] > 0 and "cache_over_plain_step_time" in result and result["fused_qkv_speedup"] > 0
     assert result["loss_check"]["abs_diff"] < 1e-3  # both styles compute the same loss
 
 

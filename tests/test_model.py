@@ -371,3 +371,58 @@ def test_a_layout_from_the_host_plans_without_reading_the_device(layout_kind, mo
     for field in ("cls", "head_features", "backbone_features", "targets"):
         assert torch.equal(getattr(read, field), getattr(planned, field)), field
     assert read.computed_tokens == planned.computed_tokens
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_fused_qkv_projections_give_the_separate_result(family, monkeypatch):
+    """One matmul for query, key and value (the default) == the model's own three Linears: CLS vectors,
+    MLM losses and every parameter's gradient, in fp64; parameter names are unchanged."""
+    from coco_accel.model import FusedQKV
+
+    calls = []
+    real = FusedQKV.query
+    monkeypatch.setattr(FusedQKV, "query", lambda self, x: calls.append(1) or real(self, x))
+    torch.manual_seed(1)
+    separate = Condenser(_bert_or_roberta(family, "sdpa"), 2, 2, late_mlm=True, pack_length=24,
+                         fused_qkv=False).double()
+    fused = Condenser(_bert_or_roberta(family, "sdpa"), 2, 2, late_mlm=True, pack_length=24).double()
+    fused.load_state_dict(separate.state_dict())
+    assert [n for n, _ in fused.named_parameters()] == [n for n, _ in separate.named_parameters()]
+    lengths = torch.tensor([20, 3, 7, 12, 5, 20, 9, 4])
+    mask = (torch.arange(20)[None, :] < lengths[:, None]).long()
+    ids = torch.where(mask.bool(), torch.randint(5, 120, (8, 20)), 0 if family == "bert" else 1)
+    labels = torch.where(torch.rand(8, 20) < 0.4, ids, -100).masked_fill(mask == 0, -100)
+    ce = torch.nn.functional.cross_entropy
+    results = []
+    for model in (separate, fused):
+        out = model(ids, mask, labels)
+        loss = (ce(out.head_logits, out.targets, reduction="sum") + ce(out.backbone_logits, out.targets,
+                                                                        reduction="sum") + (out.cls ** 2).sum())
+        loss.backward()
+        results.append((out.cls, loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    assert len(calls) == 3 + 2  # every backbone and head layer took the fused path, once
+    (cls_a, loss_a, grads_a), (cls_b, loss_b, grads_b) = results
+    torch.testing.assert_close(cls_a, cls_b, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(loss_a, loss_b, atol=1e-10, rtol=1e-12)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-10, rtol=1e-8, msg=name)
+
+
+def test_fused_qkv_falls_back_to_separate_linears():
+    """Key or value asked for another input than the query's, or ZeRO-3 parameters (only the called
+    module's are gathered): each Linear computes on its own."""
+    from coco_accel.model import FusedQKV
+
+    torch.manual_seed(0)
+    q, k, v = (torch.nn.Linear(6, 4) for _ in range(3))
+    fused = FusedQKV(q, k, v)
+    x, y = torch.randn(2, 6), torch.randn(2, 6)
+    q(x)
+    torch.testing.assert_close(k(y), torch.nn.functional.linear(y, k.weight, k.bias))
+    torch.testing.assert_close(v(x), torch.nn.functional.linear(x, v.weight, v.bias))  # the fused part
+    assert fused.pending is None
+    torch.testing.assert_close(v(y), torch.nn.functional.linear(y, v.weight, v.bias))
+    q.weight.ds_id = 7  # what DeepSpeed ZeRO-3 marks its partitioned parameters with
+    torch.testing.assert_close(q(x), torch.nn.functional.linear(x, q.weight, q.bias))
+    assert fused.pending is None
