@@ -171,9 +171,12 @@ class SpanCollator:
 def fetch_spans(dataset, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Documents' spans straight from Arrow, in CSR form, without Python lists.
 
-    Returns (doc_span_offsets [n+1], span_token_offsets [S+1], tokens [T] int64).
+    Returns (doc_span_offsets [n+1], span_token_offsets [S+1], tokens [T] int64). An arrow-formatted
+    dataset is read as it is (formatting it copies the dataset object: a tenth of a batch's time).
     """
-    table = dataset.with_format("arrow")[docs.tolist()]
+    if dataset.format["type"] != "arrow":
+        dataset = dataset.with_format("arrow")
+    table = dataset[docs.tolist()]
     col = table.column("spans").combine_chunks()  # list<list<int>>
     outer = col.offsets.to_numpy()
     doc_off = (outer - outer[0]).astype(np.int64)
@@ -188,7 +191,7 @@ class TrainBatches(torch.utils.data.Dataset):
     """Map-style over GLOBAL STEPS: item s is this process's collated batch of global step s."""
 
     def __init__(self, dataset, plan: BatchPlan, collator: SpanCollator):
-        self.dataset = dataset
+        self.dataset = dataset.with_format("arrow")
         self.plan = plan
         self.collator = collator
 

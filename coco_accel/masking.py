@@ -119,9 +119,15 @@ def whole_word_mask(
 
     masked = real & np.take_along_axis(chosen, np.clip(word_of, 0, max_words - 1), axis=1)
     labels = np.where(masked, ids, -100)
-    pos = np.arange(length)[None, :]
-    action = keyed_uniform(*keys, pos, MASK_ACTION)
-    random_tok = (keyed_uniform(*keys, pos, RANDOM_TOKEN) * vocab_size).astype(np.int64)
-    out = np.where(masked & (action < 0.8), mask_token_id, ids)
-    out = np.where(masked & (action >= 0.8) & (action < 0.9), random_tok, out)
+    # The replacement is drawn at the masked positions only (a seventh of the tokens), keyed as every draw.
+    at_row, at_pos = np.nonzero(masked)
+    at_keys = [np.asarray(k, dtype=np.int64)[at_row] for k in row_keys]
+    action = keyed_uniform(*at_keys, at_pos, MASK_ACTION)
+    out = ids.copy()
+    to_mask = action < 0.8
+    out[at_row[to_mask], at_pos[to_mask]] = mask_token_id
+    to_random = (action >= 0.8) & (action < 0.9)
+    random_tok = (keyed_uniform(*(k[to_random] for k in at_keys), at_pos[to_random], RANDOM_TOKEN)
+                  * vocab_size).astype(np.int64)
+    out[at_row[to_random], at_pos[to_random]] = random_tok
     return out, labels

@@ -70,3 +70,23 @@ def test_a_row_is_masked_the_same_whatever_batch_it_is_in(tokenizer):
     _, alone = whole_word_mask(ids1, special1, table, keys1, 0.15, tokenizer.mask_token_id, len(tokenizer))
     width = ids1.shape[1]
     np.testing.assert_array_equal(both[1, :width], alone[0])
+
+
+def test_replacements_are_the_keyed_draws_of_their_positions(tokenizer):
+    """Which masked token becomes [MASK], a random token or itself is the keyed draw of (row keys, position):
+    the definition, evaluated here on the whole grid, pins the values (runs resumed under a later
+    version see the same masks)."""
+    from coco_accel.masking import MASK_ACTION, RANDOM_TOKEN
+
+    ids, special = _batch(tokenizer, TEXTS * 8)
+    n = ids.shape[0]
+    keys = (np.full(n, 5), np.full(n, 2), np.arange(n) // 2 + 100, np.arange(n) % 2)
+    out, labels = whole_word_mask(ids, special, continuation_table(tokenizer), keys, 0.3, 103, 30522)
+    grid = [np.asarray(k)[:, None] for k in keys] + [np.arange(ids.shape[1])[None, :]]
+    action = keyed_uniform(*grid, MASK_ACTION)
+    drawn = (keyed_uniform(*grid, RANDOM_TOKEN) * 30522).astype(np.int64)
+    chosen = labels != -100
+    expected = np.where(chosen & (action < 0.8), 103, ids)
+    expected = np.where(chosen & (action >= 0.8) & (action < 0.9), drawn, expected)
+    np.testing.assert_array_equal(out, expected)
+    assert chosen.sum() > 50 and (out[chosen] == 103).mean() > 0.6 and (out[chosen] == drawn[chosen]).any()
