@@ -74,14 +74,15 @@ class _DecoderCrossEntropy(torch.autograd.Function):
             for start in range(0, features.shape[0], chunk):
                 f = features[start:start + chunk].to(dtype)
                 t = targets[start:start + chunk]
-                logits = torch.addmm(b, f, w.T).to(acc)  # [c, V]
-                lse = torch.logsumexp(logits, dim=1)
+                # log-softmax in `acc` straight from the 16-bit logits (no separate fp32 copy of them)
+                logp = torch.log_softmax(torch.addmm(b, f, w.T), dim=1, dtype=acc)  # [c, V]
                 rows = torch.arange(t.shape[0], device=t.device)
-                total += (lse - logits[rows, t]).sum()
-                probs = logits.sub_(lse[:, None]).exp_()  # d loss / d logits = softmax - one-hot
-                probs[rows, t] -= 1.0
-                g = probs.to(dtype)
-                del logits, probs
+                total -= logp[rows, t].sum()
+                probs = logp.exp_()  # d loss / d logits = softmax - one-hot
+                at_target = probs[rows, t] - 1.0
+                g = probs.to(dtype)  # probs itself when dtype is acc
+                g[rows, t] = at_target.to(dtype)
+                del logp, probs
                 grad_features[start:start + chunk] = g @ w
                 grad_weight += (g.T @ f).to(grad_weight.dtype)
                 grad_bias += g.to(grad_bias.dtype).sum(dim=0)
