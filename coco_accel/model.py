@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -100,6 +101,52 @@ def pack_rows(lengths: list[int], capacity: int) -> tuple[list[int], list[int], 
     return row_of, offset_of, len(used)
 
 
+def _layer_output(out):
+    """A transformers layer's hidden states, whether it returns them alone or first in a tuple."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def query_layout(want: np.ndarray, rows: int, capacity: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Slots of packed rows at which a layer's output is wanted, laid out as that layer's queries: each
+    row gets Q query places (Q = the most wanted slots in one row, at least 1). Returns (queries
+    [rows * Q]: the slot each place reads, free places reading their row's first slot; take [len(want)]:
+    the place of each wanted slot, in `want` order; Q)."""
+    row = want // capacity
+    counts = np.bincount(row, minlength=rows)
+    q = max(int(counts.max(initial=0)), 1)
+    rank = np.empty(len(want), dtype=np.int64)  # each wanted slot's place within its row
+    rank[np.argsort(row, kind="stable")] = np.arange(len(want)) - np.repeat(np.cumsum(counts) - counts, counts)
+    take = row * q + rank
+    queries = np.repeat(np.arange(rows, dtype=np.int64) * capacity, q)
+    queries[take] = want
+    return queries, take, q
+
+
+def layer_at(layer: nn.Module, hidden: torch.Tensor, attn_mask: torch.Tensor, queries: torch.Tensor,
+             take: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """One BERT-style layer's output at the `want` slots only: [len(want), H] from hidden [R, P, H].
+
+    Keys and values come from every slot; the queries, the attention output, the feed-forward block and
+    their layer norms only from the wanted ones. The layer's own submodules compute, so the numbers are
+    the full layer's at those slots, up to the rounding of smaller matmuls. attn_mask: [R, 1, Q, P] bool,
+    True where the query at that place may attend; queries, take: see `query_layout`."""
+    r, p, h = hidden.shape
+    attention = layer.attention.self
+    heads, size = attention.num_attention_heads, attention.attention_head_size
+    flat = hidden.reshape(r * p, h)
+    x_q = flat[queries].view(r, -1, h)
+    fused = getattr(attention, "fused_qkv", None)
+    with fused.separately() if fused is not None else nullcontext():  # queries and keys differ here
+        q = attention.query(x_q).view(r, -1, heads, size).transpose(1, 2)
+        k = attention.key(hidden).view(r, p, heads, size).transpose(1, 2)
+        v = attention.value(hidden).view(r, p, heads, size).transpose(1, 2)
+    context = nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, dropout_p=attention.dropout.p if layer.training else 0.0, scale=size ** -0.5)
+    context = context.transpose(1, 2).reshape(-1, h)[take]
+    attended = layer.attention.output(context, flat[want])
+    return layer.output(layer.intermediate(attended), attended)
+
+
 def length_groups(lengths: list[int], width: int, max_width: int, call_cost: int) -> list[tuple[int, list[int]]]:
     """Rows grouped for encoding: [(padded width, row indices)], narrowest first.
 
@@ -145,11 +192,21 @@ class FusedQKV:
     def __init__(self, query: nn.Linear, key: nn.Linear, value: nn.Linear):
         self.linears = (query, key, value)
         self.pending = None  # (input, key part, value part) between the query call and the value call
+        self.fuse = True
         query.forward, key.forward, value.forward = self.query, self.key, self.value
+
+    @contextmanager
+    def separately(self):
+        """Each Linear on its own inside (`layer_at` asks for queries of other tokens than its keys)."""
+        self.fuse = False
+        try:
+            yield
+        finally:
+            self.fuse = True
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.linears
-        if hasattr(q.weight, "ds_id"):
+        if not self.fuse or hasattr(q.weight, "ds_id"):
             self.pending = None
             return nn.functional.linear(x, q.weight, q.bias)
         both = nn.functional.linear(x, torch.cat([q.weight, k.weight, v.weight]), torch.cat([q.bias, k.bias, v.bias]))
@@ -207,19 +264,24 @@ class Condenser(nn.Module):
         self.c_head.to(mlm.dtype)
         if fused_qkv:
             fuse_qkv(self)
+        self._layer_at = layer_at  # compile_parts swaps in a compiled one
 
     @property
     def config(self):
         return self.mlm.config
 
     def compile_parts(self) -> None:
-        """torch.compile the backbone, each head layer and the MLM head's transform (a module in BERT), in
-        place (nn.Module.compile), so parameter names, checkpoints and the export are unchanged. Dynamic
-        shapes: the number of packed rows and of masked positions changes from step to step. Mask
-        building, packing and the losses (the vocabulary projection included) stay eager."""
-        self.mlm.base_model.compile(dynamic=True)
-        for layer in self.c_head:  # a ModuleList has no forward of its own to compile
+        """torch.compile the backbone's embeddings and every backbone and head layer, the partial last
+        layers (`layer_at`) and the MLM head's transform (a module in BERT), in place (nn.Module.compile),
+        so parameter names, checkpoints and the export are unchanged. Layer by layer, because packed rows
+        call the backbone's parts themselves. Dynamic shapes: the number of packed rows and of masked
+        positions changes from step to step. Mask building, packing and the losses (the vocabulary
+        projection included) stay eager."""
+        base = self.mlm.base_model
+        base.embeddings.compile(dynamic=True)
+        for layer in (*base.encoder.layer, *self.c_head):  # a ModuleList has no forward of its own to compile
             layer.compile(dynamic=True)
+        self._layer_at = torch.compile(layer_at, dynamic=True)
         transform, _ = self._mlm_parts()
         if isinstance(transform, nn.Module):
             transform.compile(dynamic=True)
@@ -298,13 +360,29 @@ class Condenser(nn.Module):
         first_slots = np.asarray(row_of, dtype=np.int64) * capacity + np.asarray(offset_of, dtype=np.int64)
         # masked tokens in span order: their slots in the packed rows and their places in `labels`
         span_m, pos_m = np.nonzero(layout[:, 1:].astype(bool) & (np.arange(width)[None, :] < lens[:, None]))
+        slots_h = first_slots[span_m] + pos_m
+        # The last backbone layer is read at the CLS slots (contrastive, head input) and, with late_mlm, the
+        # masked ones; the last head layer at the masked ones. Each runs only there (`layer_at`), unless the
+        # head reads the last backbone layer everywhere (skip_from = its depth).
+        layers = self.mlm.base_model.encoder.layer
+        last_only = self.skip_from < len(layers)
+        wanted = []
+        if last_only:
+            wanted.append(np.concatenate([first_slots, slots_h]) if self.late_mlm else first_slots)
+        if len(self.c_head) and (slots_h.size or torch.is_grad_enabled()):
+            wanted.append(slots_h)
+        plans = [query_layout(w, rows, capacity) for w in wanted]
         # Every index in ONE host-to-device copy, queued ahead of the encoder.
-        parts = (np.repeat(first_slots, lens) + within,  # dest: each real token's slot
+        parts = [np.repeat(first_slots, lens) + within,  # dest: each real token's slot
                  first_slots,  # starts: each span's first slot in the flattened rows
                  span * width + within,  # src: each real token's place in the input
-                 first_slots[span_m] + pos_m,  # slots: each masked token's slot
-                 span_m * width + pos_m)  # each masked token's place in the input
-        dest, starts, src, slots, masked = to_device(np.concatenate(parts), device).split([len(x) for x in parts])
+                 slots_h,  # slots: each masked token's slot
+                 span_m * width + pos_m]  # each masked token's place in the input
+        for w, (queries, take, _) in zip(wanted, plans):
+            parts += [w, queries, take]
+        on_device = to_device(np.concatenate(parts), device).split([len(x) for x in parts])
+        dest, starts, src, slots, masked = on_device[:5]
+        plans = [(*on_device[5 + 3 * i:8 + 3 * i], q) for i, (_, _, q) in enumerate(plans)]
 
         def packed(values: torch.Tensor, fill: int) -> torch.Tensor:
             out = torch.full((rows * capacity,), fill, dtype=values.dtype, device=device)
@@ -324,21 +402,37 @@ class Condenser(nn.Module):
             dtype = next(self.mlm.parameters()).dtype
             mask = torch.zeros(same.shape, dtype=dtype, device=device).masked_fill(~same, torch.finfo(dtype).min)
 
-        out = self.mlm.base_model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                  token_type_ids=torch.zeros_like(ids), output_hidden_states=True)
-        last = out.hidden_states[-1]  # [R, P, H]
-        skip = out.hidden_states[self.skip_from]
-        first = torch.zeros(rows * capacity, dtype=torch.bool, device=device)
-        first[starts] = True
-        hidden = torch.where(first.view(rows, capacity, 1), last, skip)  # each span: [its CLS; skip tokens]
-        for layer in self.c_head:
-            hidden = layer(hidden, mask)
-        targets = labels.reshape(-1)[masked]
+        def at(layer, hidden, plan):  # the layer's output at the plan's slots, [len(want), H]
+            want, queries, take, q = plan
+            seg_q = segment.reshape(-1)[queries].view(rows, 1, q, 1)
+            return self._layer_at(layer, hidden, seg_q == segment[:, None, None, :], queries, take, want)
+
+        hidden = self.mlm.base_model.embeddings(input_ids=ids, position_ids=positions, token_type_ids=torch.zeros_like(ids))
+        skip = hidden
+        for depth, layer in enumerate(layers[:-1] if last_only else layers, start=1):
+            hidden = _layer_output(layer(hidden, mask))
+            if depth == self.skip_from:
+                skip = hidden
+        flat_skip = skip.reshape(rows * capacity, -1)
+        if last_only:
+            last = at(layers[-1], hidden, plans.pop(0))  # [n CLS (+ M masked), H]
+            cls, backbone = last[:n], last[n:]
+        else:
+            last = hidden.reshape(rows * capacity, -1)
+            cls, backbone = last[starts], last[slots]
+        hidden = flat_skip.index_copy(0, starts, cls.to(flat_skip.dtype)).view(rows, capacity, -1)
         transform, decoder = self._mlm_parts()
-        last = last.reshape(rows * capacity, -1)
-        return CondenserOutput(cls=last[starts], head_features=transform(hidden.reshape(rows * capacity, -1)[slots]),
-                               backbone_features=transform(last[slots]) if self.late_mlm else None,
-                               targets=targets, computed_tokens=rows * capacity, decoder=decoder)
+        if not len(self.c_head):
+            head = hidden.reshape(rows * capacity, -1)[slots]
+        elif not plans:  # nothing masked and no gradient wanted (the gradient cache's first pass)
+            head = hidden.new_zeros((0, hidden.shape[-1]))
+        else:
+            for layer in self.c_head[:-1]:
+                hidden = _layer_output(layer(hidden, mask))
+            head = at(self.c_head[-1], hidden, plans.pop(0))
+        return CondenserOutput(cls=cls, head_features=transform(head),
+                               backbone_features=transform(backbone) if self.late_mlm else None,
+                               targets=labels.reshape(-1)[masked], computed_tokens=rows * capacity, decoder=decoder)
 
     def _forward_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> CondenserOutput:
         out = self.mlm.base_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)

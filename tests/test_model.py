@@ -1,5 +1,6 @@
 """Condenser wiring, MLM at masked positions only, warm starts and export."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -241,9 +242,10 @@ def test_packed_rows_give_the_padded_result(family, attn, pack):
 
 
 def test_compiled_parts_give_the_eager_result():
-    """--torch_compile: the backbone, every head layer and the MLM head are compiled (dynamic shapes, two
-    batches of different sizes) with the eager results and unchanged parameter names. float64, so that
-    the fused kernels' different summation order stays far below the tolerance."""
+    """--torch_compile: the embeddings, every backbone and head layer, the partial last layers and the MLM
+    head are compiled (dynamic shapes, two batches of different sizes) with the eager results and
+    unchanged parameter names. float64, so that the fused kernels' different summation order stays far
+    below the tolerance."""
     torch.manual_seed(1)
     eager = Condenser(_bert_or_roberta("bert", "sdpa"), 2, 2, late_mlm=True, pack_length=24).double()
     compiled = Condenser(_bert_or_roberta("bert", "sdpa"), 2, 2, late_mlm=True, pack_length=24).double()
@@ -251,8 +253,10 @@ def test_compiled_parts_give_the_eager_result():
     names = [name for name, _ in compiled.named_parameters()]
     compiled.compile_parts()
     assert [name for name, _ in compiled.named_parameters()] == names
+    base = compiled.mlm.base_model
     assert all(getattr(m, "_compiled_call_impl", None) is not None
-               for m in [compiled.mlm.base_model, compiled._mlm_parts()[0], *compiled.c_head])
+               for m in [base.embeddings, *base.encoder.layer, compiled._mlm_parts()[0], *compiled.c_head])
+    assert compiled._layer_at is not eager._layer_at
     ce = torch.nn.functional.cross_entropy
     for n in (9, 14):
         lengths = torch.randint(3, 21, (n,))
@@ -426,3 +430,55 @@ def test_fused_qkv_falls_back_to_separate_linears():
     q.weight.ds_id = 7  # what DeepSpeed ZeRO-3 marks its partitioned parameters with
     torch.testing.assert_close(q(x), torch.nn.functional.linear(x, q.weight, q.bias))
     assert fused.pending is None
+
+
+@pytest.mark.parametrize("n_head,skip_from,late_mlm", [(2, 2, False), (1, 3, True), (0, 1, True), (2, 0, True)])
+def test_packed_rows_with_partial_last_layers_give_the_padded_result(n_head, skip_from, late_mlm):
+    """The last backbone layer computed only at CLS (and masked) slots and the last head layer only at
+    masked slots == the full layers: for any head depth, skip_from (3 = the last layer, read everywhere,
+    computed in full) and late_mlm; also without gradient and labels (the gradient cache's first pass,
+    which skips the head)."""
+    torch.manual_seed(2)
+    plain = Condenser(_bert_or_roberta("bert", "sdpa"), n_head, skip_from, late_mlm=late_mlm).double()
+    packed = Condenser(_bert_or_roberta("bert", "sdpa"), n_head, skip_from, late_mlm=late_mlm,
+                       pack_length=32).double()
+    packed.load_state_dict(plain.state_dict())
+    lengths = torch.tensor([20, 3, 7, 12, 5, 20, 9, 4, 16, 2])
+    mask = (torch.arange(20)[None, :] < lengths[:, None]).long()
+    ids = torch.where(mask.bool(), torch.randint(5, 120, (10, 20)), 0)
+    labels = torch.where(torch.rand(10, 20) < 0.3, ids, -100).masked_fill(mask == 0, -100)
+    outs = [model(ids, mask, labels) for model in (plain, packed)]
+    for field in ("cls", "head_features", "backbone_features"):
+        a, b = (getattr(o, field) for o in outs)
+        if a is None:
+            assert b is None and not late_mlm
+            continue
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=field)  # both in (span, position) order
+    with torch.no_grad():
+        unlabelled = torch.full_like(labels, -100)
+        a, b = (model(ids, mask, unlabelled) for model in (plain, packed))
+    torch.testing.assert_close(a.cls, b.cls, atol=1e-10, rtol=1e-10)
+    assert b.head_features.shape[0] == 0
+
+
+def test_layer_at_is_the_full_layer_at_the_wanted_slots():
+    """`layer_at` (keys from every slot, the rest at wanted slots only) == the whole layer read at those
+    slots, for wanted sets in any order, several per row or none in a row, and none at all."""
+    from coco_accel.model import layer_at, query_layout
+
+    torch.manual_seed(3)
+    layer = _bert_or_roberta("bert", "sdpa").bert.encoder.layer[0].double().eval()
+    rows, capacity = 3, 10
+    segment = torch.tensor([[0] * 4 + [1] * 6, [2] * 7 + [-1] * 3, [3] * 2 + [4] * 5 + [5] * 3])
+    hidden = torch.randn(rows, capacity, 16, dtype=torch.float64)
+    same = segment[:, None, :, None] == segment[:, None, None, :]
+    full = layer(hidden, same)
+    full = (full[0] if isinstance(full, tuple) else full).reshape(rows * capacity, -1)
+    for want in ([0, 4, 10, 20, 22, 27], [29, 3, 21, 5], [12], []):
+        want = np.asarray(want, dtype=np.int64)
+        queries, take, q = query_layout(want, rows, capacity)
+        assert queries.shape == (rows * q,) and sorted(take.tolist()) == sorted(set(take.tolist()))
+        queries, take, want_t = (torch.from_numpy(x) for x in (queries, take, want))
+        attn_mask = segment.reshape(-1)[queries].view(rows, 1, q, 1) == segment[:, None, None, :]
+        got = layer_at(layer, hidden, attn_mask, queries, take, want_t)
+        torch.testing.assert_close(got, full[want_t], atol=1e-12, rtol=1e-12)
