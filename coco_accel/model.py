@@ -101,6 +101,54 @@ def pack_rows(lengths: list[int], capacity: int) -> tuple[list[int], list[int], 
     return row_of, offset_of, len(used)
 
 
+@dataclass
+class PackPlan:
+    """Where each span goes in packed rows, planned on the host. Every index array travels to the device
+    in ONE copy (`indices`):
+    dest / src: each real token's slot in the rows / its place in the [N, L] input; starts: each span's
+    first (CLS) slot; slots / masked: each masked token's slot / its place in the input, in (span,
+    position) order; {last,head}_{want,queries,take}: the slots a partial layer is read at and its
+    query layout (`query_layout`)."""
+
+    rows: int
+    capacity: int
+    arrays: dict
+    queries: dict  # Q of each partial layer ("last", "head")
+
+    def indices(self, device: torch.device) -> dict:
+        names = list(self.arrays)
+        sizes = [len(self.arrays[k]) for k in names]
+        return dict(zip(names, to_device(np.concatenate([self.arrays[k] for k in names]), device).split(sizes)))
+
+
+def plan_packing(layout: np.ndarray, pack_length: int, last_at: Optional[str], head_at_masked: bool) -> PackPlan:
+    """Pack the spans of `layout` (see `host_layout`) into rows of `pack_length` tokens (longer when a span
+    is, rounded up to a multiple of 8). last_at: where the last backbone layer is read, "cls" or
+    "cls+masked" (None: everywhere, it runs whole); head_at_masked: the last head layer runs at the
+    masked slots."""
+    n, width = layout.shape[0], layout.shape[1] - 1
+    lens = layout[:, 0].astype(np.int64)
+    capacity = -(-max(pack_length, int(lens.max())) // 8) * 8  # aligned rows suit the attention kernels
+    row_of, offset_of, rows = pack_rows(lens.tolist(), capacity)
+    span = np.repeat(np.arange(n), lens)  # per real token: its span
+    within = np.arange(len(span)) - np.repeat(np.cumsum(lens) - lens, lens)  # its position in the span
+    starts = np.asarray(row_of, dtype=np.int64) * capacity + np.asarray(offset_of, dtype=np.int64)
+    span_m, pos_m = np.nonzero(layout[:, 1:].astype(bool) & (np.arange(width)[None, :] < lens[:, None]))
+    slots = starts[span_m] + pos_m
+    arrays = {"dest": np.repeat(starts, lens) + within, "src": span * width + within, "starts": starts,
+              "slots": slots, "masked": span_m * width + pos_m}
+    wanted = {}
+    if last_at is not None:
+        wanted["last"] = np.concatenate([starts, slots]) if last_at == "cls+masked" else starts
+    if head_at_masked:
+        wanted["head"] = slots
+    queries = {}
+    for name, want in wanted.items():
+        arrays[f"{name}_want"] = want
+        arrays[f"{name}_queries"], arrays[f"{name}_take"], queries[name] = query_layout(want, rows, capacity)
+    return PackPlan(rows, capacity, arrays, queries)
+
+
 def _layer_output(out):
     """A transformers layer's hidden states, whether it returns them alone or first in a tuple."""
     return out[0] if isinstance(out, tuple) else out
@@ -347,46 +395,23 @@ class Condenser(nn.Module):
         is): attention is block-diagonal (each span sees only itself) and positions restart at every span,
         so each span is computed exactly as alone, without padding and without a call per length group.
 
-        The packing and the masked slots are planned on the host from `layout`, so nothing in the step
-        waits for the device (boolean indexing would, mid-forward)."""
+        Planned on the host from `layout` (`plan_packing`), so nothing in the step waits for the device
+        (boolean indexing would, mid-forward). The last backbone layer runs only at the slots read from
+        it, and so does the last head layer (`layer_at`)."""
+        layers = self.mlm.base_model.encoder.layer
+        last_only = self.skip_from < len(layers)  # else the head reads the last backbone layer everywhere
+        # Without labels and without gradient (the gradient cache's first pass) the head is not needed.
+        run_head = len(self.c_head) > 0 and (torch.is_grad_enabled() or bool(layout[:, 1:].any()))
+        plan = plan_packing(layout, self.pack_length, last_at=(
+            None if not last_only else "cls+masked" if self.late_mlm else "cls"), head_at_masked=run_head)
         n, width = input_ids.shape
         device = input_ids.device
-        lens = layout[:, 0].astype(np.int64)
-        lengths = lens.tolist()
-        capacity = -(-max(self.pack_length, max(lengths)) // 8) * 8  # aligned rows suit the attention kernels
-        row_of, offset_of, rows = pack_rows(lengths, capacity)
-        span = np.repeat(np.arange(n), lens)  # per real token: its span
-        within = np.arange(len(span)) - np.repeat(np.cumsum(lens) - lens, lens)  # its position in the span
-        first_slots = np.asarray(row_of, dtype=np.int64) * capacity + np.asarray(offset_of, dtype=np.int64)
-        # masked tokens in span order: their slots in the packed rows and their places in `labels`
-        span_m, pos_m = np.nonzero(layout[:, 1:].astype(bool) & (np.arange(width)[None, :] < lens[:, None]))
-        slots_h = first_slots[span_m] + pos_m
-        # The last backbone layer is read at the CLS slots (contrastive, head input) and, with late_mlm, the
-        # masked ones; the last head layer at the masked ones. Each runs only there (`layer_at`), unless the
-        # head reads the last backbone layer everywhere (skip_from = its depth).
-        layers = self.mlm.base_model.encoder.layer
-        last_only = self.skip_from < len(layers)
-        wanted = []
-        if last_only:
-            wanted.append(np.concatenate([first_slots, slots_h]) if self.late_mlm else first_slots)
-        if len(self.c_head) and (slots_h.size or torch.is_grad_enabled()):
-            wanted.append(slots_h)
-        plans = [query_layout(w, rows, capacity) for w in wanted]
-        # Every index in ONE host-to-device copy, queued ahead of the encoder.
-        parts = [np.repeat(first_slots, lens) + within,  # dest: each real token's slot
-                 first_slots,  # starts: each span's first slot in the flattened rows
-                 span * width + within,  # src: each real token's place in the input
-                 slots_h,  # slots: each masked token's slot
-                 span_m * width + pos_m]  # each masked token's place in the input
-        for w, (queries, take, _) in zip(wanted, plans):
-            parts += [w, queries, take]
-        on_device = to_device(np.concatenate(parts), device).split([len(x) for x in parts])
-        dest, starts, src, slots, masked = on_device[:5]
-        plans = [(*on_device[5 + 3 * i:8 + 3 * i], q) for i, (_, _, q) in enumerate(plans)]
+        idx = plan.indices(device)
+        rows, capacity = plan.rows, plan.capacity
 
         def packed(values: torch.Tensor, fill: int) -> torch.Tensor:
             out = torch.full((rows * capacity,), fill, dtype=values.dtype, device=device)
-            out[dest] = values.reshape(-1)[src]
+            out[idx["dest"]] = values.reshape(-1)[idx["src"]]
             return out.view(rows, capacity)
 
         ids = packed(input_ids, 0)
@@ -402,37 +427,39 @@ class Condenser(nn.Module):
             dtype = next(self.mlm.parameters()).dtype
             mask = torch.zeros(same.shape, dtype=dtype, device=device).masked_fill(~same, torch.finfo(dtype).min)
 
-        def at(layer, hidden, plan):  # the layer's output at the plan's slots, [len(want), H]
-            want, queries, take, q = plan
-            seg_q = segment.reshape(-1)[queries].view(rows, 1, q, 1)
+        def at(layer, hidden, which):  # the layer's output at the slots the plan wants from it, [M, H]
+            want, queries, take = idx[f"{which}_want"], idx[f"{which}_queries"], idx[f"{which}_take"]
+            seg_q = segment.reshape(-1)[queries].view(rows, 1, plan.queries[which], 1)
             return self._layer_at(layer, hidden, seg_q == segment[:, None, None, :], queries, take, want)
 
-        hidden = self.mlm.base_model.embeddings(input_ids=ids, position_ids=positions, token_type_ids=torch.zeros_like(ids))
+        hidden = self.mlm.base_model.embeddings(input_ids=ids, position_ids=positions,
+                                                token_type_ids=torch.zeros_like(ids))
         skip = hidden
         for depth, layer in enumerate(layers[:-1] if last_only else layers, start=1):
             hidden = _layer_output(layer(hidden, mask))
             if depth == self.skip_from:
                 skip = hidden
-        flat_skip = skip.reshape(rows * capacity, -1)
         if last_only:
-            last = at(layers[-1], hidden, plans.pop(0))  # [n CLS (+ M masked), H]
+            last = at(layers[-1], hidden, "last")  # [n CLS (+ M masked), H]
             cls, backbone = last[:n], last[n:]
         else:
             last = hidden.reshape(rows * capacity, -1)
-            cls, backbone = last[starts], last[slots]
-        hidden = flat_skip.index_copy(0, starts, cls.to(flat_skip.dtype)).view(rows, capacity, -1)
-        transform, decoder = self._mlm_parts()
+            cls, backbone = last[idx["starts"]], last[idx["slots"]]
+        flat_skip = skip.reshape(rows * capacity, -1)
+        hidden = flat_skip.index_copy(0, idx["starts"], cls.to(flat_skip.dtype)).view(rows, capacity, -1)
         if not len(self.c_head):
-            head = hidden.reshape(rows * capacity, -1)[slots]
-        elif not plans:  # nothing masked and no gradient wanted (the gradient cache's first pass)
+            head = hidden.reshape(rows * capacity, -1)[idx["slots"]]
+        elif not run_head:
             head = hidden.new_zeros((0, hidden.shape[-1]))
         else:
             for layer in self.c_head[:-1]:
                 hidden = _layer_output(layer(hidden, mask))
-            head = at(self.c_head[-1], hidden, plans.pop(0))
+            head = at(self.c_head[-1], hidden, "head")
+        transform, decoder = self._mlm_parts()
         return CondenserOutput(cls=cls, head_features=transform(head),
                                backbone_features=transform(backbone) if self.late_mlm else None,
-                               targets=labels.reshape(-1)[masked], computed_tokens=rows * capacity, decoder=decoder)
+                               targets=labels.reshape(-1)[idx["masked"]], computed_tokens=rows * capacity,
+                               decoder=decoder)
 
     def _forward_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> CondenserOutput:
         out = self.mlm.base_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
