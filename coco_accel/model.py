@@ -61,8 +61,12 @@ def auto_call_cost(device: torch.device) -> int:
 def host_layout(attention_mask: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
     """What packing and length groups are planned from, on the host: int32 [N, 1 + L], each row's length
     followed by 1 where the row has a label. Read from the collator's CPU batch it costs nothing; read
-    from device tensors it is a transfer that waits for all the work queued before it."""
-    return torch.cat([attention_mask.sum(dim=1, keepdim=True), labels != -100], dim=1).to(torch.int32).cpu().numpy()
+    from device tensors it waits for all the work queued before it."""
+    mask, labels = attention_mask.cpu().numpy(), labels.cpu().numpy()
+    out = np.empty((mask.shape[0], mask.shape[1] + 1), dtype=np.int32)
+    out[:, 0] = mask.sum(axis=1)
+    np.not_equal(labels, -100, out=out[:, 1:])
+    return out
 
 
 def to_device(values: np.ndarray, device: torch.device) -> torch.Tensor:
