@@ -63,6 +63,18 @@ def tiny_bert(tmp_path_factory, tokenizer) -> str:
     return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), tokenizer)
 
 
+def span_batch(lengths, width: int = 20, vocab: int = 120, pad_id: int = 0, label_rate: float = 0.4):
+    """(input_ids, attention_mask, labels) [N, width] of right-padded spans with the given lengths: random
+    ids, labels at about `label_rate` of the real tokens (draws from torch's global generator)."""
+    import torch
+
+    lengths = torch.as_tensor(lengths)
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    ids = torch.where(mask.bool(), torch.randint(5, vocab, (len(lengths), width)), pad_id)
+    labels = torch.where(torch.rand(len(lengths), width) < label_rate, ids, -100).masked_fill(mask == 0, -100)
+    return ids, mask, labels
+
+
 def write_docstring_corpus(path: Path, n: int) -> Path:
     """n real English documents (standard-library docstrings) as a BEIR corpus.jsonl."""
     from coco_accel.demo import docstring_documents

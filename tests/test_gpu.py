@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, span_batch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -61,11 +61,8 @@ def test_step_planned_from_the_host_never_waits_for_the_device(chunk):
     cfg = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
                      intermediate_size=64)
     model = Condenser(BertForMaskedLM(cfg), 2, 2, late_mlm=True, pack_length=24).cuda()
-    lengths = torch.tensor([20, 3, 7, 12, 5, 20, 9, 4])
-    mask = (torch.arange(20)[None, :] < lengths[:, None]).long()
-    ids = torch.where(mask.bool(), torch.randint(5, 120, (8, 20)), 0)
-    host = {"input_ids": ids, "attention_mask": mask,
-            "labels": torch.where(torch.rand(8, 20) < 0.4, ids, -100).masked_fill(mask == 0, -100)}
+    ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20, 9, 4])
+    host = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     batch = {k: v.cuda() for k, v in host.items()}
     losses = []
     torch.cuda.synchronize()

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import span_batch
 from coco_accel.losses import masked_lm_loss, span_contrastive_loss
 
 # Two documents, two spans each, rows in pairs: (a0, a1) and (b0, b1).
@@ -155,11 +156,8 @@ def test_a_step_planned_from_the_host_batch_equals_one_planned_from_the_device(c
     cfg = BertConfig(vocab_size=120, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     model = Condenser(BertForMaskedLM(cfg), 2, 2, late_mlm=True, pack_length=24).double()
-    lengths = torch.tensor([20, 3, 7, 12, 5, 20, 9, 4])
-    mask = (torch.arange(20)[None, :] < lengths[:, None]).long()
-    ids = torch.where(mask.bool(), torch.randint(5, 120, (8, 20)), 0)
-    host = {"input_ids": ids, "attention_mask": mask,
-            "labels": torch.where(torch.rand(8, 20) < 0.4, ids, -100).masked_fill(mask == 0, -100)}
+    ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20, 9, 4])
+    host = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     device_batch = {k: v.clone() for k, v in host.items()}  # stands for the copy on the device
     real = step_module.host_layout
     seen = []
@@ -184,7 +182,8 @@ def test_a_step_planned_from_the_host_batch_equals_one_planned_from_the_device(c
         results.append((parts, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     assert seen and all(seen)
     (a, ga), (b, gb) = results
-    assert torch.equal(a.loss, b.loss) and (a.spans, a.real_tokens, a.computed_tokens) == (b.spans, b.real_tokens, b.computed_tokens)
+    assert torch.equal(a.loss, b.loss)
+    assert (a.spans, a.real_tokens, a.computed_tokens) == (b.spans, b.real_tokens, b.computed_tokens)
     for name in ga:
         assert torch.equal(ga[name], gb[name]), name
 

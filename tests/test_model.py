@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import span_batch
 from coco_accel.model import HEAD_FILE, Condenser, ModelError, load_condenser, save_export
 
 
@@ -219,10 +220,8 @@ def test_packed_rows_give_the_padded_result(family, attn, pack):
     plain = Condenser(_bert_or_roberta(family, attn), 2, 2, late_mlm=True)
     packed = Condenser(_bert_or_roberta(family, attn), 2, 2, late_mlm=True, pack_length=pack)
     packed.load_state_dict(plain.state_dict())
-    lengths = torch.tensor([20, 3, 7, 12, 5, 20, 9, 4, 16])
-    mask = (torch.arange(20)[None, :] < lengths[:, None]).long()
-    ids = torch.where(mask.bool(), torch.randint(5, 120, (9, 20)), 0 if family == "bert" else 1)
-    labels = torch.where(torch.rand(9, 20) < 0.3, ids, -100).masked_fill(mask == 0, -100)
+    ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20, 9, 4, 16], pad_id=0 if family == "bert" else 1,
+                                   label_rate=0.3)
     ce = torch.nn.functional.cross_entropy
     losses = []
     for model in (plain, packed):
@@ -259,10 +258,7 @@ def test_compiled_parts_give_the_eager_result():
     assert compiled._layer_at is not eager._layer_at
     ce = torch.nn.functional.cross_entropy
     for n in (9, 14):
-        lengths = torch.randint(3, 21, (n,))
-        mask = (torch.arange(20)[None, :] < lengths[:, None]).long()
-        ids = torch.where(mask.bool(), torch.randint(5, 120, (n, 20)), 0)
-        labels = torch.where(torch.rand(n, 20) < 0.3, ids, -100).masked_fill(mask == 0, -100)
+        ids, mask, labels = span_batch(torch.randint(3, 21, (n,)), label_rate=0.3)
         results = []
         for model in (eager, compiled):
             model.zero_grad()
@@ -328,10 +324,7 @@ def test_chunked_decoder_loss_gives_the_full_logits_gradients(family, monkeypatc
     monkeypatch.setattr(losses, "DECODER_CHUNK_ELEMENTS", 5 * 120)  # 5 rows per chunk
     torch.manual_seed(1)
     model = Condenser(_bert_or_roberta(family, "sdpa"), 2, 2, late_mlm=True, pack_length=24).double()
-    lengths = torch.tensor([20, 3, 7, 12, 5, 20])
-    mask = (torch.arange(20)[None, :] < lengths[:, None]).long()
-    ids = torch.where(mask.bool(), torch.randint(5, 120, (6, 20)), 0 if family == "bert" else 1)
-    labels = torch.where(torch.rand(6, 20) < 0.4, ids, -100).masked_fill(mask == 0, -100)
+    ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20], pad_id=0 if family == "bert" else 1)
     grads = []
     for chunked in (True, False):
         model.zero_grad()
@@ -359,13 +352,10 @@ def test_a_layout_from_the_host_plans_without_reading_the_device(layout_kind, mo
     torch.manual_seed(1)
     extra = dict(pack_length=24) if layout_kind == "pack" else dict(length_bucket_width=4, bucket_call_cost=0)
     model = Condenser(_bert_or_roberta("bert", "sdpa"), 2, 2, late_mlm=True, **extra).double()
-    lengths = torch.tensor([20, 3, 7, 12, 5, 20, 9, 4])
-    mask = (torch.arange(20)[None, :] < lengths[:, None]).long()
-    ids = torch.where(mask.bool(), torch.randint(5, 120, (8, 20)), 0)
-    labels = torch.where(torch.rand(8, 20) < 0.4, ids, -100).masked_fill(mask == 0, -100)
+    ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20, 9, 4])
     read = model(ids, mask, labels)
     layout = model_module.host_layout(mask, labels)
-    assert layout.shape == (8, 21) and layout[:, 0].tolist() == lengths.tolist()
+    assert layout.shape == (8, 21) and layout[:, 0].tolist() == [20, 3, 7, 12, 5, 20, 9, 4]
 
     def no_reads(*args):
         raise AssertionError("read the layout from the device tensors")
@@ -392,10 +382,7 @@ def test_fused_qkv_projections_give_the_separate_result(family, monkeypatch):
     fused = Condenser(_bert_or_roberta(family, "sdpa"), 2, 2, late_mlm=True, pack_length=24).double()
     fused.load_state_dict(separate.state_dict())
     assert [n for n, _ in fused.named_parameters()] == [n for n, _ in separate.named_parameters()]
-    lengths = torch.tensor([20, 3, 7, 12, 5, 20, 9, 4])
-    mask = (torch.arange(20)[None, :] < lengths[:, None]).long()
-    ids = torch.where(mask.bool(), torch.randint(5, 120, (8, 20)), 0 if family == "bert" else 1)
-    labels = torch.where(torch.rand(8, 20) < 0.4, ids, -100).masked_fill(mask == 0, -100)
+    ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20, 9, 4], pad_id=0 if family == "bert" else 1)
     ce = torch.nn.functional.cross_entropy
     results = []
     for model in (separate, fused):
@@ -443,10 +430,7 @@ def test_packed_rows_with_partial_last_layers_give_the_padded_result(n_head, ski
     packed = Condenser(_bert_or_roberta("bert", "sdpa"), n_head, skip_from, late_mlm=late_mlm,
                        pack_length=32).double()
     packed.load_state_dict(plain.state_dict())
-    lengths = torch.tensor([20, 3, 7, 12, 5, 20, 9, 4, 16, 2])
-    mask = (torch.arange(20)[None, :] < lengths[:, None]).long()
-    ids = torch.where(mask.bool(), torch.randint(5, 120, (10, 20)), 0)
-    labels = torch.where(torch.rand(10, 20) < 0.3, ids, -100).masked_fill(mask == 0, -100)
+    ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20, 9, 4, 16, 2], label_rate=0.3)
     outs = [model(ids, mask, labels) for model in (plain, packed)]
     for field in ("cls", "head_features", "backbone_features"):
         a, b = (getattr(o, field) for o in outs)
