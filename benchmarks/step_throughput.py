@@ -4,8 +4,9 @@ Reference style (luyug/Condenser / OpenMatch COCO-DR): fp16 autocast on GPU (fp3
 fp16 autocast is not how anyone trains), eager attention, every span padded to --max_seq_length,
 MLM logits at every position (head and backbone), unfused AdamW.
 Ours: bf16 autocast on GPU (fp32 on CPU), SDPA attention, spans packed into rows in one call (or
-length groups, --layouts), MLM logits only at masked positions, fused AdamW on GPU; similarity and
-loss in fp32 for both.
+length groups, --layouts), the last backbone and head layers only where the losses read them, one
+matmul for Q/K/V, MLM logits only at masked positions, fused AdamW on GPU; similarity and loss in
+fp32 for both.
 Spans follow the reference preprocessing: <= 30 tokens, a tenth longer (up to 126), CLS/SEP added.
 
     python benchmarks/step_throughput.py                 # CPU: a MiniLM-sized model, < 2 minutes
