@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from coco_accel.losses import span_contrastive_loss  # noqa: E402
-from coco_accel.model import Condenser  # noqa: E402
+from coco_accel.model import Condenser, peak_tflops, useful_flops_per_token  # noqa: E402
 from coco_accel.step import StepSettings, cached_step, plain_step  # noqa: E402
 
 PRESETS = {  # (layers, hidden, heads, intermediate)
@@ -150,17 +150,6 @@ def our_step(model: Condenser, batch: dict, host: dict, optimizer, autocast_dtyp
     return parts.computed_tokens
 
 
-def useful_flops_per_token(model: Condenser, avg_len: float) -> float:
-    """Forward+backward FLOPs per real token: 6 x non-embedding matmul params, plus attention, plus the
-    MLM decoder at the 15% masked positions (head and backbone)."""
-    cfg = model.config
-    h, layers = cfg.hidden_size, cfg.num_hidden_layers + len(model.c_head)
-    dense = layers * (4 * h * h + 2 * h * cfg.intermediate_size)
-    attention = layers * 2 * h * avg_len  # QK^T and AV per token
-    mlm = 2 * 0.15 * (h * h + h * cfg.vocab_size)
-    return 6 * (dense + attention + mlm)
-
-
 def measure(fn, steps: int, device) -> tuple[float, float, object]:
     """(seconds per step, peak GiB, what fn returned) after warm-up steps (kernel selection, allocator growth)."""
     for _ in range(3 if device.type == "cuda" else 1):
@@ -198,7 +187,7 @@ def main(argv=None) -> int:
     p.add_argument("--cache_row", action="store_true", help="add the gradient-cache row on CPU too (always on GPU)")
     p.add_argument("--unfused_row", action="store_true", help="add a row with separate query/key/value projections "
                    "at the largest batch on CPU too (always on GPU)")
-    p.add_argument("--peak_tflops", type=float, default=None, help="for MFU (default: 989 on H100/H200 bf16, none on CPU)")
+    p.add_argument("--peak_tflops", type=float, default=None, help="for MFU (default: 989 on H100/H200, 312 on A100, none on CPU)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -207,8 +196,7 @@ def main(argv=None) -> int:
     steps = args.steps or (10 if gpu else 3)
     ref_docs = args.ref_docs or (128 if gpu else 16)
     our_docs = [int(x) for x in (args.our_docs or ("128,256,512,1024,2048" if gpu else "16")).split(",")]
-    peak = args.peak_tflops or (989.0 if gpu and any(k in torch.cuda.get_device_name() for k in ("H100", "H200"))
-                                else None)
+    peak = args.peak_tflops or peak_tflops(device)
     name = torch.cuda.get_device_name() if gpu else "CPU"
     ref_dtype = torch.float16 if gpu else None
     our_dtype = torch.bfloat16 if gpu else None
@@ -227,7 +215,8 @@ def main(argv=None) -> int:
             return
         real = int(batch["attention_mask"].sum())
         padded = computed if computed is not None else batch["attention_mask"].numel()
-        flops = useful_flops_per_token(model, real / batch["input_ids"].shape[0]) * real / secs
+        flops = useful_flops_per_token(model.config, len(model.c_head), real / batch["input_ids"].shape[0], 0.15,
+                                       model.late_mlm) * real / secs
         rows.append({"style": label, "docs": docs, "layout": layout, "step_ms": secs * 1e3,
                      "real_tok_s": real / secs, "padded_tok_s": padded / secs, "peak_gib": mem,
                      "mfu": flops / (peak * 1e12) if peak else None})

@@ -81,6 +81,8 @@ class TrainConfig:
     # -- run
     seed: int = _f(42, "Seeds document order, span choice, masking and model init.", "run")
     logging_steps: int = _f(10, "Write a metrics.jsonl line every this many steps.", "run")
+    peak_tflops: float = _f(0.0, "One GPU's peak TFLOP/s for the logged MFU (0 = known under bf16/fp16: 989 for "
+                            "H100/H200, 312 for A100; otherwise MFU is not logged, model TFLOP/s still is).", "run")
     eval_steps: int = _f(0, "Every this many steps, the held-out contrastive loss and accuracy per corpus "
                          "(needs --eval_fraction at preprocessing; 0 = off).", "run")
     eval_max_docs: int = _f(1024, "Held-out documents scored per corpus at each evaluation.", "run")

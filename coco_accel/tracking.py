@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -19,8 +19,13 @@ class Meter:
     """Sums of each step's parts since the last log: the losses on the device, the counts on the host, so
     that logging is the only host sync (a host number copied to a GPU each step would wait for it)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, flops_per_token: Optional[Callable[[float], float]] = None,
+                 peak_tflops: Optional[float] = None):
+        """flops_per_token(mean span length): model FLOPs per real token (`model.useful_flops_per_token`), for
+        the logged TFLOP/s; peak_tflops: one device's peak, for the logged MFU."""
         self.device = device
+        self.flops_per_token = flops_per_token
+        self.peak_tflops = peak_tflops
         self._reset()
 
     def _reset(self) -> None:
@@ -59,6 +64,10 @@ class Meter:
         if self.grad_norms:
             record["grad_norm"] = float(self.grad_norm_sum) / self.grad_norms
         record["real_tokens_per_s"] = total[5] / elapsed
+        if self.flops_per_token is not None and total[4] > 0:  # whole job: every process's tokens
+            record["model_tflops_per_s"] = self.flops_per_token(total[5] / total[4]) * total[5] / elapsed / 1e12
+            if self.peak_tflops:
+                record["mfu"] = record["model_tflops_per_s"] / (self.peak_tflops * dist.world_size())
         record["padding_fraction"] = 1.0 - total[5] / max(total[6], 1)
         record["docs_seen"] = docs_seen
         record["skipped_steps"] = skipped_steps

@@ -312,7 +312,7 @@ def train(cfg: TrainConfig) -> dict:
     from coco_accel.checkpoint import save_checkpoint
     from coco_accel.data import make_loader
     from coco_accel.heldout import heldout_signal
-    from coco_accel.tracking import Meter, MetricsFile
+    from coco_accel.tracking import MetricsFile
 
     run = build(cfg)
     acc, model, optimizer, scheduler = run.accelerator, run.model, run.optimizer, run.scheduler
@@ -326,7 +326,7 @@ def train(cfg: TrainConfig) -> dict:
     acc.init_trackers("coco-accel", config={k: v for k, v in to_dict(cfg).items() if v is not None})
     acc.wait_for_everyone()  # nobody looks for a STOP file before the main process removed a stale one
     stop = _StopRequest(out_dir / STOP_FILE if acc.is_main_process else None)
-    meter = Meter(acc.device)
+    meter = _meter(cfg, acc, acc.unwrap_model(model).config)
     first = last = None
     skipped = 0
 
@@ -394,6 +394,17 @@ def train(cfg: TrainConfig) -> dict:
                     last["contrastive_acc"])
     _finish(acc)
     return {"first": first, "last": last, "steps": run.total_steps, "preempted": False}
+
+
+def _meter(cfg: TrainConfig, acc, model_config):
+    """The metrics meter, with the model's FLOPs per token and, where known, the GPU's peak (MFU)."""
+    from coco_accel.model import peak_tflops, useful_flops_per_token
+    from coco_accel.tracking import Meter
+
+    flops = lambda avg_len: useful_flops_per_token(model_config, cfg.n_head_layers, avg_len, cfg.mlm_probability,
+                                                   cfg.late_mlm)
+    sixteen_bit = acc.mixed_precision in ("bf16", "fp16")
+    return Meter(acc.device, flops, cfg.peak_tflops or (peak_tflops(acc.device) if sixteen_bit else None))
 
 
 def _finish(acc) -> None:

@@ -82,9 +82,11 @@ def test_bf16_autocast_trains_on_cpu(tmp_path, tiny_bert, span_data):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu.yaml",
            "coco_accel/train.py", "--output_dir", str(out), "--model_name_or_path", tiny_bert, "--train_dir",
            str(span_data), "--per_device_train_batch_size", "4", "--max_steps", "2", "--logging_steps", "1",
-           "--save_steps", "0", "--skip_from", "2", "--late_mlm", "--bf16", "--report_to", "none"]
+           "--save_steps", "0", "--skip_from", "2", "--late_mlm", "--bf16", "--report_to", "none",
+           "--peak_tflops", "0.5"]
     subprocess.run(cmd, check=True, env=_env(), cwd=REPO)
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in records] == [1, 2]
     for r in records:
         assert math.isfinite(r["loss"]) and r["loss"] == pytest.approx(r["mlm_head"] + r["mlm_backbone"] + r["contrastive"])
+        assert r["model_tflops_per_s"] > 0 and r["mfu"] == pytest.approx(r["model_tflops_per_s"] / 0.5)

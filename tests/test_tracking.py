@@ -1,0 +1,39 @@
+"""The metrics meter: global means, throughput, model FLOP/s and MFU."""
+
+import pytest
+import torch
+
+from coco_accel.model import useful_flops_per_token
+from coco_accel.step import StepParts
+from coco_accel.tracking import Meter
+
+
+def test_useful_flops_count_by_hand():
+    from transformers import BertConfig
+
+    cfg = BertConfig(vocab_size=100, hidden_size=8, num_hidden_layers=3, intermediate_size=32)
+    dense = 5 * (4 * 64 + 2 * 8 * 32)  # 3 backbone + 2 head layers
+    attention = 5 * 2 * 8 * 10.0  # spans of 10 tokens
+    mlm = 2 * 0.15 * (64 + 8 * 100)  # transform + projection at 15% of the tokens, head and backbone
+    assert useful_flops_per_token(cfg, 2, 10.0, 0.15, True) == pytest.approx(6 * (dense + attention + mlm))
+    assert useful_flops_per_token(cfg, 2, 10.0, 0.15, False) == pytest.approx(6 * (dense + attention + mlm / 2))
+
+
+def test_meter_means_throughput_and_mfu():
+    meter = Meter(torch.device("cpu"), flops_per_token=lambda avg_len: 1e9 * avg_len, peak_tflops=2.0)
+    for head, correct in ((2.0, 3), (4.0, 1)):
+        meter.add(StepParts(torch.tensor(head), torch.tensor(1.0), torch.tensor(0.5), torch.tensor(correct),
+                            spans=4, real_tokens=40, computed_tokens=64), grad_norm=torch.tensor(2.0))
+    record = meter.flush(step=2, lr=1e-4, docs_seen=4)
+    assert record["mlm_head"] == 3.0 and record["loss"] == 3.0 + 1.0 + 0.5
+    assert record["contrastive_acc"] == 4 / 8 and record["grad_norm"] == 2.0
+    assert record["padding_fraction"] == pytest.approx(1 - 80 / 128)
+    elapsed = record["seconds_per_step"] * 2
+    assert record["real_tokens_per_s"] == pytest.approx(80 / elapsed)
+    assert record["model_tflops_per_s"] == pytest.approx(1e9 * 10 * 80 / elapsed / 1e12)  # spans of 10 tokens
+    assert record["mfu"] == pytest.approx(record["model_tflops_per_s"] / 2.0)
+    no_peak = Meter(torch.device("cpu"), flops_per_token=lambda avg_len: 1e9)
+    no_peak.add(StepParts(torch.tensor(1.0), torch.tensor(1.0), torch.tensor(1.0), torch.tensor(0), spans=2,
+                          real_tokens=20, computed_tokens=32), grad_norm=None)
+    record = no_peak.flush(step=1, lr=1e-4, docs_seen=1)
+    assert record["model_tflops_per_s"] > 0 and "mfu" not in record
