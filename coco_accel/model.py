@@ -81,7 +81,7 @@ def pack_rows(lengths: list[int], capacity: int) -> tuple[list[int], list[int], 
     and the number of rows. Deterministic in the lengths alone, so a gradient-cache replay packs alike."""
     if lengths and max(lengths) > capacity:
         raise ValueError(f"a span of {max(lengths)} tokens does not fit a packed row of {capacity}")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable").tolist()  # longest first, ties in order
     free: list[list[int]] = [[] for _ in range(capacity + 1)]  # free[c]: rows with exactly c tokens free
     nonempty = 0  # bit c set <=> free[c] is not empty: the tightest fit is one bit scan away
     used: list[int] = []
