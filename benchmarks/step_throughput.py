@@ -205,11 +205,16 @@ def main(argv=None) -> int:
     check = same_loss(preset, min(ref_docs, 16), args.max_seq_length, args.bucket_width, device,
                       args.layouts.split(",")[0])
 
-    def record(label, docs, fn, batch, model, layout=None):
+    def record(label, docs, fn, batch, model, layout=None, optional=False):
+        """optional: a row whose failure (torch.compile's) is reported in the table instead of ending the run."""
         try:
             secs, mem, computed = measure(fn, steps, device)
-        except torch.OutOfMemoryError:
-            rows.append({"style": label, "docs": docs, "layout": layout, "oom": True})
+        except Exception as err:  # noqa: BLE001 - out of memory, or an optional row's failure, becomes a row
+            if not (isinstance(err, torch.OutOfMemoryError) or optional):
+                raise
+            failure = "out of memory" if isinstance(err, torch.OutOfMemoryError) else \
+                f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
+            rows.append({"style": label, "docs": docs, "layout": layout, "failed": failure})
             if gpu:
                 torch.cuda.empty_cache()
             return
@@ -246,7 +251,7 @@ def main(argv=None) -> int:
                 host = make_batch(docs, args.max_seq_length, False, 0)
                 batch = on(device, host)
                 record("ours + torch.compile", docs, lambda: our_step(model, batch, host, opt, our_dtype, 0), batch,
-                       model, cost)
+                       model, cost, optional=True)
                 if gpu:
                     torch.cuda.empty_cache()
         del model, opt
@@ -264,7 +269,7 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
 
     ref = rows[0]
-    done = [r for r in rows if not r.get("oom")]
+    done = [r for r in rows if not r.get("failed")]
     first = [r for r in done if r["layout"] == costs[0]]  # the configuration the JSON speaks of
     ours = [r for r in first if r["style"] in ("ours", "ours + torch.compile")]  # with or without compile
     best = max(ours, key=lambda r: r["real_tok_s"])
@@ -277,8 +282,8 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         cost = r["layout"] or ""
-        if r.get("oom"):
-            print(f"| {r['style']} | {r['docs']} | {cost} | out of memory | | | | | |")
+        if r.get("failed"):
+            print(f"| {r['style']} | {r['docs']} | {cost} | {r['failed']} | | | | | |")
             continue
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
         ratio = r["real_tok_s"] / ref["real_tok_s"]
