@@ -404,7 +404,8 @@ class Condenser(nn.Module):
         it, and so does the last head layer (`layer_at`)."""
         layers = self.mlm.base_model.encoder.layer
         last_only = self.skip_from < len(layers)  # else the head reads the last backbone layer everywhere
-        # Without labels and without gradient (the gradient cache's first pass) the head is not needed.
+        # Without labels and without gradient (the held-out signal) the head is not needed. (The gradient
+        # cache's first pass brings its labels: its replay must draw the same dropout.)
         run_head = len(self.c_head) > 0 and (torch.is_grad_enabled() or bool(layout[:, 1:].any()))
         plan = plan_packing(layout, self.pack_length, last_at=(
             None if not last_only else "cls+masked" if self.late_mlm else "cls"), head_at_masked=run_head)

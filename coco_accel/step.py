@@ -147,10 +147,10 @@ def cached_step(model, batch: dict, backward: Backward, settings: StepSettings, 
     with torch.no_grad(), compute():
         for part, rows in chunks:
             states.append(_RandState(device))
-            unlabelled = rows.copy()
-            unlabelled[:, 1:] = 0
+            # With its labels, although only CLS is used: the replay must compute the same things at the
+            # same places (packed rows run their last layers at the masked slots) to draw the same dropout.
             reps.append(model(input_ids=part["input_ids"], attention_mask=part["attention_mask"],
-                              labels=torch.full_like(part["labels"], -100), layout=unlabelled).cls)
+                              labels=part["labels"], layout=rows).cls)
     local = at_least_fp32(torch.cat(reps)).requires_grad_(True)
     columns, offset = dist.gather_with_grad(local)
     contrastive, correct = span_contrastive_loss(local, columns, offset, span_norm,

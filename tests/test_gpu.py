@@ -77,3 +77,33 @@ def test_step_planned_from_the_host_never_waits_for_the_device(chunk):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert losses and math.isfinite(float(parts.loss))
+
+
+def test_gradient_cache_replays_the_first_pass_dropout_on_the_gpu(monkeypatch):
+    """As on the CPU (tests/test_losses.py): with dropout (SDPA's fused dropout included) and bf16, each
+    chunk's replay computes bit for bit the CLS vectors of its first pass."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from coco_accel.model import Condenser
+    from coco_accel.step import StepSettings, cached_step
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)
+    model = Condenser(BertForMaskedLM(cfg), 2, 2, late_mlm=True, pack_length=24).cuda().train()
+    ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20, 9, 4])
+    host = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = {k: v.cuda() for k, v in host.items()}
+    seen = []
+    real_forward = Condenser.forward
+
+    def spy(self, *args, **kwargs):
+        out = real_forward(self, *args, **kwargs)
+        seen.append(out.cls.detach().clone())
+        return out
+
+    monkeypatch.setattr(Condenser, "forward", spy)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        cached_step(model, batch, lambda loss, last: loss.backward(), StepSettings(), 3, host=host)
+    assert len(seen) == 6
+    for a, b in zip(seen[:3], seen[3:]):
+        assert torch.equal(a, b)

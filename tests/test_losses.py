@@ -217,3 +217,37 @@ def test_the_trainers_autocast_reaches_the_vocabulary_projection(monkeypatch):
     finally:
         AcceleratorState._reset_state(True)
     assert seen == [torch.bfloat16, torch.bfloat16, torch.float32, torch.float32]  # head and backbone, twice
+
+
+@pytest.mark.parametrize("pack", [0, 24])
+def test_gradient_cache_replays_the_first_pass_dropout(pack, monkeypatch):
+    """With dropout on, each chunk's replay (with graph) draws the dropout of its first pass (without), so
+    the CLS vectors it backpropagates through are the ones the contrastive loss was computed on. Any
+    difference in what the two passes compute (which layers, at which slots) would draw other masks."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from coco_accel.model import Condenser
+    from coco_accel.step import StepSettings, cached_step
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=120, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
+                     hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    model = Condenser(BertForMaskedLM(cfg), 2, 2, late_mlm=True, pack_length=pack).train()
+    ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20, 9, 4])
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    seen = []
+    real_forward = Condenser.forward
+
+    def spy(self, *args, **kwargs):
+        out = real_forward(self, *args, **kwargs)
+        seen.append(out.cls.detach().clone())
+        return out
+
+    monkeypatch.setattr(Condenser, "forward", spy)
+    cached_step(model, batch, lambda loss, last: loss.backward(), StepSettings(), 3, host=batch)
+    first, replay = seen[:3], seen[3:]
+    assert len(first) == len(replay) == 3  # chunks of 3, 3 and 2 spans
+    for a, b in zip(first, replay):
+        assert torch.equal(a, b)
+    unseeded = real_forward(model, ids[:3], mask[:3], labels[:3]).cls.detach()  # another draw of the dropout
+    assert not torch.equal(unseeded, first[0])

@@ -423,8 +423,8 @@ def test_fused_qkv_falls_back_to_separate_linears():
 def test_packed_rows_with_partial_last_layers_give_the_padded_result(n_head, skip_from, late_mlm):
     """The last backbone layer computed only at CLS (and masked) slots and the last head layer only at
     masked slots == the full layers: for any head depth, skip_from (3 = the last layer, read everywhere,
-    computed in full) and late_mlm; also without gradient and labels (the gradient cache's first pass,
-    which skips the head)."""
+    computed in full) and late_mlm; also without gradient and labels (the held-out signal, which skips
+    the head)."""
     torch.manual_seed(2)
     plain = Condenser(_bert_or_roberta("bert", "sdpa"), n_head, skip_from, late_mlm=late_mlm).double()
     packed = Condenser(_bert_or_roberta("bert", "sdpa"), n_head, skip_from, late_mlm=late_mlm,
