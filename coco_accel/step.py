@@ -55,8 +55,10 @@ def _global_counts(batch: dict, layout: np.ndarray) -> tuple[Count, Count]:
     world = dist.world_size()
     if world == 1:
         return masked, spans
-    total = dist.all_reduce_sum(to_device(np.array([masked, spans]), batch["labels"].device)) / world
-    return total[0], total[1]
+    # float32, so the losses keep their dtype (a 0-dim float64 divisor would promote them); counts are exact
+    # in it up to 2^24.
+    total = dist.all_reduce_sum(to_device(np.array([masked, spans], dtype=np.float32), batch["labels"].device))
+    return total[0] / world, total[1] / world
 
 
 def _mlm_terms(out, mlm_norm: Count) -> tuple[torch.Tensor, torch.Tensor]:
