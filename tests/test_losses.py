@@ -1,6 +1,7 @@
 """The loss terms against hand-computed values."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -251,3 +252,39 @@ def test_gradient_cache_replays_the_first_pass_dropout(pack, monkeypatch):
         assert torch.equal(a, b)
     unseeded = real_forward(model, ids[:3], mask[:3], labels[:3]).cls.detach()  # another draw of the dropout
     assert not torch.equal(unseeded, first[0])
+
+
+def _two_process_step(rank: int, port: int, out_dir: str) -> None:
+    import torch.distributed as td
+    from transformers import BertConfig, BertForMaskedLM
+
+    from coco_accel.model import Condenser
+    from coco_accel.step import StepSettings, plain_step
+
+    td.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(rank)
+        cfg = BertConfig(vocab_size=120, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=32)
+        model = Condenser(BertForMaskedLM(cfg), 1, 1, late_mlm=True, pack_length=24)
+        ids, mask, labels = span_batch([20, 3, 7, 12])
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        parts = plain_step(model, batch, lambda loss, last: loss.backward(), StepSettings(), batch)
+        dtypes = {str(t.dtype) for t in (parts.mlm_head, parts.mlm_backbone, parts.contrastive)}
+        (Path(out_dir) / f"rank{rank}").write_text(",".join(sorted(dtypes)))
+    finally:
+        td.destroy_process_group()
+
+
+def test_losses_stay_float32_with_several_processes(tmp_path):
+    """With two processes the normalisers are all-reduced on the device and divide the losses there: in
+    float32, so the losses keep the dtype they have in one process."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_two_process_step, args=(port, str(tmp_path)), nprocs=2, join=True)
+    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["torch.float32", "torch.float32"]
