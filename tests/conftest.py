@@ -75,6 +75,22 @@ def span_batch(lengths, width: int = 20, vocab: int = 120, pad_id: int = 0, labe
     return ids, mask, labels
 
 
+def record_cls(monkeypatch) -> list:
+    """Every Condenser forward from now on appends a detached copy of its CLS vectors to the returned list."""
+    from coco_accel.model import Condenser
+
+    seen = []
+    real_forward = Condenser.forward
+
+    def spy(self, *args, **kwargs):
+        out = real_forward(self, *args, **kwargs)
+        seen.append(out.cls.detach().clone())
+        return out
+
+    monkeypatch.setattr(Condenser, "forward", spy)
+    return seen
+
+
 def write_docstring_corpus(path: Path, n: int) -> Path:
     """n real English documents (standard-library docstrings) as a BEIR corpus.jsonl."""
     from coco_accel.demo import docstring_documents

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, span_batch
+from conftest import REPO, record_cls, span_batch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -93,15 +93,7 @@ def test_gradient_cache_replays_the_first_pass_dropout_on_the_gpu(monkeypatch):
     ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20, 9, 4])
     host = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     batch = {k: v.cuda() for k, v in host.items()}
-    seen = []
-    real_forward = Condenser.forward
-
-    def spy(self, *args, **kwargs):
-        out = real_forward(self, *args, **kwargs)
-        seen.append(out.cls.detach().clone())
-        return out
-
-    monkeypatch.setattr(Condenser, "forward", spy)
+    seen = record_cls(monkeypatch)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         cached_step(model, batch, lambda loss, last: loss.backward(), StepSettings(), 3, host=host)
     assert len(seen) == 6

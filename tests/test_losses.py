@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import span_batch
+from conftest import record_cls, span_batch
 from coco_accel.losses import masked_lm_loss, span_contrastive_loss
 
 # Two documents, two spans each, rows in pairs: (a0, a1) and (b0, b1).
@@ -236,21 +236,13 @@ def test_gradient_cache_replays_the_first_pass_dropout(pack, monkeypatch):
     model = Condenser(BertForMaskedLM(cfg), 2, 2, late_mlm=True, pack_length=pack).train()
     ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20, 9, 4])
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    seen = []
-    real_forward = Condenser.forward
-
-    def spy(self, *args, **kwargs):
-        out = real_forward(self, *args, **kwargs)
-        seen.append(out.cls.detach().clone())
-        return out
-
-    monkeypatch.setattr(Condenser, "forward", spy)
+    seen = record_cls(monkeypatch)
     cached_step(model, batch, lambda loss, last: loss.backward(), StepSettings(), 3, host=batch)
     first, replay = seen[:3], seen[3:]
     assert len(first) == len(replay) == 3  # chunks of 3, 3 and 2 spans
     for a, b in zip(first, replay):
         assert torch.equal(a, b)
-    unseeded = real_forward(model, ids[:3], mask[:3], labels[:3]).cls.detach()  # another draw of the dropout
+    unseeded = model(ids[:3], mask[:3], labels[:3]).cls.detach()  # another draw of the dropout
     assert not torch.equal(unseeded, first[0])
 
 
