@@ -79,9 +79,10 @@ def test_step_planned_from_the_host_never_waits_for_the_device(chunk):
     assert losses and math.isfinite(float(parts.loss))
 
 
-def test_gradient_cache_replays_the_first_pass_dropout_on_the_gpu(monkeypatch):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_gradient_cache_replays_the_first_pass_dropout_on_the_gpu(compiled, monkeypatch):
     """As on the CPU (tests/test_losses.py): with dropout (SDPA's fused dropout included) and bf16, each
-    chunk's replay computes bit for bit the CLS vectors of its first pass."""
+    chunk's replay computes bit for bit the CLS vectors of its first pass; compiled too (Triton's dropout)."""
     from transformers import BertConfig, BertForMaskedLM
 
     from coco_accel.model import Condenser
@@ -90,6 +91,8 @@ def test_gradient_cache_replays_the_first_pass_dropout_on_the_gpu(monkeypatch):
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)
     model = Condenser(BertForMaskedLM(cfg), 2, 2, late_mlm=True, pack_length=24).cuda().train()
+    if compiled:
+        model.compile_parts()
     ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20, 9, 4])
     host = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     batch = {k: v.cuda() for k, v in host.items()}

@@ -220,11 +220,13 @@ def test_the_trainers_autocast_reaches_the_vocabulary_projection(monkeypatch):
     assert seen == [torch.bfloat16, torch.bfloat16, torch.float32, torch.float32]  # head and backbone, twice
 
 
-@pytest.mark.parametrize("pack", [0, 24])
-def test_gradient_cache_replays_the_first_pass_dropout(pack, monkeypatch):
+@pytest.mark.parametrize("pack, compiled", [(0, False), (24, False), pytest.param(24, True, marks=pytest.mark.slow)])
+def test_gradient_cache_replays_the_first_pass_dropout(pack, compiled, monkeypatch):
     """With dropout on, each chunk's replay (with graph) draws the dropout of its first pass (without), so
     the CLS vectors it backpropagates through are the ones the contrastive loss was computed on. Any
-    difference in what the two passes compute (which layers, at which slots) would draw other masks."""
+    difference in what the two passes compute (which layers, at which slots) would draw other masks.
+    Compiled (--torch_compile), the first pass runs inference graphs and the replay training graphs, whose
+    fused dropout must draw alike too."""
     from transformers import BertConfig, BertForMaskedLM
 
     from coco_accel.model import Condenser
@@ -234,6 +236,8 @@ def test_gradient_cache_replays_the_first_pass_dropout(pack, monkeypatch):
     cfg = BertConfig(vocab_size=120, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
                      hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
     model = Condenser(BertForMaskedLM(cfg), 2, 2, late_mlm=True, pack_length=pack).train()
+    if compiled:
+        model.compile_parts()
     ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20, 9, 4])
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     seen = record_cls(monkeypatch)
