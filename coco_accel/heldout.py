@@ -45,7 +45,8 @@ def heldout_signal(model, batches: dict[str, list[dict]], device, temperature: f
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, spans
         for batch in corpus_batches:
             b = {k: v.to(device) for k, v in batch.items()}
-            cls = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).cls
+            cls = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"],
+                        cls_only=True).cls
             columns, offset = dist.gather_with_grad(cls)
             loss, correct = span_contrastive_loss(cls, columns, offset, 1.0, temperature, normalize)
             sums += torch.stack([loss.double(), correct.double(), torch.tensor(cls.shape[0], device=device).double()])

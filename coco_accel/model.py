@@ -359,10 +359,14 @@ class Condenser(nn.Module):
         return out.last_hidden_state[:, 0]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                layout: Optional[np.ndarray] = None) -> CondenserOutput:
+                layout: Optional[np.ndarray] = None, cls_only: bool = False) -> CondenserOutput:
         """input_ids, attention_mask, labels: [N, L] (right-padded); labels hold -100 where nothing is predicted.
         layout: `host_layout` of the same rows, read from the batch while it was still on the host; without
         it, packing and length groups read it from the device, a wait for all the work queued before.
+        cls_only: only `cls` is wanted (the gradient cache's first pass, the held-out signal). The head and
+        the MLM transform are skipped; the backbone computes exactly what it computes otherwise (with
+        packed rows its last layer still runs at the masked slots too), so it draws the same dropout and
+        `cls` is bit for bit that of the full forward. The MLM outputs come back empty.
 
         With `length_bucket_width` w > 0, rows are grouped by length (see `length_groups`) and each
         group runs cut to its own widest row: spans average ~27 tokens but a tenth run to 128, and
@@ -371,30 +375,32 @@ class Condenser(nn.Module):
         """
         if self.pack_length > 0:
             layout = host_layout(attention_mask, labels) if layout is None else layout
-            return self._forward_packed(input_ids, labels, layout)
+            return self._forward_packed(input_ids, labels, layout, cls_only)
         if self.length_bucket_width <= 0 or input_ids.shape[0] <= 1:
-            return self._forward_rows(input_ids, attention_mask, labels)
+            return self._forward_rows(input_ids, attention_mask, labels, cls_only)
         layout = host_layout(attention_mask, labels) if layout is None else layout
         lengths = layout[:, 0].tolist()  # group shapes must be known on the host
         call_cost = self.bucket_call_cost if self.bucket_call_cost >= 0 else auto_call_cost(input_ids.device)
         groups = length_groups(lengths, self.length_bucket_width, input_ids.shape[1], call_cost)
         if len(groups) == 1:
             width = groups[0][0]
-            return self._forward_rows(input_ids[:, :width], attention_mask[:, :width], labels[:, :width])
+            return self._forward_rows(input_ids[:, :width], attention_mask[:, :width], labels[:, :width], cls_only)
         order = to_device(np.concatenate([np.asarray(members, dtype=np.int64) for _, members in groups]),
                           input_ids.device)  # the rows, group after group
         parts = []
         for (width, _), idx in zip(groups, order.split([len(members) for _, members in groups])):
-            parts.append(self._forward_rows(input_ids[idx, :width], attention_mask[idx, :width], labels[idx, :width]))
+            parts.append(self._forward_rows(input_ids[idx, :width], attention_mask[idx, :width], labels[idx, :width],
+                                            cls_only))
         inverse = torch.empty(len(lengths), dtype=torch.long, device=input_ids.device)
         inverse[order] = torch.arange(len(lengths), device=input_ids.device)
-        backbone = torch.cat([p.backbone_features for p in parts]) if self.late_mlm else None
+        backbone = torch.cat([p.backbone_features for p in parts]) if self.late_mlm and not cls_only else None
         return CondenserOutput(cls=torch.cat([p.cls for p in parts])[inverse],
                                head_features=torch.cat([p.head_features for p in parts]), backbone_features=backbone,
                                targets=torch.cat([p.targets for p in parts]),
                                computed_tokens=sum(p.computed_tokens for p in parts), decoder=parts[0].decoder)
 
-    def _forward_packed(self, input_ids: torch.Tensor, labels: torch.Tensor, layout: np.ndarray) -> CondenserOutput:
+    def _forward_packed(self, input_ids: torch.Tensor, labels: torch.Tensor, layout: np.ndarray,
+                        cls_only: bool) -> CondenserOutput:
         """All spans in ONE encoder call, concatenated into rows of `pack_length` tokens (longer when a span
         is): attention is block-diagonal (each span sees only itself) and positions restart at every span,
         so each span is computed exactly as alone, without padding and without a call per length group.
@@ -404,9 +410,7 @@ class Condenser(nn.Module):
         it, and so does the last head layer (`layer_at`)."""
         layers = self.mlm.base_model.encoder.layer
         last_only = self.skip_from < len(layers)  # else the head reads the last backbone layer everywhere
-        # Without labels and without gradient (the held-out signal) the head is not needed. (The gradient
-        # cache's first pass brings its labels: its replay must draw the same dropout.)
-        run_head = len(self.c_head) > 0 and (torch.is_grad_enabled() or bool(layout[:, 1:].any()))
+        run_head = len(self.c_head) > 0 and not cls_only
         plan = plan_packing(layout, self.pack_length, last_at=(
             None if not last_only else "cls+masked" if self.late_mlm else "cls"), head_at_masked=run_head)
         n, width = input_ids.shape
@@ -450,25 +454,29 @@ class Condenser(nn.Module):
         else:
             last = hidden.reshape(rows * capacity, -1)
             cls, backbone = last[idx["starts"]], last[idx["slots"]]
+        transform, decoder = self._mlm_parts()
+        if cls_only:
+            return _cls_only(cls, labels, rows * capacity, decoder)
         flat_skip = skip.reshape(rows * capacity, -1)
         hidden = flat_skip.index_copy(0, idx["starts"], cls.to(flat_skip.dtype)).view(rows, capacity, -1)
         if not len(self.c_head):
             head = hidden.reshape(rows * capacity, -1)[idx["slots"]]
-        elif not run_head:
-            head = hidden.new_zeros((0, hidden.shape[-1]))
         else:
             for layer in self.c_head[:-1]:
                 hidden = _layer_output(layer(hidden, mask))
             head = at(self.c_head[-1], hidden, "head")
-        transform, decoder = self._mlm_parts()
         return CondenserOutput(cls=cls, head_features=transform(head),
                                backbone_features=transform(backbone) if self.late_mlm else None,
                                targets=labels.reshape(-1)[idx["masked"]], computed_tokens=rows * capacity,
                                decoder=decoder)
 
-    def _forward_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> CondenserOutput:
+    def _forward_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                      cls_only: bool) -> CondenserOutput:
         out = self.mlm.base_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
         last = out.hidden_states[-1]  # [N, L, H]
+        transform, decoder = self._mlm_parts()
+        if cls_only:
+            return _cls_only(last[:, 0], labels, input_ids.numel(), decoder)
         skip = out.hidden_states[self.skip_from]  # [N, L, H]
         hidden = torch.cat([last[:, :1], skip[:, 1:]], dim=1)
         mask = self._attention_mask(hidden, attention_mask)
@@ -476,10 +484,15 @@ class Condenser(nn.Module):
             hidden = layer(hidden, mask)
 
         where = labels != -100  # [N, L]
-        transform, decoder = self._mlm_parts()
         return CondenserOutput(cls=last[:, 0], head_features=transform(hidden[where]),
                                backbone_features=transform(last[where]) if self.late_mlm else None,
                                targets=labels[where], computed_tokens=input_ids.numel(), decoder=decoder)
+
+
+def _cls_only(cls: torch.Tensor, labels: torch.Tensor, computed_tokens: int, decoder: nn.Module) -> CondenserOutput:
+    """A forward's output when only CLS was computed: no MLM features, no targets."""
+    return CondenserOutput(cls=cls, head_features=cls.new_zeros((0, cls.shape[-1])), backbone_features=None,
+                           targets=labels.new_zeros((0,)), computed_tokens=computed_tokens, decoder=decoder)
 
 
 def useful_flops_per_token(config, n_head_layers: int, avg_len: float, mlm_fraction: float, late_mlm: bool) -> float:

@@ -133,7 +133,8 @@ def cached_step(model, batch: dict, backward: Backward, settings: StepSettings, 
                 compute: Compute = nullcontext) -> StepParts:
     """Gradient cache (Gao et al., 2021): the contrastive loss of the full global batch in bounded memory.
 
-    1. Encode the local batch chunk by chunk without graph, keeping each chunk's RNG state.
+    1. Encode the local batch chunk by chunk without graph and without the head (CLS only), keeping each
+       chunk's RNG state.
     2. Gather the CLS vectors, compute the contrastive loss on them, and keep d loss / d CLS.
     3. Re-encode each chunk with graph (same RNG state, so the same dropout) and backpropagate
        MLM + <CLS, cached gradient>: the sum of the chunks' gradients is the full-batch gradient.
@@ -149,10 +150,10 @@ def cached_step(model, batch: dict, backward: Backward, settings: StepSettings, 
     with torch.no_grad(), compute():
         for part, rows in chunks:
             states.append(_RandState(device))
-            # With its labels, although only CLS is used: the replay must compute the same things at the
-            # same places (packed rows run their last layers at the masked slots) to draw the same dropout.
+            # CLS only (no head), but with the labels: the backbone must compute what the replay's computes,
+            # at the same places (packed rows run the last layer at the masked slots), to draw the same dropout.
             reps.append(model(input_ids=part["input_ids"], attention_mask=part["attention_mask"],
-                              labels=part["labels"], layout=rows).cls)
+                              labels=part["labels"], layout=rows, cls_only=True).cls)
     local = at_least_fp32(torch.cat(reps)).requires_grad_(True)
     columns, offset = dist.gather_with_grad(local)
     contrastive, correct = span_contrastive_loss(local, columns, offset, span_norm,

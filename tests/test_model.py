@@ -423,8 +423,7 @@ def test_fused_qkv_falls_back_to_separate_linears():
 def test_packed_rows_with_partial_last_layers_give_the_padded_result(n_head, skip_from, late_mlm):
     """The last backbone layer computed only at CLS (and masked) slots and the last head layer only at
     masked slots == the full layers: for any head depth, skip_from (3 = the last layer, read everywhere,
-    computed in full) and late_mlm; also without gradient and labels (the held-out signal, which skips
-    the head)."""
+    computed in full) and late_mlm; also without gradient and labels."""
     torch.manual_seed(2)
     plain = Condenser(_bert_or_roberta("bert", "sdpa"), n_head, skip_from, late_mlm=late_mlm).double()
     packed = Condenser(_bert_or_roberta("bert", "sdpa"), n_head, skip_from, late_mlm=late_mlm,
@@ -443,6 +442,29 @@ def test_packed_rows_with_partial_last_layers_give_the_padded_result(n_head, ski
         a, b = (model(ids, mask, unlabelled) for model in (plain, packed))
     torch.testing.assert_close(a.cls, b.cls, atol=1e-10, rtol=1e-10)
     assert b.head_features.shape[0] == 0
+
+
+@pytest.mark.parametrize("layout", ["pack", "groups", "rows"])
+def test_cls_only_skips_the_head_and_gives_the_full_forwards_cls(layout):
+    """cls_only (the gradient cache's first pass, the held-out signal): CLS equals the full forward's, the
+    head layers never run, the MLM outputs are empty; with or without gradient."""
+    torch.manual_seed(4)
+    model = Condenser(_bert_or_roberta("bert", "sdpa"), 2, 2, late_mlm=True, pack_length=32 if layout == "pack" else 0,
+                      length_bucket_width=4 if layout == "groups" else 0).double()
+    ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20, 9, 4, 16, 2], label_rate=0.3)
+    full = model(ids, mask, labels)
+    calls = []
+    hooks = [layer.register_forward_hook(lambda *args: calls.append(1)) for layer in model.c_head]
+    try:
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad):
+                out = model(ids, mask, labels, cls_only=True)
+            torch.testing.assert_close(out.cls, full.cls, atol=1e-12, rtol=1e-12)
+            assert out.head_features.shape == (0, 16) and out.backbone_features is None and out.targets.numel() == 0
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert not calls and full.head_features.shape[0] > 0
 
 
 def test_layer_at_is_the_full_layer_at_the_wanted_slots():
