@@ -105,10 +105,17 @@ class Encoder:
 
     @torch.no_grad()
     def encode(self, texts: list[str], max_len: int) -> torch.Tensor:
-        out = []
+        """[len(texts), H] pooled vectors, in the order of `texts`. Encoded longest first, so that each batch
+        holds texts of about one length and pads little (in corpus order a batch pads to its longest)."""
+        out = torch.zeros(len(texts), self.model.config.hidden_size, device=self.device)
+        if not texts:
+            return out
+        tokens = self.tokenizer(texts, max_length=max_len, truncation=True)
+        order = sorted(range(len(texts)), key=lambda i: -len(tokens["input_ids"][i]))
         for start in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(texts[start:start + self.batch_size], max_length=max_len, truncation=True,
-                                 padding=True, return_tensors="pt").to(self.device)
+            rows = order[start:start + self.batch_size]
+            enc = self.tokenizer.pad({k: [v[i] for i in rows] for k, v in tokens.items()},
+                                     return_tensors="pt").to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 hidden = self.model(**enc).last_hidden_state
             if self.pooling == "cls":
@@ -116,8 +123,8 @@ class Encoder:
             else:
                 mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 vec = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-            out.append(vec.float())
-        return torch.cat(out) if out else torch.zeros(0, self.model.config.hidden_size, device=self.device)
+            out[torch.tensor(rows, device=self.device)] = vec.float()
+        return out
 
 
 def exact_search(queries: torch.Tensor, doc_chunks: Iterator[torch.Tensor], k: int,

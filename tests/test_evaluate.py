@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from coco_accel.evaluate import EvalError, evaluate, exact_search, load_beir, main, trec_metrics
+from coco_accel.evaluate import Encoder, EvalError, evaluate, exact_search, load_beir, main, trec_metrics
 
 from conftest import SHARED_DATA
 
@@ -69,6 +69,21 @@ def test_toy_collection_end_to_end(tmp_path, tiny_bert):
     assert r["queries"] == 1 and r["queries_without_judgements"] == 1
     assert r["recall@100"] == 1.0  # two candidates left once the query's own id is removed
     assert res["average"]["ndcg@10"] == r["ndcg@10"]
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_length_sorted_encoding_gives_each_text_its_own_vector_in_input_order(tiny_bert, pooling):
+    """Texts are batched longest first; each vector equals the text encoded alone (no padding), in the order
+    of the input, truncation included."""
+    texts = ["a cat", "the quick brown fox jumps over the lazy dog " * 3, "", "dogs bark", "one two three four five",
+             "x", "sleep " * 40]
+    encoder = Encoder(tiny_bert, pooling=pooling, device="cpu", batch_size=3)
+    got = encoder.encode(texts, 16)
+    alone = torch.cat([encoder.encode([t], 16) for t in texts])
+    assert got.shape == (len(texts), encoder.model.config.hidden_size)
+    torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got[0], got[3])
+    assert encoder.encode([], 16).shape == (0, encoder.model.config.hidden_size)
 
 
 def test_clear_errors(tmp_path, tiny_bert):
