@@ -41,6 +41,11 @@ KINDS = [
 ]
 
 
+# Operators whose FLOPs the profiler counts (with_flops) and that launch the "matmul" kernels; `aten::linear`
+# is left out, since it calls one of these.
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
+
+
 def kind_of(name: str) -> str:
     low = name.lower()
     for kind, pattern in KINDS:
@@ -70,7 +75,7 @@ def profile(fn, steps: int, gpu: bool) -> dict:
     if gpu:
         torch.cuda.synchronize()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
-    with torch.profiler.profile(activities=activities) as prof:
+    with torch.profiler.profile(activities=activities, with_flops=True) as prof:
         start = time.perf_counter()
         for _ in range(steps):
             fn()
@@ -78,6 +83,8 @@ def profile(fn, steps: int, gpu: bool) -> dict:
             torch.cuda.synchronize()
         wall_us = (time.perf_counter() - start) * 1e6
     events = prof.events()
+    matmul_flops = sum(e.flops or 0 for e in events
+                       if e.device_type == torch.autograd.DeviceType.CPU and e.name in MATMUL_OPS)
     if gpu:  # device activity: kernels, copies, fills
         picked = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
         spans = [(e.time_range.start, e.time_range.end) for e in picked]
@@ -93,7 +100,10 @@ def profile(fn, steps: int, gpu: bool) -> dict:
         by_name[e.name] += own[id(e)]
         calls[e.name] += 1
     per = 1e3 * steps  # us over all steps -> ms per step
+    matmul_us = by_kind.get("matmul", 0.0)
     return {"wall_ms": wall_us / per, "busy_ms": busy / per, "idle_fraction": max(0.0, 1 - busy / wall_us),
+            "matmul_tflop": matmul_flops / steps / 1e12,
+            "matmul_tflops_per_s": matmul_flops / (matmul_us * 1e-6) / 1e12 if matmul_us else None,
             "kinds_ms": {k: v / per for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
             "top": [(name, calls[name] / steps, t / per) for name, t in
                     sorted(by_name.items(), key=lambda kv: -kv[1])[:25]]}
@@ -102,6 +112,9 @@ def profile(fn, steps: int, gpu: bool) -> dict:
 def report(label: str, r: dict) -> None:
     print(f"\n## {label}: {r['wall_ms']:.1f} ms/step under the profiler, device busy {r['busy_ms']:.1f} ms "
           f"(idle {r['idle_fraction']:.1%})")
+    if r["matmul_tflops_per_s"]:  # what the matmuls achieve: near the card's matmul rate, the rest is elsewhere
+        print(f"matmuls: {r['matmul_tflop']:.2f} TFLOP per step in {r['kinds_ms']['matmul']:.1f} ms of matmul "
+              f"kernels = {r['matmul_tflops_per_s']:.3g} TFLOP/s")
     print("| kind | ms/step | share of busy |")
     print("|---|---|---|")
     for kind, ms in r["kinds_ms"].items():

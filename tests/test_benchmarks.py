@@ -42,3 +42,4 @@ def test_step_profile_runs_and_accounts_the_time(minilm_path):
     (profile,) = result["profiles"].values()
     assert profile["kinds_ms"]["matmul"] > 0 and 0 < profile["busy_ms"] <= profile["wall_ms"]
     assert sum(profile["kinds_ms"].values()) == pytest.approx(profile["busy_ms"])
+    assert profile["matmul_tflop"] > 0 and profile["matmul_tflops_per_s"] > 0
