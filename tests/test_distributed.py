@@ -186,3 +186,16 @@ def test_deepspeed_zero3_trains_and_exports_gathered_weights(setup32):
     out = root / "zero3"
     _deepspeed(2, _flags(model, data, out, GLOBAL_DOCS // 2), stage=3)
     _assert_same(ref, out, tol=FP32_TOL)
+
+
+def test_deepspeed_zero3_refuses_the_gradient_cache(tmp_path, tiny_bert, span_data):
+    """ZeRO-3 gathers each module's parameters at every call, so the cache's re-encoding would gather them
+    once per chunk: refused before any step, with the reason and what to use instead."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           "accelerate_configs/cpu_deepspeed_zero3.yaml", "--num_processes", "1", "--main_process_port", str(_port()),
+           "coco_accel/train.py", *_flags(tiny_bert, span_data, tmp_path / "out", 4, "--cache_chunk_size", "4")]
+    run = subprocess.run(cmd, cwd=REPO, env=_env(ACCELERATE_USE_CPU="false"), capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode != 0
+    assert "--cache_chunk_size with ZeRO-3 is not supported" in run.stderr and "Use ZeRO-1/2" in run.stderr
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
