@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU check in one go (about 8 minutes on one H100/H200 with the defaults; TRAIN_MODES="plain compiled"
-# and PROFILE_COMPILE= save about 2):
+# Every GPU check in one go (about 9 minutes on one H100/H200 with the defaults, the compiled GPU tests included;
+# TRAIN_MODES="plain compiled" and PROFILE_COMPILE= save about 2):
 #   1. benchmarks/step_throughput.py on BERT-base: reference style vs ours at 128, 512 and 2048
 #      documents per step (LAYOUTS: packed rows, length groups), gradient caching, torch.compile
 #      (COMPILE=--no-compile leaves it out); then benchmarks/step_profile.py: the step's time by kind
