@@ -351,7 +351,8 @@ class Condenser(nn.Module):
     def _attention_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor):
         from transformers.masking_utils import create_bidirectional_mask
 
-        return create_bidirectional_mask(config=self.mlm.config, inputs_embeds=hidden, attention_mask=attention_mask)
+        # Positional: transformers renamed the second argument (input_embeds in 5.0, inputs_embeds later).
+        return create_bidirectional_mask(self.mlm.config, hidden, attention_mask)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Last-layer CLS only (evaluation)."""
