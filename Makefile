@@ -3,8 +3,8 @@ PY      := .venv/bin/python
 PIP     := $(PY) -m pip
 STAMP   := .venv/.installed
 # Torch is installed first and pinned: a bare `torch` pulls a multi-GB CUDA build even on CPU-only
-# machines. With a GPU (nvidia-smi present) any torch>=2.6 will do; override with TORCH=... if needed.
-TORCH   ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.6' || echo 'torch==2.13.0')
+# machines. With a GPU (nvidia-smi present) any torch>=2.8 will do; override with TORCH=... if needed.
+TORCH   ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.8' || echo 'torch==2.13.0')
 DEMO_DIR ?= runs/demo
 EVAL_DATA ?=
 
