@@ -19,6 +19,27 @@ class CheckpointError(OSError):
 
 STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+_PARTIAL = re.compile(r"^\.checkpoint-(\d+)\.tmp$")
+
+
+def remove_partial(output_dir: str) -> list[Path]:
+    """Delete checkpoint folders a killed run left half-written (main process, before anything else)."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    partial = sorted(p for p in root.iterdir() if _PARTIAL.match(p.name) and p.is_dir())
+    for p in partial:
+        shutil.rmtree(p, ignore_errors=True)
+        logger.info("Removed a half-written checkpoint: %s", p)
+    return partial
+
+
+def prune(output_dir: str, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints; returns what was deleted."""
+    old = list_checkpoints(output_dir)[:-keep] if keep > 0 else []
+    for p in old:
+        shutil.rmtree(p, ignore_errors=True)
+    return old
 
 
 def list_checkpoints(output_dir: str) -> list[Path]:
@@ -64,15 +85,20 @@ def save_checkpoint(accelerator, output_dir: str, step: int, state: dict, total_
         raise CheckpointError(f"writing checkpoint {final} failed ({err}). The latest complete checkpoint is still "
                               f"{previous or 'none'}; free disk space (or fix the folder) and run the same command "
                               "to resume.") from None
-        if total_limit:
-            for old in list_checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
+    if accelerator.is_main_process and total_limit:
+        for old in prune(output_dir, total_limit):  # only once the new one is complete
+            logger.info("Removed %s (--save_total_limit %d).", old, total_limit)
     accelerator.wait_for_everyone()
     logger.info("Checkpoint written: %s", final)
     return final
 
 
+def read_state(path: Path) -> dict:
+    """The counters and provenance a checkpoint was written with (read before loading anything heavy)."""
+    return json.loads((Path(path) / STATE_FILE).read_text())
+
+
 def load_checkpoint(accelerator, path: Path) -> dict:
-    state = json.loads((Path(path) / STATE_FILE).read_text())
+    state = read_state(path)
     accelerator.load_state(str(path))
     return state

@@ -64,6 +64,8 @@ class TrainConfig:
     dataloader_num_workers: int = _f(0, "Data-loading worker processes per training process.", "data")
 
     # -- optimisation
+    optimizer: str = _f("adamw", "adamw (the recipe's), or sgd: plain gradient descent without momentum, for checks "
+                        "(a step moves each weight by exactly -lr x its gradient, so runs compare by gradients).", "optim")
     learning_rate: float = _f(5e-5, "Peak learning rate of AdamW.", "optim")
     weight_decay: float = _f(0.0, "AdamW weight decay (not applied to biases and LayerNorm weights).", "optim")
     warmup_ratio: float = _f(0.0, "Share of total steps spent in linear warm-up.", "optim")
@@ -72,7 +74,7 @@ class TrainConfig:
     num_train_epochs: float = _f(3.0, "Epochs over the documents (ignored when --max_steps > 0).", "optim")
     max_steps: int = _f(-1, "Total optimizer steps; > 0 wins over --num_train_epochs.", "optim")
     gradient_accumulation_steps: int = _f(1, "Must stay 1: see --cache_chunk_size for large contrastive batches.", "optim")
-    cache_chunk_size: int = _f(-1, "Gradient cache: encode the local batch in chunks of this many spans (-1 = off).", "optim")
+    cache_chunk_size: int = _f(-1, "Gradient cache: encode the local batch in chunks of at most this many spans, >= 2 (-1 = off).", "optim")
     torch_compile: bool = _f(False, "torch.compile the backbone, the head and the MLM transform (dynamic shapes). On an H100 "
                              "at 2048 docs: 1-3%% faster, 5-7 GiB less memory; the first step compiles (~1 min).", "optim")
     fp16: bool = _f(False, "fp16 mixed precision (prefer setting it in the accelerate config).", "optim")
@@ -91,6 +93,8 @@ class TrainConfig:
     save_total_limit: int = _f(0, "Keep only the newest this many checkpoints (0 = keep all).", "run")
     resume: str = _f("auto", "auto: continue from the newest complete checkpoint in --output_dir if any; "
                      "none: start fresh; or a checkpoint folder.", "run")
+    resume_allow_changed_data: bool = _f(False, "Resume although the checkpoint was made from another --train_dir or "
+                                         "tokenizer (global batch and seed must still match).", "run")
     max_nonfinite_skips: int = _f(0, "Skip up to this many steps whose loss is not finite (0 = stop at the first).", "run")
     ddp_timeout: int = _f(1800, "Seconds a collective may wait before the job fails (a dead rank ends the job).", "run")
 
@@ -114,6 +118,8 @@ class TrainConfig:
             raise ConfigError(f"--mlm_probability must be in (0, 1), got {self.mlm_probability}.")
         if not 0.0 <= self.warmup_ratio <= 1.0:
             raise ConfigError(f"--warmup_ratio must be in [0, 1], got {self.warmup_ratio}.")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ConfigError(f"--optimizer must be adamw or sgd, got {self.optimizer!r}.")
         if self.temperature <= 0:
             raise ConfigError(f"--temperature must be > 0, got {self.temperature}.")
         if self.fp16 and self.bf16:
@@ -122,8 +128,10 @@ class TrainConfig:
             raise ConfigError("Set --max_steps > 0 or --num_train_epochs > 0: as given the run has no steps.")
         if self.skip_from < 0:
             raise ConfigError(f"--skip_from must be >= 0 (0 = embeddings), got {self.skip_from}.")
-        if self.cache_chunk_size == 0 or self.cache_chunk_size < -1:
-            raise ConfigError(f"--cache_chunk_size must be -1 (off) or >= 1 spans, got {self.cache_chunk_size}.")
+        if self.cache_chunk_size in (0, 1) or self.cache_chunk_size < -1:
+            # Every process must run as many chunks as the others (ZeRO-2 reduces at each backward), so a
+            # process one document short makes smaller chunks: that needs chunks of two spans or more.
+            raise ConfigError(f"--cache_chunk_size must be -1 (off) or >= 2 spans, got {self.cache_chunk_size}.")
         if self.gradient_accumulation_steps > 1:
             raise ConfigError(
                 f"--gradient_accumulation_steps {self.gradient_accumulation_steps}: accumulation cannot emulate a "

@@ -1,9 +1,11 @@
 """Training batches: which documents form each global batch, which two spans each gives, and the collator.
 
-A batch is a pure function of (seed, global step): the epoch's document order is keyed by (seed,
-epoch), every global batch is cut into per-process slices by global rank, and span choice, random
-truncation and masking are keyed by (seed, epoch, document). So one process with 8 documents per
-step and two with 4 see exactly the same data, and a resumed run sees the batches it would have.
+A batch is a pure function of (seed, global step): the epoch's document order is a keyed permutation
+of (seed, epoch), every global batch is cut into per-process slices by global rank, and span choice,
+random truncation and masking are keyed by (seed, epoch, document). So one process with 8 documents
+per step and two with 4 see exactly the same data, and a resumed run sees the batches it would have.
+Each batch costs O(batch): the permutation is evaluated at the batch's positions only, never built
+for the whole corpus, and a resumed run computes its next batch directly (no replay).
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
-from coco_accel.masking import SPAN_CHOICE, TRUNCATE, continuation_table, keyed_uniform, whole_word_mask
+from coco_accel.masking import (SPAN_CHOICE, TRUNCATE, continuation_table, keyed_permutation, keyed_uniform,
+                                whole_word_mask)
 
 DOC_ORDER = 21  # keyed-random purpose tag for the epoch's document order
 
@@ -82,19 +86,26 @@ class BatchPlan:
             return max_steps
         return max(1, math.ceil(num_train_epochs * self.steps_per_epoch))
 
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        keys = keyed_uniform(self.seed, epoch, np.arange(self.num_docs), DOC_ORDER)
-        return np.argsort(keys, kind="stable")
+    def epoch_order(self, epoch: int, positions: Optional[np.ndarray] = None) -> np.ndarray:
+        """The documents at these positions of the epoch's order (all of them when None: O(corpus), for tests)."""
+        if positions is None:
+            positions = np.arange(self.num_docs)
+        return keyed_permutation(positions, self.num_docs, self.seed, epoch, DOC_ORDER)
 
     def global_batch(self, step: int) -> tuple[int, np.ndarray]:
         """(epoch, document indices of the whole global batch at this global step)."""
         epoch, within = divmod(step, self.steps_per_epoch)
-        order = self.epoch_order(epoch)
-        return epoch, order[within * self.global_docs: (within + 1) * self.global_docs]
+        start = within * self.global_docs
+        return epoch, self.epoch_order(epoch, np.arange(start, min(start + self.global_docs, self.num_docs)))
 
     def local_slice(self, n: int) -> slice:
         """This process's contiguous share of a global batch of n documents, by global rank."""
         return slice(self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size)
+
+    def shares(self, n: int) -> list[int]:
+        """Every process's document count in a global batch of n, in rank order: known on every host,
+        so the step needs no collective to learn them."""
+        return [(r + 1) * n // self.world_size - r * n // self.world_size for r in range(self.world_size)]
 
 
 class SpanCollator:
@@ -203,6 +214,7 @@ class TrainBatches(torch.utils.data.Dataset):
         docs = global_docs[self.plan.local_slice(len(global_docs))]
         batch = self.collator(epoch, docs, *fetch_spans(self.dataset, docs))
         batch["global_docs"] = torch.tensor(len(global_docs))
+        batch["rank_docs"] = torch.tensor(self.plan.shares(len(global_docs)))
         batch["step"] = torch.tensor(step)
         return batch
 

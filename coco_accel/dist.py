@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch
 import torch.distributed as dist
 
@@ -54,17 +56,23 @@ class _GatherRows(torch.autograd.Function):
         return grad[rank()]
 
 
-def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+def gather_with_grad(x: torch.Tensor, sizes: Optional[Sequence[int]] = None) -> tuple[torch.Tensor, int]:
     """Concatenate every process's rows in rank order, with gradients flowing back to their owners.
 
     Returns (all rows [sum_n, ...], this process's first row in them). Row counts may differ between
     processes (a short last batch): rows are padded to the largest count for the collective and cut
-    after it. Plain `dist.all_gather` and `accelerator.gather` carry no gradient back to the other
-    processes' inputs, which would silently drop most of the contrastive gradient.
+    after it. `sizes`: every process's row count when the caller knows them on the host (the batch
+    plan does); otherwise they are exchanged first, which waits for the device. Plain
+    `dist.all_gather` and `accelerator.gather` carry no gradient back to the other processes'
+    inputs, which would silently drop most of the contrastive gradient.
     """
     if not is_distributed():
         return x, 0
-    sizes = all_gather_sizes(x.shape[0], x.device)
+    if sizes is None:
+        sizes = all_gather_sizes(x.shape[0], x.device)
+    elif len(sizes) != world_size() or sizes[rank()] != x.shape[0]:
+        raise ValueError(f"row counts {list(sizes)} do not match this process group (rank {rank()} of "
+                         f"{world_size()} holds {x.shape[0]} rows)")
     largest = max(sizes)
     padded = x
     if x.shape[0] < largest:

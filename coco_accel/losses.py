@@ -18,6 +18,14 @@ def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def over(total: torch.Tensor, normalizer) -> torch.Tensor:
+    """total / normalizer in total's dtype: a normaliser on the device may be float64 (exact counts over
+    the world size), and two 0-dim tensors would promote the loss to it."""
+    if isinstance(normalizer, torch.Tensor):
+        normalizer = normalizer.to(total.dtype)
+    return total / normalizer
+
+
 def masked_lm_loss(logits: torch.Tensor, targets: torch.Tensor, normalizer: float) -> torch.Tensor:
     """Summed token cross-entropy over `normalizer`.
 
@@ -26,7 +34,7 @@ def masked_lm_loss(logits: torch.Tensor, targets: torch.Tensor, normalizer: floa
     if logits.shape[0] == 0:
         # Keep the graph connected (every parameter used) so DDP and ZeRO see the same parameters.
         return logits.sum() * 0.0
-    return F.cross_entropy(at_least_fp32(logits), targets, reduction="sum") / normalizer
+    return over(F.cross_entropy(at_least_fp32(logits), targets, reduction="sum"), normalizer)
 
 
 # Rows of logits per chunk in decoder_cross_entropy: 2**27 fp32 elements (512 MiB) at most per chunk.
@@ -55,7 +63,7 @@ def decoder_cross_entropy(features: torch.Tensor, decoder: nn.Linear, targets: t
     device_type = features.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
     chunk = max(1, DECODER_CHUNK_ELEMENTS // weight.shape[0])
-    return _DecoderCrossEntropy.apply(features, weight, bias, targets, dtype, chunk) / normalizer
+    return over(_DecoderCrossEntropy.apply(features, weight, bias, targets, dtype, chunk), normalizer)
 
 
 class _DecoderCrossEntropy(torch.autograd.Function):
@@ -127,6 +135,6 @@ def span_contrastive_loss(
         is_self[torch.arange(rows.shape[0], device=rows.device), own] = True
         scores = scores.masked_fill(is_self, float("-inf"))
         targets = sibling_index(own)
-        loss = F.cross_entropy(scores, targets, reduction="sum") / normalizer
+        loss = over(F.cross_entropy(scores, targets, reduction="sum"), normalizer)
         correct = (scores.detach().argmax(dim=1) == targets).sum()
     return loss, correct

@@ -46,6 +46,39 @@ def keyed_uniform(*keys) -> np.ndarray:
     return (keyed_hash(*keys) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
+_FEISTEL_ROUNDS = 6
+
+
+def keyed_permutation(positions: np.ndarray, n: int, *keys) -> np.ndarray:
+    """The images of `positions` under a keyed random permutation of range(n), in O(len(positions)).
+
+    A balanced Feistel network on the smallest even-bit domain 2^(2h) >= n (a bijection for any
+    round function), walked again from any image >= n until it lands inside range(n) (cycle-walking
+    keeps it a bijection of range(n)). The domain is under 4n, so a walk takes under 4 passes on
+    average. Nothing the size of n is ever built: a batch of a 47M-document epoch costs what a batch
+    of a 100-document one does.
+    """
+    positions = np.asarray(positions, dtype=np.int64)
+    if n < 1 or (positions.size and (positions.min() < 0 or positions.max() >= n)):
+        raise ValueError(f"positions must lie in range({n})")
+    half = max(1, (int(n - 1).bit_length() + 1) // 2)
+    low = np.uint64((1 << half) - 1)
+    shift = np.uint64(half)
+
+    def forward(x: np.ndarray) -> np.ndarray:
+        left, right = x >> shift, x & low
+        for r in range(_FEISTEL_ROUNDS):
+            left, right = right, left ^ (keyed_hash(*keys, r, right) & low)
+        return (left << shift) | right
+
+    out = forward(positions.astype(np.uint64))
+    outside = out >= np.uint64(n)
+    while outside.any():
+        out[outside] = forward(out[outside])
+        outside = out >= np.uint64(n)
+    return out.astype(np.int64)
+
+
 def continuation_table(tokenizer) -> np.ndarray:
     """bool[vocab]: True where a token continues the previous word (so masks never split a word).
 

@@ -1,4 +1,4 @@
-"""AdamW with the reference's decay groups, and the linear warm-up / linear decay schedule."""
+"""The optimizer (AdamW with the reference's decay groups, or plain SGD for checks) and the linear schedule."""
 
 from __future__ import annotations
 
@@ -23,13 +23,41 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
-    """Build after the model is on its device: fused AdamW is chosen when the parameters are on CUDA."""
+def build_optimizer(model: nn.Module, learning_rate: float, weight_decay: float,
+                    name: str = "adamw") -> torch.optim.Optimizer:
+    """Build after the model is on its device: fused AdamW is chosen when the parameters are on CUDA.
+
+    name="sgd": plain SGD (no momentum), whose update is the gradient times the rate: parity checks
+    between runs then compare gradients, which AdamW's per-element normalisation would hide (a
+    uniform scale error) or inflate (noise on near-zero gradients)."""
     groups = decay_groups(model, weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=learning_rate, momentum=0.0)
     on_cuda = all(p.is_cuda for g in groups for p in g["params"])
     # Fused AdamW is one kernel for all parameters on CUDA; on CPU the foreach path is the fast one.
     return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8,
                              fused=True if on_cuda else None)
+
+
+def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """Clip gradients to a global norm and return the norm before clipping (torch's clip_grad_norm_).
+
+    On the CPU the norm is accumulated in float64: torch's float32 CPU reduction of the squares of a
+    BERT embedding gradient (30k x H elements) comes out ~1e-4 low, kernel-dependent, so the logged
+    norm and the clipping would differ between machines. GPU reductions are accurate as they are.
+    """
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    grads = [p.grad for p in params]
+    if grads[0].device.type == "cpu":
+        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64)
+                                                      for g in grads]))
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total.to(grads[0].dtype))
+    else:
+        total = torch.nn.utils.get_total_norm(grads)
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
 
 
 def warmup_steps_for(total_steps: int, warmup_steps: int, warmup_ratio: float) -> int:

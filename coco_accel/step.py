@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Optional, Union
+from typing import Callable, ContextManager, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -55,9 +55,9 @@ def _global_counts(batch: dict, layout: np.ndarray) -> tuple[Count, Count]:
     world = dist.world_size()
     if world == 1:
         return masked, spans
-    # float32, so the losses keep their dtype (a 0-dim float64 divisor would promote them); counts are exact
-    # in it up to 2^24.
-    total = dist.all_reduce_sum(to_device(np.array([masked, spans], dtype=np.float32), batch["labels"].device))
+    # float64: the counts and their quotient by the world size are exact to 1e-16 (a float32 quotient by 3
+    # is off by 3e-8, which an fp64 run would see in every gradient); the losses divide in their own dtype.
+    total = dist.all_reduce_sum(to_device(np.array([masked, spans], dtype=np.float64), batch["labels"].device))
     return total[0] / world, total[1] / world
 
 
@@ -65,7 +65,7 @@ def _mlm_terms(out, mlm_norm: Count) -> tuple[torch.Tensor, torch.Tensor]:
     norm = mlm_norm.clamp_min(1e-12) if isinstance(mlm_norm, torch.Tensor) else max(mlm_norm, 1e-12)
     head = decoder_cross_entropy(out.head_features, out.decoder, out.targets, norm)
     if out.backbone_features is None:
-        return head, torch.zeros((), device=head.device)
+        return head, torch.zeros((), device=head.device, dtype=head.dtype)
     return head, decoder_cross_entropy(out.backbone_features, out.decoder, out.targets, norm)
 
 
@@ -74,10 +74,13 @@ Compute = Callable[[], ContextManager]  # what the forward and the losses run in
 
 
 def plain_step(model, batch: dict, backward: Backward, settings: StepSettings,
-               host: Optional[dict] = None, compute: Compute = nullcontext) -> StepParts:
+               host: Optional[dict] = None, compute: Compute = nullcontext,
+               row_counts: Optional[Sequence[int]] = None) -> StepParts:
     """Encode the whole local batch with graph, score against the gathered global batch, backward once.
 
     host: the same batch still on the host (the collator's CPU tensors), to plan from without waiting
+    for the device. row_counts: every process's span count, in rank order, when the host knows them
+    (the trainer's batch plan does): the gather then needs no exchange of sizes, which would wait
     for the device. compute: the context of the forward and the losses, not of backward. The MLM
     vocabulary projection takes its matmul dtype from it: the trainer passes `accelerator.autocast`,
     because Accelerate's own autocast covers only the model's forward and left the projection (about
@@ -88,7 +91,7 @@ def plain_step(model, batch: dict, backward: Backward, settings: StepSettings,
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
                     layout=layout)
         head, backbone = _mlm_terms(out, mlm_norm)
-        columns, offset = dist.gather_with_grad(out.cls)
+        columns, offset = dist.gather_with_grad(out.cls, row_counts)
         contrastive, correct = span_contrastive_loss(out.cls, columns, offset, span_norm,
                                                      settings.temperature, settings.normalize)
     backward(head + backbone + contrastive, True)
@@ -116,21 +119,40 @@ def _layout(batch: dict, host: Optional[dict]) -> np.ndarray:
     return host_layout(source["attention_mask"], source["labels"])
 
 
-def _chunks(batch: dict, size: int, layout: np.ndarray) -> list[tuple[dict, np.ndarray]]:
-    """Row chunks of `size` spans with their layouts, each cut to its own longest row (unpacked rows
+def chunk_sizes(rows: int, size: int, row_counts: Optional[Sequence[int]] = None) -> list[int]:
+    """How many spans each chunk of this process's `rows` gets: at most `size`, as even as possible, and
+    the SAME NUMBER of chunks on every process (`row_counts`: every process's rows).
+
+    Under ZeRO-2 every backward reduces gradients, so a process with one chunk more than another (a
+    short last batch splits unevenly) would issue collectives the others never match. A process with
+    fewer rows makes smaller chunks instead. That needs at least as many rows as chunks: with two
+    spans per document and processes at most one document apart, true for any size >= 2.
+    """
+    most = max(row_counts) if row_counts else rows
+    count = max(1, -(-most // size))
+    if rows < count:
+        raise ValueError(f"{rows} spans cannot fill the {count} chunks every process needs with chunks of {size} "
+                         "spans: use --cache_chunk_size 2 or more")
+    return [rows // count + (i < rows % count) for i in range(count)]
+
+
+def _chunks(batch: dict, sizes: Sequence[int], layout: np.ndarray) -> list[tuple[dict, np.ndarray]]:
+    """Row chunks of the given sizes with their layouts, each cut to its own longest row (unpacked rows
     then pad less)."""
     out = []
-    for start in range(0, layout.shape[0], size):
+    start = 0
+    for size in sizes:
         rows = layout[start:start + size]
         width = int(rows[:, 0].max())
         part = {k: batch[k][start:start + size, :width] for k in ("input_ids", "attention_mask", "labels")}
         out.append((part, rows[:, :1 + width]))
+        start += size
     return out
 
 
 def cached_step(model, batch: dict, backward: Backward, settings: StepSettings, chunk_size: int,
                 no_sync: Optional[Callable] = None, host: Optional[dict] = None,
-                compute: Compute = nullcontext) -> StepParts:
+                compute: Compute = nullcontext, row_counts: Optional[Sequence[int]] = None) -> StepParts:
     """Gradient cache (Gao et al., 2021): the contrastive loss of the full global batch in bounded memory.
 
     1. Encode the local batch chunk by chunk without graph and without the head (CLS only), keeping each
@@ -140,11 +162,12 @@ def cached_step(model, batch: dict, backward: Backward, settings: StepSettings, 
        MLM + <CLS, cached gradient>: the sum of the chunks' gradients is the full-batch gradient.
     `no_sync` (DDP) defers the gradient all-reduce to the last chunk; under DeepSpeed, `backward`
     marks only the last chunk as the accumulation boundary (no loss scaling by chunk count: the
-    chunks' losses already add up to the step's loss). `host` and `compute` as in plain_step.
+    chunks' losses already add up to the step's loss), and every process runs as many chunks as the
+    others (`chunk_sizes`). `host`, `compute` and `row_counts` as in plain_step.
     """
     layout = _layout(batch, host)
     mlm_norm, span_norm = _global_counts(batch, layout)
-    chunks = _chunks(batch, chunk_size, layout)
+    chunks = _chunks(batch, chunk_sizes(layout.shape[0], chunk_size, row_counts), layout)
     device = batch["input_ids"].device
     states, reps = [], []
     with torch.no_grad(), compute():
@@ -155,12 +178,11 @@ def cached_step(model, batch: dict, backward: Backward, settings: StepSettings, 
             reps.append(model(input_ids=part["input_ids"], attention_mask=part["attention_mask"],
                               labels=part["labels"], layout=rows, cls_only=True).cls)
     local = at_least_fp32(torch.cat(reps)).requires_grad_(True)
-    columns, offset = dist.gather_with_grad(local)
+    columns, offset = dist.gather_with_grad(local, row_counts)
     contrastive, correct = span_contrastive_loss(local, columns, offset, span_norm,
                                                  settings.temperature, settings.normalize)
     (rep_grad,) = torch.autograd.grad(contrastive, local)
-    head_total = torch.zeros((), device=device)
-    backbone_total = torch.zeros((), device=device)
+    head_total = backbone_total = None  # sums in the losses' own dtype (fp64 runs report fp64 parts)
     start = computed = 0
     for i, ((part, rows), state) in enumerate(zip(chunks, states)):
         state.restore()
@@ -176,8 +198,8 @@ def cached_step(model, batch: dict, backward: Backward, settings: StepSettings, 
             backward(head + backbone + surrogate, last)
         start += out.cls.shape[0]
         computed += out.computed_tokens
-        head_total += head.detach()
-        backbone_total += backbone.detach()
+        head_total = head.detach() if head_total is None else head_total + head.detach()
+        backbone_total = backbone.detach() if backbone_total is None else backbone_total + backbone.detach()
     return StepParts(head_total, backbone_total, contrastive.detach(), correct, layout.shape[0],
                      int(layout[:, 0].sum()), computed)
 

@@ -97,6 +97,8 @@ def _fill_deepspeed_config(accelerator, cfg: TrainConfig, per_device: int) -> No
             raise ConfigError(f"the DeepSpeed config sets {key}={ds[key]} but the recipe implies {value}: "
                               f"set it to \"auto\" in the JSON so the recipe stays the single source.")
         ds[key] = value
+    if cfg.optimizer == "sgd":  # ZeRO partitions any torch optimizer; DeepSpeed asks to be told for untested ones
+        ds["zero_allow_untested_optimizer"] = True
     if ds.get("zero_optimization", {}).get("stage", 0) == 3 and cfg.cache_chunk_size > 0:
         raise ConfigError("--cache_chunk_size with ZeRO-3 is not supported: stage 3 gathers parameters per "
                           "forward, and the cached re-encoding would gather them once per chunk. Use ZeRO-1/2.")
@@ -113,10 +115,12 @@ def _setup_logging(is_main: bool) -> None:
         datasets.logging.set_verbosity_error()
 
 
-def _resume_from(cfg: TrainConfig) -> Optional[Path]:
+def _resume_from(cfg: TrainConfig, is_main: bool) -> Optional[Path]:
     """The checkpoint to continue from, and the output-directory rule (never overwrite by accident)."""
-    from coco_accel.checkpoint import STATE_FILE, latest_checkpoint, list_checkpoints
+    from coco_accel.checkpoint import STATE_FILE, latest_checkpoint, list_checkpoints, remove_partial
 
+    if is_main:
+        remove_partial(cfg.output_dir)  # a run killed while writing one; the previous checkpoint is the latest
     if cfg.resume not in ("auto", "none"):
         path = Path(cfg.resume)
         if not (path / STATE_FILE).is_file():
@@ -131,7 +135,7 @@ def _resume_from(cfg: TrainConfig) -> Optional[Path]:
             raise ConfigError(f"--output_dir {cfg.output_dir} is not empty and holds no checkpoint to resume: "
                               "pass --overwrite_output_dir to write into it, or choose another folder.")
         stale = list_checkpoints(cfg.output_dir)
-        if stale and int(os.environ.get("RANK", "0")) == 0:
+        if stale and is_main:
             logger.info("Starting fresh (--resume none): removing %d old checkpoints from %s.", len(stale), out)
             import shutil
 
@@ -182,6 +186,8 @@ class Run:
     total_steps: int
     step_fn: Callable
     heldout: dict
+    provenance: dict
+    deepspeed: bool = False
     start_step: int = 0
     docs_seen: int = 0
 
@@ -190,7 +196,7 @@ def build(cfg: TrainConfig) -> Run:
     from accelerate.utils import set_seed
     from transformers import AutoTokenizer
 
-    from coco_accel.checkpoint import load_checkpoint
+    from coco_accel.checkpoint import load_checkpoint, read_state
     from coco_accel.data import BatchPlan, DataError, SpanCollator, TrainBatches, load_train_data
     from coco_accel.heldout import heldout_batches
     from coco_accel.model import load_condenser
@@ -199,7 +205,7 @@ def build(cfg: TrainConfig) -> Run:
 
     accelerator = build_accelerator(cfg)
     _setup_logging(accelerator.is_main_process)
-    resume = _resume_from(cfg)
+    resume = _resume_from(cfg, accelerator.is_main_process)
     accelerator.wait_for_everyone()
     set_seed(cfg.seed)
 
@@ -228,7 +234,7 @@ def build(cfg: TrainConfig) -> Run:
 
     _growable_cuda_segments(accelerator.device)
     model.to(accelerator.device)  # first, so that the optimizer can be the fused CUDA one
-    optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay)
+    optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, cfg.optimizer)
     scheduler = linear_schedule(optimizer, warmup, total_steps)
     deepspeed = accelerator.state.deepspeed_plugin is not None
     if deepspeed:
@@ -254,11 +260,11 @@ def build(cfg: TrainConfig) -> Run:
     settings = StepSettings(cfg.temperature, cfg.normalize)
     no_sync = (lambda: accelerator.no_sync(model)) if (world > 1 and not deepspeed) else None
 
-    def step_fn(batch, host):
+    def step_fn(batch, host, row_counts):
         if cfg.cache_chunk_size > 0:
             return cached_step(model, batch, backward, settings, cfg.cache_chunk_size, no_sync, host,
-                               accelerator.autocast)
-        return plain_step(model, batch, backward, settings, host, accelerator.autocast)
+                               accelerator.autocast, row_counts)
+        return plain_step(model, batch, backward, settings, host, accelerator.autocast, row_counts)
 
     collator = SpanCollator(tokenizer, cfg.max_seq_length, cfg.mlm_probability, cfg.seed)
     heldout = {}
@@ -269,15 +275,15 @@ def build(cfg: TrainConfig) -> Run:
             raise ConfigError(f"--eval_steps {cfg.eval_steps} needs a held-out split: preprocess with "
                               f"--eval_fraction > 0 ({err})") from None
         heldout = heldout_batches(heldout_docs, collator, plan, cfg.eval_max_docs)
+    provenance = _provenance(cfg, accelerator, dataset, tokenizer, plan)
     run = Run(cfg, accelerator, model, optimizer, scheduler, tokenizer, plan, TrainBatches(dataset, plan, collator),
-              total_steps, step_fn, heldout)
+              total_steps, step_fn, heldout, provenance, deepspeed)
     if resume is not None:
+        reseed = _check_resume(cfg, resume, read_state(resume), provenance)
         state = load_checkpoint(accelerator, resume)
-        if state.get("global_docs") != plan.global_docs or state.get("seed") != cfg.seed:
-            raise ConfigError(f"{resume} was written with global batch {state.get('global_docs')} documents and "
-                              f"seed {state.get('seed')}; this run has {plan.global_docs} and {cfg.seed}. Resuming "
-                              "would not continue the same run: match them, or pass --resume none.")
         run.start_step, run.docs_seen = state["step"], state["docs_seen"]
+        if reseed:  # another process count: per-process random streams cannot carry over one to one
+            set_seed(cfg.seed + 1_000_003 * run.start_step + accelerator.process_index)
         logger.info("Resumed from %s at step %d.", resume, run.start_step)
     nodes = world // int(os.environ.get("LOCAL_WORLD_SIZE", world))
     logger.info("World size %d on %d node(s) | global batch %d documents (%d spans), %d per process | %d documents, "
@@ -288,6 +294,63 @@ def build(cfg: TrainConfig) -> Run:
                 f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}" if deepspeed else "DDP" if world > 1
                 else "single process", cfg.cache_chunk_size if cfg.cache_chunk_size > 0 else "off")
     return run
+
+
+def _provenance(cfg: TrainConfig, accelerator, dataset, tokenizer, plan) -> dict:
+    """What a checkpoint is made from, recorded in it and checked on resume."""
+    import hashlib
+
+    plugin = accelerator.state.deepspeed_plugin
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode()
+    return {"seed": cfg.seed, "global_docs": plan.global_docs, "world_size": accelerator.num_processes,
+            "engine": f"deepspeed-zero{plugin.zero_stage}" if plugin is not None else "ddp",
+            "data": {"train_dir": os.path.abspath(cfg.train_dir), "documents": len(dataset),
+                     "fingerprint": getattr(dataset, "_fingerprint", None)},
+            "tokenizer": {"name_or_path": cfg.model_name_or_path, "size": len(tokenizer),
+                          "vocab_sha256": hashlib.sha256(vocab).hexdigest()},
+            "recipe": to_dict(cfg)}
+
+
+def _check_resume(cfg: TrainConfig, path: Path, saved: dict, now: dict) -> bool:
+    """Refuse a checkpoint this run cannot continue; True when the process count changed (DDP only).
+
+    Checked before anything is loaded: a DeepSpeed checkpoint on another process count would end in a
+    traceback from deep inside DeepSpeed. Checkpoints written before a field was recorded skip its check.
+    """
+    if saved.get("global_docs") != now["global_docs"] or saved.get("seed") != now["seed"]:
+        raise ConfigError(f"{path} was written with global batch {saved.get('global_docs')} documents and "
+                          f"seed {saved.get('seed')}; this run has {now['global_docs']} and {now['seed']}. Resuming "
+                          "would not continue the same run: match them, or pass --resume none.")
+    override = " (or pass --resume_allow_changed_data if you mean to continue on it)"
+    data, was = now["data"], saved.get("data")
+    if was and (was["documents"], was["fingerprint"]) != (data["documents"], data["fingerprint"]):
+        if not cfg.resume_allow_changed_data:
+            raise ConfigError(f"{path} was made from --train_dir {was['train_dir']} ({was['documents']} documents, "
+                              f"fingerprint {was['fingerprint']}); this run's {data['train_dir']} has "
+                              f"{data['documents']} documents, fingerprint {data['fingerprint']}. Its position in the "
+                              f"epoch means nothing on other data: point --train_dir at the original{override}.")
+        logger.warning("Resuming %s on other data (--resume_allow_changed_data).", path)
+    tok, was = now["tokenizer"], saved.get("tokenizer")
+    if was and was["vocab_sha256"] != tok["vocab_sha256"]:
+        if not cfg.resume_allow_changed_data:
+            raise ConfigError(f"{path} was trained with the tokenizer of {was['name_or_path']} ({was['size']} tokens); "
+                              f"this run's {tok['name_or_path']} has another vocabulary ({tok['size']} tokens): the "
+                              f"embeddings would mean other tokens. Use the original --model_name_or_path{override}.")
+        logger.warning("Resuming %s with another tokenizer (--resume_allow_changed_data).", path)
+    engine, world = saved.get("engine"), saved.get("world_size")
+    if engine and engine != now["engine"]:
+        raise ConfigError(f"{path} was written under {engine}; this run uses {now['engine']}, which stores the model "
+                          f"and optimizer in another layout. Resume with the launch config it was written with.")
+    if world and world != now["world_size"]:
+        if now["engine"].startswith("deepspeed"):
+            raise ConfigError(f"{path} was written by {world} processes under {engine}, whose optimizer state is "
+                              f"partitioned {world} ways; this run has {now['world_size']}. Resume with {world} "
+                              "processes (the global batch, and so the run, stays the same).")
+        logger.warning("Resuming %s, written by %d processes, on %d: the same global batches follow; dropout's "
+                       "random streams restart per process (keyed by seed, step and rank).", path, world,
+                       now["world_size"])
+        return True
+    return False
 
 
 def _growable_cuda_segments(device) -> None:
@@ -331,9 +394,8 @@ def train(cfg: TrainConfig) -> dict:
     skipped = 0
 
     def checkpoint(step: int) -> None:
-        save_checkpoint(acc, cfg.output_dir, step, {"step": step, "docs_seen": run.docs_seen, "seed": cfg.seed,
-                                                      "global_docs": run.plan.global_docs,
-                                                      "world_size": acc.num_processes}, cfg.save_total_limit)
+        save_checkpoint(acc, cfg.output_dir, step, {"step": step, "docs_seen": run.docs_seen, **run.provenance},
+                        cfg.save_total_limit)
 
     def evaluate_heldout(step: int) -> None:
         record = {"step": step, **heldout_signal(model, run.heldout, acc.device, cfg.temperature, cfg.normalize)}
@@ -349,7 +411,8 @@ def train(cfg: TrainConfig) -> dict:
     for batch in make_loader(run.batches, run.start_step, run.total_steps, cfg.dataloader_num_workers):
         step = int(batch.pop("step")) + 1  # optimizer steps done once this one is
         global_docs = int(batch.pop("global_docs"))
-        parts = run.step_fn({k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}, batch)
+        row_counts = [2 * n for n in batch.pop("rank_docs").tolist()]  # host tensors: no device sync
+        parts = run.step_fn({k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}, batch, row_counts)
         # One tiny all-reduce per step so every process agrees on stopping and on a non-finite loss
         # (the host sync this costs is the only one outside logging).
         control = dist.all_reduce_sum(torch.stack([torch.tensor(float(stop.requested), device=acc.device,
@@ -358,7 +421,7 @@ def train(cfg: TrainConfig) -> dict:
             skipped = _nonfinite(cfg, step, parts, skipped)
             optimizer.zero_grad(set_to_none=True)
         else:
-            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+            grad_norm = _clip(acc, model, cfg.max_grad_norm, deepspeed=run.deepspeed) if cfg.max_grad_norm > 0 else None
             lr = scheduler.get_last_lr()[0]  # the rate this step used
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -394,6 +457,17 @@ def train(cfg: TrainConfig) -> dict:
                     last["contrastive_acc"])
     _finish(acc)
     return {"first": first, "last": last, "steps": run.total_steps, "preempted": False}
+
+
+def _clip(acc, model, max_norm: float, deepspeed: bool):
+    """The norm before clipping. DeepSpeed clips inside its step and reports its own norm; otherwise the
+    gradients are unscaled (fp16) and clipped by `optim.clip_grad_norm`."""
+    from coco_accel.optim import clip_grad_norm
+
+    if deepspeed:
+        return acc.clip_grad_norm_(model.parameters(), max_norm)
+    acc.unscale_gradients()
+    return clip_grad_norm(model.parameters(), max_norm)
 
 
 def _meter(cfg: TrainConfig, acc, model_config):

@@ -116,3 +116,44 @@ def span_data(tmp_path_factory, small_corpus, tokenizer_path) -> Path:
     out = tmp_path_factory.mktemp("spans") / "data"
     preprocess([str(small_corpus)], tokenizer_path, str(out), cache_dir=str(out.parent / "cache"))
     return out
+
+
+# -- launching the real entry point in subprocesses -----------------------------------------------------------
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_env(**extra) -> dict:
+    """The environment of a training subprocess: offline, on the CPU, with $COCO_ACCEL_TEST_THREADS torch
+    threads per process (1 unless set: parity must hold for any thread count, so it is also run with 2)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS=os.environ.get("COCO_ACCEL_TEST_THREADS", "1"), ACCELERATE_USE_CPU="true")
+    env.update(extra)
+    return env
+
+
+def torchrun(nproc: int, nnodes: int = 1, node_rank: int = 0, port: int = 0) -> list[str]:
+    """The command prefix of one node of a torchrun launch on this machine."""
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--nnodes={nnodes}",
+            f"--node_rank={node_rank}", "--master_addr=127.0.0.1", f"--master_port={port or free_port()}"]
+
+
+def exported_weights(out: Path) -> dict:
+    """Backbone and head tensors of an export folder, by name."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(out / "model.safetensors"))
+    state.update(load_file(str(out / "condenser_head.safetensors")))
+    return state
+
+
+def metrics(out: Path) -> list[dict]:
+    """The training records of a run's metrics.jsonl (held-out lines left out)."""
+    return [json.loads(line) for line in open(out / "metrics.jsonl") if '"loss"' in line]

@@ -25,6 +25,63 @@ def test_plan_slices_cover_the_global_batch_for_any_world_size():
     assert not np.array_equal(one.epoch_order(0), one.epoch_order(1))
 
 
+def test_keyed_permutation_is_a_bijection_of_any_size():
+    from coco_accel.masking import keyed_permutation
+
+    for n in (1, 2, 3, 5, 16, 17, 117, 1000, 4097):
+        perm = keyed_permutation(np.arange(n), n, 42, 0, 21)
+        assert sorted(perm.tolist()) == list(range(n))
+        np.testing.assert_array_equal(keyed_permutation(np.arange(n)[::-1], n, 42, 0, 21), perm[::-1])
+    other = keyed_permutation(np.arange(1000), 1000, 42, 1, 21)
+    assert (other != keyed_permutation(np.arange(1000), 1000, 42, 0, 21)).mean() > 0.9  # epochs reshuffle
+    with pytest.raises(ValueError, match="range"):
+        keyed_permutation(np.array([5]), 5, 0)
+
+
+@pytest.mark.parametrize("world", [8, 64, 256])
+@pytest.mark.parametrize("rest", [1001, 100])
+def test_many_ranks_cover_each_epoch_once_with_the_single_process_batches(world, rest):
+    """Plans for every rank of a large job, computed here: each epoch uses every document once across the
+    ranks, each global batch is the single-process one, and the short last batch follows the rule (kept
+    when every rank gets a document, split as evenly as possible; else its documents wait for the next
+    epoch)."""
+    num_docs = 10 * 2048 + rest
+    one = BatchPlan(num_docs, 2048, seed=5, drop_last=False)
+    plans = [BatchPlan(num_docs, 2048, seed=5, drop_last=False, world_size=world, rank=r) for r in range(world)]
+    keeps_short = rest >= world
+    assert plans[0].steps_per_epoch == 10 + keeps_short and one.steps_per_epoch == 11
+    for epoch in range(2):
+        used = []
+        for within in range(plans[0].steps_per_epoch):
+            step = epoch * plans[0].steps_per_epoch + within
+            e, docs = plans[0].global_batch(step)
+            _, single = one.global_batch(epoch * one.steps_per_epoch + within)
+            assert e == epoch
+            np.testing.assert_array_equal(docs, single)
+            parts = [docs[p.local_slice(len(docs))] for p in plans]
+            assert [len(x) for x in parts] == plans[0].shares(len(docs))
+            assert min(map(len, parts)) >= 1 and max(map(len, parts)) - min(map(len, parts)) <= 1
+            if within == 10:
+                assert len(docs) == rest and len(set(map(len, parts))) == 2  # really uneven
+            used.append(np.concatenate(parts))
+        used = np.concatenate(used)
+        assert len(used) == len(set(used.tolist())) == num_docs - (0 if keeps_short else rest)
+
+
+def test_a_batch_costs_its_own_size_whatever_the_corpus_and_step(monkeypatch):
+    """The epoch order is evaluated at the batch's positions only: a 47M-document corpus and step 150,000
+    (a resume) cost one batch's work, with nothing replayed or built for the whole corpus."""
+    import coco_accel.data as data
+
+    sizes = []
+    real = data.keyed_permutation
+    monkeypatch.setattr(data, "keyed_permutation", lambda pos, n, *keys: sizes.append(len(pos)) or real(pos, n, *keys))
+    plan = BatchPlan(47_300_000, 2048, seed=42, drop_last=False, world_size=64, rank=17)
+    epoch, docs = plan.global_batch(150_000)
+    assert epoch == 150_000 // plan.steps_per_epoch and len(docs) == 2048 and sizes == [2048]
+    assert docs.min() >= 0 and docs.max() < 47_300_000
+
+
 def test_batches_are_the_same_for_one_and_two_processes(span_data, tokenizer):
     ds = load_train_data(str(span_data))
     collator = SpanCollator(tokenizer, 64, 0.15, seed=7)

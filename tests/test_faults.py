@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
-from test_distributed import _env
+from conftest import REPO, train_env
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +19,7 @@ def _cmd(model, data, out, *extra):
 
 
 def test_non_finite_loss_stops_with_the_step_and_parts(tmp_path, tiny_bert, span_data):
-    proc = subprocess.run(_cmd(tiny_bert, span_data, tmp_path / "a"), cwd=REPO, env=_env(), capture_output=True,
+    proc = subprocess.run(_cmd(tiny_bert, span_data, tmp_path / "a"), cwd=REPO, env=train_env(), capture_output=True,
                           text=True)
     assert proc.returncode == 2
     assert "non-finite loss at step" in proc.stderr and "contrastive=" in proc.stderr
@@ -29,7 +28,7 @@ def test_non_finite_loss_stops_with_the_step_and_parts(tmp_path, tiny_bert, span
 
 def test_non_finite_steps_can_be_skipped(tmp_path, tiny_bert, span_data):
     proc = subprocess.run(_cmd(tiny_bert, span_data, tmp_path / "b", "--max_nonfinite_skips", "10"), cwd=REPO,
-                          env=_env(), capture_output=True, text=True)
+                          env=train_env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "step skipped (1 of 10 allowed)" in proc.stderr
 

