@@ -62,7 +62,7 @@ def host_layout(attention_mask: torch.Tensor, labels: torch.Tensor) -> np.ndarra
     """What packing and length groups are planned from, on the host: int32 [N, 1 + L], each row's length
     followed by 1 where the row has a label. Read from the collator's CPU batch it costs nothing; read
     from device tensors it waits for all the work queued before it."""
-    mask, labels = attention_mask.cpu().numpy(), labels.cpu().numpy()
+    mask, labels = (t.numpy() if t.device.type == "cpu" else t.cpu().numpy() for t in (attention_mask, labels))
     out = np.empty((mask.shape[0], mask.shape[1] + 1), dtype=np.int32)
     out[:, 0] = mask.sum(axis=1)
     np.not_equal(labels, -100, out=out[:, 1:])

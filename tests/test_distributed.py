@@ -253,3 +253,24 @@ def test_parity_check_catches_a_wrong_scale(fp64, tmp_path):
     with pytest.raises(AssertionError, match="updates differ"):
         fp64.assert_same(wrong, ref)
     assert np.isfinite(fp64.assert_same(ref, ref))
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_no_host_sync_in_the_step_with_two_processes(tmp_path, tiny_bert, span_data, cache):
+    """With 2 processes the step (forward, gather, losses, backward, clipping) never makes the host wait for
+    the device: the gather's row counts come from the batch plan. CUDA's sync debug mode is not available
+    on the CPU, so the calls that would wait are counted (tests/helpers/count_host_syncs.py); the counter
+    sees the size exchange that the plan replaced."""
+    import json
+
+    extra = ("--cache_chunk_size", "4") if cache else ()
+    counts = tmp_path / "counts"
+    counts.mkdir()
+    args = _flags(tiny_bert, span_data, tmp_path / "out", 6, "--max_steps", "5", "--logging_steps", "100", *extra)
+    subprocess.run(torchrun(2) + ["tests/helpers/count_host_syncs.py", *args], cwd=REPO,
+                   env=train_env(SYNC_COUNTS_DIR=str(counts)), check=True, timeout=600)
+    for rank in range(2):
+        record = json.loads((counts / f"rank{rank}.json").read_text())
+        assert record["steps"] == 5, record
+        assert record["counts"] == {}, f"rank {rank}: host syncs inside the step: {record['counts']}"
+        assert record["control"].get("item", 0) >= 2, record["control"]

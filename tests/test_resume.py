@@ -127,3 +127,112 @@ def test_two_processes_stop_together_and_resume_exactly(tmp_path, model, span_da
     assert (out / "PREEMPTED").is_file() and len(list(out.glob("checkpoint-*"))) == 1
     subprocess.run(launch(out), cwd=REPO, env=train_env(), check=True)
     _assert_equal(full, out)
+
+
+def _checkpoints(out: Path) -> list[str]:
+    return sorted((p.name for p in out.glob("checkpoint-*")), key=lambda name: int(name.split("-")[1]))
+
+
+def test_save_total_limit_keeps_exactly_the_newest(tmp_path, model, span_data):
+    """Five saves, a limit of two: the three oldest are deleted, each only once a newer one is complete."""
+    out = tmp_path / "limited"
+    subprocess.run(_cmd(model, span_data, out, 6, "--save_steps", "1", "--save_total_limit", "2"), cwd=REPO,
+                   env=train_env(), check=True)
+    assert _checkpoints(out) == ["checkpoint-4", "checkpoint-5"]
+    assert not list(out.glob(".checkpoint-*"))
+
+
+@pytest.fixture(scope="module")
+def model64(tmp_path_factory, tokenizer):
+    import torch
+
+    return make_tiny_bert(tmp_path_factory.mktemp("resume_model64"), tokenizer, layers=2, dtype=torch.float64)
+
+
+def _launch(nproc: int, args: list[str]) -> list[str]:
+    from conftest import torchrun
+
+    return (torchrun(nproc) + args[1:]) if nproc > 1 else args
+
+
+def test_resume_on_another_process_count_continues_the_same_run(tmp_path, model64, span_data):
+    """DDP: a run checkpointed by 2 processes, resumed on 1 and on 3 with the same global batch, follows the
+    uninterrupted run's data stream, optimizer state and schedule (fp64, dropout 0: equal to summation-order
+    noise; with dropout the per-process random streams restart, so that part is not bitwise)."""
+    def cmd(out, *extra):
+        return _cmd(model64, span_data, out, 6, "--global_batch_size", "6", "--save_steps", "3", *extra)
+
+    full = tmp_path / "full"
+    subprocess.run(_launch(2, cmd(full)), cwd=REPO, env=train_env(), check=True)
+    for nproc in (1, 3):
+        out = tmp_path / f"resumed_on_{nproc}"
+        out.mkdir()
+        shutil.copytree(full / "checkpoint-3", out / "checkpoint-3")
+        run = subprocess.run(_launch(nproc, cmd(out)), cwd=REPO, env=train_env(), capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert "written by 2 processes, on %d" % nproc in run.stderr and "Resumed from" in run.stderr
+        wa, wb = exported_weights(full), exported_weights(out)
+        worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+        assert worst < 1e-9, f"resumed on {nproc}: largest weight difference {worst:.2e}"
+
+
+def test_resume_refuses_other_data_or_tokenizer_unless_told(tmp_path, model, span_data, tokenizer):
+    """A checkpoint records the data and tokenizer it was made from: resuming on others is refused, naming
+    both and the override flag; with the flag it continues."""
+    import json as _json
+
+    out = tmp_path / "run"
+    subprocess.run(_cmd(model, span_data, out, 4, "--save_steps", "2"), cwd=REPO, env=train_env(), check=True)
+    (out / "model.safetensors").unlink()
+    shutil.rmtree(out / "checkpoint-4", ignore_errors=True)
+    state = _json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["world_size"] == 1 and state["engine"] == "ddp" and state["data"]["documents"] == 117
+    assert state["tokenizer"]["vocab_sha256"] and state["recipe"]["learning_rate"] == 1e-3
+
+    other = tmp_path / "other_data"  # the reference's tokenized format: another dataset
+    other.mkdir()
+    with open(other / "spans.json", "w") as fh:
+        for d in range(30):
+            fh.write(_json.dumps({"spans": [[1000 + d, 2000, 2001], [3000 + d, 3001]]}) + "\n")
+    run = subprocess.run(_cmd(model, other, out, 4), cwd=REPO, env=train_env(), capture_output=True, text=True)
+    assert run.returncode == 2 and "--resume_allow_changed_data" in run.stderr and "30 documents" in run.stderr
+    assert "Traceback" not in run.stderr
+
+    swapped = tmp_path / "other_tokenizer"  # same size, two tokens swapped: another vocabulary
+    shutil.copytree(model, swapped)
+    definition = _json.loads((swapped / "tokenizer.json").read_text())
+    vocab = definition["model"]["vocab"]
+    (a, ia), (b, ib) = [(t, i) for t, i in vocab.items() if i in (2000, 2001)]
+    vocab[a], vocab[b] = ib, ia
+    (swapped / "tokenizer.json").write_text(_json.dumps(definition))
+    run = subprocess.run(_cmd(str(swapped), span_data, out, 4), cwd=REPO, env=train_env(), capture_output=True,
+                         text=True)
+    assert run.returncode == 2 and "another vocabulary" in run.stderr and "--resume_allow_changed_data" in run.stderr
+
+    run = subprocess.run(_cmd(model, other, out, 4, "--resume_allow_changed_data"), cwd=REPO, env=train_env(),
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Resuming" in run.stderr and "on other data" in run.stderr
+
+
+def test_deepspeed_resume_on_another_process_count_is_refused(tmp_path, model, span_data):
+    """ZeRO partitions the optimizer state by process: a checkpoint of 2 processes is refused on 1, before
+    DeepSpeed loads anything, and a DDP run will not take it either."""
+    from conftest import free_port
+
+    def deepspeed(nproc, out, steps):
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                "accelerate_configs/cpu_deepspeed_zero2.yaml", "--num_processes", str(nproc), "--main_process_port",
+                str(free_port()), *_cmd(model, span_data, out, steps, "--global_batch_size", "6",
+                                        "--save_steps", "2")[1:]]
+
+    out = tmp_path / "zero2"
+    env = train_env(ACCELERATE_USE_CPU="false")
+    subprocess.run(deepspeed(2, out, 3), cwd=REPO, env=env, check=True)
+    run = subprocess.run(deepspeed(1, out, 4), cwd=REPO, env=env, capture_output=True, text=True)
+    assert run.returncode != 0 and "written by 2 processes under deepspeed-zero2" in run.stderr
+    # the launcher prints its own traceback for a child's non-zero exit; none passes through our code
+    assert "Resume with 2 processes" in run.stderr and "coco_accel/" not in run.stderr.split("ERROR coco_accel")[1]
+    run = subprocess.run(_cmd(model, span_data, out, 4, "--global_batch_size", "6"), cwd=REPO, env=train_env(),
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "under deepspeed-zero2; this run uses ddp" in run.stderr
