@@ -119,38 +119,48 @@ def whole_word_mask(
     """Mask whole words in a padded batch; returns (input ids, labels with -100 where not masked).
 
     ids, special: [N, L] (special = [CLS]/[SEP]/padding, never masked); row_keys: integer arrays [N]
-    that identify each row (seed, epoch, document, slot). Per row, words are taken in a keyed random
-    order while their tokens fit in round(tokens * p) (at least one word), like BERT's whole-word
-    masking; each chosen token becomes [MASK] 80%, a random token 10%, itself 10%.
+    that identify each row (seed, epoch, document, slot). Per row, BERT's whole-word rule as HF's
+    collator applies it: words in a keyed random order, each taken if its tokens still fit in
+    round(tokens * p) and skipped if not, until the budget is full; each chosen token becomes [MASK]
+    80%, a random token 10%, itself 10%. Works on the real tokens only (a batch padded to 128 holds
+    about 27 per row), never on the padding.
     """
-    n_rows, length = ids.shape
-    keys = [np.asarray(k, dtype=np.int64)[:, None] for k in row_keys]  # [N, 1] each
-    cont = is_continuation[ids] & ~special
-    prev_special = np.ones_like(special)
-    prev_special[:, 1:] = special[:, :-1]
-    starts = ~special & (~cont | prev_special)
-    word_of = np.cumsum(starts, axis=1) - 1  # [N, L] word index of each token (garbage on specials)
-    n_words = starts.sum(axis=1)  # [N]
-    n_tokens = (~special).sum(axis=1)
-    budget = np.maximum(1, np.rint(n_tokens * mlm_probability)).astype(np.int64)
-
-    max_words = max(int(n_words.max(initial=0)), 1)
-    rows = np.broadcast_to(np.arange(n_rows)[:, None], ids.shape)
-    word_len = np.zeros((n_rows, max_words), dtype=np.int64)
+    n_rows = ids.shape[0]
     real = ~special
-    np.add.at(word_len, (rows[real], word_of[real]), 1)
+    at_row, at_col = np.nonzero(real)  # row-major: each row's tokens in order
+    tokens = ids[at_row, at_col]
+    follows = np.zeros(len(tokens), dtype=bool)  # the token right before is a real one of the same row
+    follows[1:] = (at_row[1:] == at_row[:-1]) & (at_col[1:] == at_col[:-1] + 1)
+    starts = ~(is_continuation[tokens] & follows)
+    word_of = np.cumsum(starts) - 1  # [T] word of each token, numbered over the batch
+    word_row = at_row[starts]  # [Wt] row of each word
+    word_len = np.bincount(word_of, minlength=len(word_row))
+    first_word = np.searchsorted(word_row, np.arange(n_rows))  # [N] the row's first word
+    word_in_row = np.arange(len(word_row)) - first_word[word_row]
+    keys = [np.asarray(k, dtype=np.int64) for k in row_keys]
+    # By row, then by the word's keyed priority (the top bits of its hash): one radix sort of uint64 keys.
+    row_bits = max(1, int(n_rows - 1).bit_length())
+    priority = keyed_hash(*(k[word_row] for k in keys), word_in_row, MASK_WORD) >> np.uint64(row_bits)
+    order = np.argsort((word_row.astype(np.uint64) << np.uint64(64 - row_bits)) | priority, kind="stable")
+    rank = np.arange(len(order)) - first_word[word_row[order]]
+    n_words = np.bincount(word_row, minlength=n_rows)
+    lengths = np.zeros((n_rows, max(int(n_words.max(initial=0)), 1)), dtype=np.int64)
+    lengths[word_row[order], rank] = word_len[order]
+    budget = np.maximum(1, np.rint(real.sum(axis=1) * mlm_probability)).astype(np.int64)
+    taken = np.zeros(n_rows, dtype=np.int64)
+    accepted = np.zeros(lengths.shape, dtype=bool)
+    for k in range(lengths.shape[1]):  # the k-th word of every row at once: take it if it still fits
+        fits = (lengths[:, k] > 0) & (taken + lengths[:, k] <= budget)
+        accepted[:, k] = fits
+        taken += np.where(fits, lengths[:, k], 0)
+        if not ((taken < budget) & (n_words > k + 1)).any():
+            break
+    chosen = np.zeros(len(word_row), dtype=bool)
+    chosen[order] = accepted[word_row[order], rank]
 
-    word_idx = np.arange(max_words)[None, :]
-    priority = keyed_uniform(*keys, word_idx, MASK_WORD)  # [N, W]
-    priority = np.where(word_idx < n_words[:, None], priority, np.inf)
-    order = np.argsort(priority, axis=1, kind="stable")
-    taken = np.cumsum(np.take_along_axis(word_len, order, axis=1), axis=1)
-    pick_sorted = ((taken <= budget[:, None]) | (np.arange(max_words)[None, :] == 0))
-    pick_sorted &= np.arange(max_words)[None, :] < n_words[:, None]
-    chosen = np.zeros((n_rows, max_words), dtype=bool)
-    np.put_along_axis(chosen, order, pick_sorted, axis=1)
-
-    masked = real & np.take_along_axis(chosen, np.clip(word_of, 0, max_words - 1), axis=1)
+    token_masked = chosen[word_of]
+    masked = np.zeros(ids.shape, dtype=bool)
+    masked[at_row[token_masked], at_col[token_masked]] = True
     labels = np.where(masked, ids, -100)
     # The replacement is drawn at the masked positions only (a seventh of the tokens), keyed as every draw.
     at_row, at_pos = np.nonzero(masked)

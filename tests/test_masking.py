@@ -90,3 +90,46 @@ def test_replacements_are_the_keyed_draws_of_their_positions(tokenizer):
     expected = np.where(chosen & (action >= 0.8) & (action < 0.9), drawn, expected)
     np.testing.assert_array_equal(out, expected)
     assert chosen.sum() > 50 and (out[chosen] == 103).mean() > 0.6 and (out[chosen] == drawn[chosen]).any()
+
+
+def test_a_word_that_would_overflow_is_skipped_and_later_words_still_fill_the_budget(tokenizer):
+    """BERT's and HF's whole-word rule: words in random order, one that no longer fits is skipped and the
+    next ones are still tried. 'photosynthesis' is 3 pieces; with four one-piece words the 7 tokens at
+    p = 0.3 have a budget of 2, which two one-piece words fill exactly, whichever order the keys give.
+    (A rule that stops at the first overflowing word masks 1 token when a short word comes first, and one
+    that always takes the first word masks 3 when the long word comes first.)"""
+    table = continuation_table(tokenizer)
+    ids, special = _batch(tokenizer, ["photosynthesis cat dog sun sky"] * 200)
+    assert (~special).sum(axis=1)[0] == 7
+    n = ids.shape[0]
+    keys = (np.full(n, 3), np.zeros(n), np.arange(n), np.zeros(n))
+    _, labels = whole_word_mask(ids, special, table, keys, 0.3, tokenizer.mask_token_id, len(tokenizer))
+    masked = labels != -100
+    assert (masked.sum(axis=1) == 2).all()
+    long_word = np.isin(ids, tokenizer.convert_tokens_to_ids(["photos", "##yn", "##thesis"]))
+    assert not (masked & long_word).any()
+
+
+def test_mask_rate_on_multi_piece_words_reaches_the_budget(tokenizer):
+    """25-token spans of real multi-piece words: the masked share is the budget's (round(0.15 n) / n, 0.16
+    for n = 25), not the ~0.14 that stopping at the first overflowing word gave."""
+    table = continuation_table(tokenizer)
+    words = "unbelievably tokenization cat internationalization photosynthesis dog the sun".split()
+    rng = np.random.default_rng(0)
+    texts = []
+    for _ in range(400):
+        pieces, text = 0, []
+        while pieces < 25:
+            w = words[rng.integers(len(words))]
+            k = len(tokenizer.tokenize(w))
+            if pieces + k <= 25:
+                text.append(w)
+                pieces += k
+        texts.append(" ".join(text))
+    ids, special = _batch(tokenizer, texts)
+    assert ((~special).sum(axis=1) == 25).all()
+    n = ids.shape[0]
+    keys = (np.full(n, 1), np.zeros(n), np.arange(n), np.zeros(n))
+    _, labels = whole_word_mask(ids, special, table, keys, 0.15, tokenizer.mask_token_id, len(tokenizer))
+    share = (labels != -100).sum() / (~special).sum()
+    assert share == pytest.approx(4 / 25, abs=0.004)
