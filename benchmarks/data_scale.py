@@ -9,7 +9,11 @@ disk. Then, each in a fresh process (as a data-loader worker, or a restarted job
 - batch_ms: one process's batch of a 2048-document global step (plan + fetch from Arrow + collate and
   mask), as `TrainBatches[step]` builds it, averaged over batches at random steps of the 8-epoch run;
 - batch_ms_64: the same at world size 64 (that process's 32 documents of the 2048);
-- worker_rss_mib: the process's resident memory after those batches (imports included);
+- worker_rss_mib: the process's own resident memory after those batches (RssAnon: imports, Arrow's
+  metadata of every shard and record batch, the batch), what each data-loader worker costs;
+- mapped_file_mib: pages of the memory-mapped shards the process has touched (RssFile), counted in
+  VmRSS too: the page cache, shared by every worker and process on the node and reclaimable, bounded by
+  the dataset's size, not by anything a worker holds;
 - startup_s: open the data and plan, as the trainer does, up to its first batch;
 - resume_s: the same, with the first batch at step 150,000 (computed directly, never by replaying).
 
@@ -128,8 +132,10 @@ def measure(folder: str, tokenizer: str, global_docs: int, world: int, batches: 
 
     ours[int(steps[0])]  # the first batch at a new place touches fresh pages of the files: not what a step costs
     batch_ms, batch_ms_64 = timed(ours), timed(theirs)
-    rss = int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1]) / 1024
-    return {"batch_ms": batch_ms, "batch_ms_64": batch_ms_64, "worker_rss_mib": rss, "startup_s": startup,
+    status = {line.split(":")[0]: int(line.split()[1]) / 1024 for line in open("/proc/self/status")
+              if line.startswith(("VmRSS", "RssAnon", "RssFile"))}
+    return {"batch_ms": batch_ms, "batch_ms_64": batch_ms_64, "worker_rss_mib": status["RssAnon"],
+            "mapped_file_mib": status["RssFile"], "vm_rss_mib": status["VmRSS"], "startup_s": startup,
             "resume_s": resume, "import_s": imported - t0, "total_steps": total}
 
 
@@ -181,20 +187,20 @@ def main(argv=None) -> None:
             shutil.rmtree(folder)
             print(f"{n:>11,} documents: {info['disk_gib']:.2f} GiB written in {info['write_s']:.0f} s, "
                   f"batch {info['batch_ms']:.1f} ms, at world {args.world} {info['batch_ms_64']:.2f} ms, "
-                  f"RSS {info['worker_rss_mib']:.0f} MiB, start-up {info['startup_s']:.2f} s, "
+                  f"RSS {info['worker_rss_mib']:.0f} MiB (+{info['mapped_file_mib']:.0f} MiB mapped file pages), start-up {info['startup_s']:.2f} s, "
                   f"resume {info['resume_s']:.2f} s", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     print(f"\nGlobal batch {args.global_docs} documents; resume at step {args.resume_step:,}; "
           f"{args.batches} batches at random steps of {args.epochs} epochs")
-    print("| documents | disk GiB | batch ms (1 process) | batch ms (1 of 64) | worker RSS MiB | start-up s | "
-          "resume s |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("| documents | disk GiB | batch ms (1 process) | batch ms (1 of 64) | worker RSS MiB (own) | "
+          "mapped file pages MiB | start-up s | resume s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['docs']:,} | {r['disk_gib']:.2f} | {r['batch_ms']:.1f} | {r['batch_ms_64']:.2f} | "
-              f"{r['worker_rss_mib']:.0f} | {r['startup_s']:.2f} | {r['resume_s']:.2f} |")
-    keys = ("batch_ms", "batch_ms_64", "worker_rss_mib", "startup_s", "resume_s")
+              f"{r['worker_rss_mib']:.0f} | {r['mapped_file_mib']:.0f} | {r['startup_s']:.2f} | {r['resume_s']:.2f} |")
+    keys = ("batch_ms", "batch_ms_64", "worker_rss_mib", "mapped_file_mib", "startup_s", "resume_s")
     print(json.dumps({"docs": [r["docs"] for r in rows], **{k: [r[k] for r in rows] for k in keys},
                       "global_docs": args.global_docs, "world": args.world, "resume_step": args.resume_step}))
 

@@ -43,3 +43,12 @@ def test_step_profile_runs_and_accounts_the_time(minilm_path):
     assert profile["kinds_ms"]["matmul"] > 0 and 0 < profile["busy_ms"] <= profile["wall_ms"]
     assert sum(profile["kinds_ms"].values()) == pytest.approx(profile["busy_ms"])
     assert profile["matmul_tflop"] > 0 and profile["matmul_tflops_per_s"] > 0
+
+
+def test_data_scale_benchmark_runs_and_cleans_up(minilm_path, tmp_path):
+    result = _last_json(["benchmarks/data_scale.py", "--docs", "3000,30000", "--batches", "3", "--global_docs", "256",
+                         "--world", "8", "--resume_step", "5000", "--work_dir", str(tmp_path)])
+    assert result["docs"] == [3000, 30000]
+    for key in ("batch_ms", "batch_ms_64", "worker_rss_mib", "mapped_file_mib", "startup_s", "resume_s"):
+        assert len(result[key]) == 2 and all(v > 0 for v in result[key])
+    assert list(tmp_path.iterdir()) == []  # every dataset it wrote is gone
