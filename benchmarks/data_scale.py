@@ -8,7 +8,10 @@ disk. Then, each in a fresh process (as a data-loader worker, or a restarted job
 files in the page cache (just written; a cold start also reads from disk what a load touches):
 
 - batch_ms: one process's batch of a 2048-document global step (plan + fetch from Arrow + collate and
-  mask), as `TrainBatches[step]` builds it, averaged over batches at random steps of the 8-epoch run;
+  mask), as `TrainBatches[step]` builds it, averaged over the first batches of a fresh worker at random
+  steps of the 8-epoch run (each maps pages of the files it has not read yet); batch_ms_steady: the
+  same after 5x as many batches, as a worker minutes into a run; *_cpu_ms: the process's CPU time per
+  batch, which leaves out the time other tenants of a shared machine take;
 - batch_ms_64: the same at world size 64 (that process's 32 documents of the 2048);
 - worker_rss_mib: the process's own resident memory after those batches (RssAnon: imports, Arrow's
   metadata of every shard and record batch, the batch), what each data-loader worker costs;
@@ -114,21 +117,29 @@ def measure(what: str, folder: str, tokenizer: str, global_docs: int, world: int
         ours[resume_step if what == "resume" else 0]
         return {f"{what}_s": time.perf_counter() - start}
 
-    steps = np.random.default_rng(seed).integers(0, plans[0].total_steps(epochs, -1), batches)
+    rng = np.random.default_rng(seed)
+    total = plans[0].total_steps(epochs, -1)
 
-    def timed(loader) -> float:
-        begin = time.perf_counter()
+    def timed(loader, count: int) -> tuple[float, float]:
+        """(wall ms, this process's CPU ms) per batch, over `count` batches at random steps. CPU time
+        leaves out what the machine's other tenants took (steal), which wall time does not."""
+        steps = rng.integers(0, total, count)
+        wall, cpu = time.perf_counter(), time.process_time()
         for s in steps:
             batch = loader[int(s)]
             assert batch["input_ids"].shape[0] == 2 * int(batch["rank_docs"][loader.plan.rank])
-        return (time.perf_counter() - begin) / len(steps) * 1000
+        return ((time.perf_counter() - wall) / count * 1000, (time.process_time() - cpu) / count * 1000)
 
-    ours[int(steps[0])]  # the first batch at a new place touches fresh pages of the files: not what a step costs
-    batch_ms, batch_ms_64 = timed(ours), timed(theirs)
+    ours[0]  # the first call sets up the allocator and the formatting
+    batch_ms, batch_cpu_ms = timed(ours, batches)  # a fresh worker: every batch maps new pages of the files
+    batch_ms_64, _ = timed(theirs, batches)
+    timed(ours, 5 * batches)  # a worker some minutes into a run has mapped most pages it reads
+    steady_ms, steady_cpu_ms = timed(ours, batches)
     status = {line.split(":")[0]: int(line.split()[1]) / 1024 for line in open("/proc/self/status")
               if line.startswith(("VmRSS", "RssAnon", "RssFile"))}
-    return {"batch_ms": batch_ms, "batch_ms_64": batch_ms_64, "worker_rss_mib": status["RssAnon"],
-            "mapped_file_mib": status["RssFile"], "vm_rss_mib": status["VmRSS"]}
+    return {"batch_ms": batch_ms, "batch_cpu_ms": batch_cpu_ms, "batch_ms_64": batch_ms_64,
+            "batch_ms_steady": steady_ms, "batch_cpu_ms_steady": steady_cpu_ms,
+            "worker_rss_mib": status["RssAnon"], "mapped_file_mib": status["RssFile"], "vm_rss_mib": status["VmRSS"]}
 
 
 def _tokenizer() -> str:
@@ -182,7 +193,9 @@ def main(argv=None) -> None:
             rows.append(info)
             shutil.rmtree(folder)
             print(f"{n:>11,} documents: {info['disk_gib']:.2f} GiB written in {info['write_s']:.0f} s, "
-                  f"batch {info['batch_ms']:.1f} ms, at world {args.world} {info['batch_ms_64']:.2f} ms, "
+                  f"batch {info['batch_ms']:.1f} ms (CPU {info['batch_cpu_ms']:.1f}), later "
+                  f"{info['batch_ms_steady']:.1f} ms (CPU {info['batch_cpu_ms_steady']:.1f}), "
+                  f"at world {args.world} {info['batch_ms_64']:.2f} ms, "
                   f"RSS {info['worker_rss_mib']:.0f} MiB (+{info['mapped_file_mib']:.0f} MiB mapped file pages), start-up {info['startup_s']:.2f} s, "
                   f"resume {info['resume_s']:.2f} s", flush=True)
     finally:
@@ -190,13 +203,15 @@ def main(argv=None) -> None:
 
     print(f"\nGlobal batch {args.global_docs} documents; resume at step {args.resume_step:,}; "
           f"{args.batches} batches at random steps of {args.epochs} epochs")
-    print("| documents | disk GiB | batch ms (1 process) | batch ms (1 of 64) | worker RSS MiB (own) | "
-          "mapped file pages MiB | start-up s | resume s |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| documents | disk GiB | batch ms, fresh worker (CPU) | batch ms, later (CPU) | batch ms, 1 of 64 | "
+          "worker RSS MiB (own) | mapped file pages MiB | start-up s | resume s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['docs']:,} | {r['disk_gib']:.2f} | {r['batch_ms']:.1f} | {r['batch_ms_64']:.2f} | "
+        print(f"| {r['docs']:,} | {r['disk_gib']:.2f} | {r['batch_ms']:.1f} ({r['batch_cpu_ms']:.1f}) | "
+              f"{r['batch_ms_steady']:.1f} ({r['batch_cpu_ms_steady']:.1f}) | {r['batch_ms_64']:.2f} | "
               f"{r['worker_rss_mib']:.0f} | {r['mapped_file_mib']:.0f} | {r['startup_s']:.2f} | {r['resume_s']:.2f} |")
-    keys = ("batch_ms", "batch_ms_64", "worker_rss_mib", "mapped_file_mib", "startup_s", "resume_s")
+    keys = ("batch_ms", "batch_cpu_ms", "batch_ms_steady", "batch_cpu_ms_steady", "batch_ms_64", "worker_rss_mib",
+            "mapped_file_mib", "startup_s", "resume_s")
     print(json.dumps({"docs": [r["docs"] for r in rows], **{k: [r[k] for r in rows] for k in keys},
                       "global_docs": args.global_docs, "world": args.world, "resume_step": args.resume_step}))
 

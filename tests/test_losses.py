@@ -315,3 +315,28 @@ def test_losses_stay_float32_with_several_processes(tmp_path):
         port = s.getsockname()[1]
     mp.spawn(_two_process_step, args=(port, str(tmp_path)), nprocs=2, join=True)
     assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["torch.float32", "torch.float32"]
+
+
+@pytest.mark.parametrize("late_mlm", [True, False])
+def test_step_parts_keep_the_losses_dtype_and_the_cache_equals_the_plain_step(late_mlm):
+    """fp64 model: the parts a step reports are fp64 (the cached step once summed them into float32 zeros,
+    rounding an fp64 run's report), and the cached step's parts are the plain step's to 1e-12."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from coco_accel.model import Condenser
+    from coco_accel.step import StepSettings, cached_step, chunk_sizes, plain_step
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=120, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = Condenser(BertForMaskedLM(cfg), 2, 2, late_mlm=late_mlm, pack_length=24).double().train()
+    ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20, 9, 4])
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    plain = plain_step(model, batch, lambda loss, last: None, StepSettings(), batch)
+    cached = cached_step(model, batch, lambda loss, last: None, StepSettings(), 3, host=batch)
+    for name in ("mlm_head", "mlm_backbone", "contrastive"):
+        a, b = getattr(plain, name), getattr(cached, name)
+        assert a.dtype == b.dtype == torch.float64, name
+        assert b.item() == pytest.approx(a.item(), rel=1e-12, abs=1e-300), name
+    assert chunk_sizes(8, 3) == [3, 3, 2] and chunk_sizes(8, 3, [8, 10]) == [2, 2, 2, 2]
+    assert chunk_sizes(10, 3, [8, 10]) == [3, 3, 2, 2]
