@@ -157,3 +157,11 @@ def exported_weights(out: Path) -> dict:
 def metrics(out: Path) -> list[dict]:
     """The training records of a run's metrics.jsonl (held-out lines left out)."""
     return [json.loads(line) for line in open(out / "metrics.jsonl") if '"loss"' in line]
+
+
+def assert_same_export(a: Path, b: Path) -> None:
+    """Two runs' exported weights are bit for bit equal (resume and fault tests: same process count)."""
+    wa, wb = exported_weights(a), exported_weights(b)
+    assert wa.keys() == wb.keys()
+    worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    assert worst == 0.0, f"largest weight difference {worst:.2e}"

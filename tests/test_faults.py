@@ -1,13 +1,17 @@
-"""Faults: a non-finite loss stops the run (or is skipped when allowed); a failed checkpoint write is a clear error."""
+"""Faults: a non-finite loss, a failed checkpoint write, a rank killed mid-step, a kill inside a checkpoint write."""
 
 import errno
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, train_env
+from conftest import REPO, assert_same_export, make_tiny_bert, train_env
 
 pytestmark = pytest.mark.slow
 
@@ -68,18 +72,8 @@ def _logged(out: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def _same_weights(a: Path, b: Path) -> None:
-    from conftest import exported_weights
-
-    wa, wb = exported_weights(a), exported_weights(b)
-    worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
-    assert worst == 0.0, f"largest weight difference {worst:.2e}"
-
-
 @pytest.fixture(scope="module")
 def dropout_model(tmp_path_factory, tokenizer):
-    from conftest import make_tiny_bert
-
     return make_tiny_bert(tmp_path_factory.mktemp("fault_model"), tokenizer, layers=2, dropout=0.1)
 
 
@@ -88,10 +82,6 @@ def test_a_rank_killed_mid_step_ends_the_job_and_the_rerun_resumes_exactly(tmp_p
     mid-run: node 0's rank, waiting in a collective, fails within --ddp_timeout, so the whole job ends
     instead of hanging. The same command run again resumes from the last checkpoint and ends with the
     weights of a run never interrupted."""
-    import os
-    import signal
-    import time
-
     from conftest import free_port, torchrun
 
     timeout = 20
@@ -121,20 +111,13 @@ def test_a_rank_killed_mid_step_ends_the_job_and_the_rerun_resumes_exactly(tmp_p
     stopped_at = _logged(out)
     assert 5 <= stopped_at < 40
     assert [p.wait(timeout=600) for p in launch(out)] == [0, 0]
-    _same_weights(full, out)
+    assert_same_export(full, out)
 
 
 def test_a_kill_during_a_checkpoint_write_resumes_from_the_previous_one(tmp_path, tokenizer, span_data):
     """kill -9 while checkpoint-N is being written (a model large enough that writing takes a while): the
     half-written folder never counts as a checkpoint, the next start removes it and resumes from N-1,
     and the run ends as an uninterrupted one."""
-    import os
-    import re
-    import signal
-    import time
-
-    from conftest import make_tiny_bert
-
     model = make_tiny_bert(tmp_path / "model", tokenizer, layers=2, hidden=128, dropout=0.1)
     args = lambda out: [sys.executable, *_train_args(model, span_data, out, "--per_device_train_batch_size", "4",
                                                      "--max_steps", "8", "--save_steps", "1")]
@@ -163,4 +146,4 @@ def test_a_kill_during_a_checkpoint_write_resumes_from_the_previous_one(tmp_path
     assert "Removed a half-written checkpoint" in run.stderr
     assert f"Resumed from {out / f'checkpoint-{hit - 1}'} at step {hit - 1}" in run.stderr
     assert not (out / f".checkpoint-{hit}.tmp").exists()
-    _same_weights(full, out)
+    assert_same_export(full, out)

@@ -1,4 +1,4 @@
-"""Exact resume: a run interrupted (crash or SIGTERM) and resumed ends with the weights of an uninterrupted run."""
+"""Resume: a run interrupted (crash, SIGTERM, STOP file) resumes exactly; what a checkpoint records is checked; pruning."""
 
 import json
 import shutil
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, exported_weights, free_port, make_tiny_bert, train_env
+from conftest import REPO, assert_same_export, exported_weights, free_port, make_tiny_bert, train_env
 
 pytestmark = pytest.mark.slow
 
@@ -31,12 +31,6 @@ def _wait_for_logged_steps(proc, out: Path, n: int, timeout: float) -> None:
         time.sleep(0.05)
 
 
-def _assert_equal(a: Path, b: Path) -> None:
-    wa, wb = exported_weights(a), exported_weights(b)
-    worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
-    assert worst == 0.0, f"largest weight difference {worst:.2e}"
-
-
 @pytest.fixture(scope="module")
 def model(tmp_path_factory, tokenizer):
     # Dropout on: resuming must also restore the random streams.
@@ -55,7 +49,7 @@ def test_resumed_run_equals_uninterrupted(tmp_path, model, span_data):
     shutil.copy(full / "metrics.jsonl", crashed / "metrics.jsonl")
     (crashed / ".checkpoint-4.tmp").mkdir()  # a half-written checkpoint is never taken for the latest
     subprocess.run(_cmd(model, span_data, crashed, 6, "--save_steps", "2"), cwd=REPO, env=train_env(), check=True)
-    _assert_equal(full, crashed)
+    assert_same_export(full, crashed)
     steps = [json.loads(line)["step"] for line in open(crashed / "metrics.jsonl")]
     assert steps == [1, 2, 3, 4, 5, 6]
     a = [json.loads(line)["loss"] for line in open(full / "metrics.jsonl")]
@@ -76,7 +70,7 @@ def test_sigterm_writes_a_checkpoint_and_resumes_exactly(tmp_path, model, span_d
     assert int(stopped[0].split("-")[1]) < 30, "the signal arrived after the run ended; nothing was tested"
     subprocess.run(_cmd(model, span_data, out, 30, "--save_steps", "0"), cwd=REPO, env=train_env(), check=True)
     assert not (out / "PREEMPTED").exists()
-    _assert_equal(full, out)
+    assert_same_export(full, out)
 
 
 def test_refuses_a_non_empty_output_dir_without_checkpoints(tmp_path, model, span_data):
@@ -91,7 +85,7 @@ def test_data_loader_workers_do_not_change_the_run(tmp_path, model, span_data):
     for workers in (0, 2):
         subprocess.run(_cmd(model, span_data, tmp_path / f"w{workers}", 3, "--save_steps", "0",
                             "--dataloader_num_workers", str(workers)), cwd=REPO, env=train_env(), check=True)
-    _assert_equal(tmp_path / "w0", tmp_path / "w2")
+    assert_same_export(tmp_path / "w0", tmp_path / "w2")
 
 
 def test_stop_file_writes_a_checkpoint_and_resumes_exactly(tmp_path, model, span_data):
@@ -107,7 +101,7 @@ def test_stop_file_writes_a_checkpoint_and_resumes_exactly(tmp_path, model, span
     assert proc.wait(timeout=120) == 75
     assert "STOP file" in (out / "PREEMPTED").read_text()
     subprocess.run(_cmd(model, span_data, out, 20, "--save_steps", "0"), cwd=REPO, env=train_env(), check=True)
-    _assert_equal(full, out)
+    assert_same_export(full, out)
 
 
 def test_two_processes_stop_together_and_resume_exactly(tmp_path, model, span_data):
@@ -126,7 +120,7 @@ def test_two_processes_stop_together_and_resume_exactly(tmp_path, model, span_da
     assert proc.wait(timeout=180) != 0  # torchrun reports the workers' exit code 75 as a failure
     assert (out / "PREEMPTED").is_file() and len(list(out.glob("checkpoint-*"))) == 1
     subprocess.run(launch(out), cwd=REPO, env=train_env(), check=True)
-    _assert_equal(full, out)
+    assert_same_export(full, out)
 
 
 def _checkpoints(out: Path) -> list[str]:
@@ -218,8 +212,6 @@ def test_resume_refuses_other_data_or_tokenizer_unless_told(tmp_path, model, spa
 def test_deepspeed_resume_on_another_process_count_is_refused(tmp_path, model, span_data):
     """ZeRO partitions the optimizer state by process: a checkpoint of 2 processes is refused on 1, before
     DeepSpeed loads anything, and a DDP run will not take it either."""
-    from conftest import free_port
-
     def deepspeed(nproc, out, steps):
         return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                 "accelerate_configs/cpu_deepspeed_zero2.yaml", "--num_processes", str(nproc), "--main_process_port",
