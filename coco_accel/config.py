@@ -145,7 +145,8 @@ class TrainConfig:
             raise ConfigError(f"--length_bucket_call_cost must be -1 (auto) or >= 0, got {self.length_bucket_call_cost}.")
         if self.global_batch_size < 0:
             raise ConfigError(f"--global_batch_size must be >= 0, got {self.global_batch_size}.")
-        for name in ("save_total_limit", "max_nonfinite_skips"):
+        for name in ("save_total_limit", "max_nonfinite_skips", "learning_rate", "weight_decay", "warmup_steps",
+                     "peak_tflops", "dataloader_num_workers", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}.")
         if self.eval_steps < 0 or self.eval_max_docs < 2:
@@ -167,8 +168,11 @@ class TrainConfig:
                 f"use {lower} or {lower + world_size}, or set --per_device_train_batch_size instead.")
         return self.global_batch_size // world_size
 
-    def validate_against_model(self, num_layers: int, model_type: str) -> None:
-        """Checks that need the backbone's config."""
+    def validate_against_model(self, num_layers: int, model_type: str, positions: Optional[int] = None) -> None:
+        """Checks that need the backbone's config; positions: the longest input it can embed."""
+        if positions is not None and self.max_seq_length > positions:
+            raise ConfigError(f"--max_seq_length {self.max_seq_length} is longer than {self.model_name_or_path} "
+                              f"can embed ({positions} positions): use --max_seq_length {positions} or less.")
         if self.skip_from > num_layers:
             raise ConfigError(
                 f"--skip_from {self.skip_from} is beyond the backbone's {num_layers} layers: "
@@ -195,6 +199,18 @@ def _to_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+def _to_int(value: Any) -> int:
+    """An integer from YAML or text: 8, 8.0, "8" or 1e3, never a silent cut of 8.9 (nor true as 1)."""
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a number")
+    if isinstance(value, int):
+        return value
+    number = float(value)
+    if not number.is_integer():
+        raise ValueError("not a whole number")
+    return int(number)
+
+
 def _base_type(tp: Any) -> type:
     """Optional[int] -> int; 'int' (from __future__ annotations) resolved by the caller."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -204,6 +220,13 @@ def _base_type(tp: Any) -> type:
 def _field_types(cls: type) -> dict[str, type]:
     hints = typing.get_type_hints(cls)
     return {f.name: _base_type(hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+def _int_flag(text: str) -> int:
+    try:
+        return _to_int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -226,6 +249,8 @@ def build_parser(cls: type = TrainConfig, prog: str = "coco_accel/train.py") -> 
         help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
         if tp is bool:
             grp.add_argument(f"--{f.name}", type=_to_bool, nargs="?", const=True, metavar="BOOL", help=help_text)
+        elif tp is int:
+            grp.add_argument(f"--{f.name}", type=_int_flag, metavar="INT", help=help_text)
         else:
             grp.add_argument(f"--{f.name}", type=tp, help=help_text)
     return parser
@@ -240,11 +265,13 @@ def _coerce_yaml(cls: type, data: dict, source: str) -> dict:
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"{source}: unknown key '{key}'.{hint}")
         tp = types[key]
+        if value is None:
+            raise ConfigError(f"{source}: key '{key}' has no value: give it one ({tp.__name__}) or delete the line.")
         try:
-            if value is None:
-                out[key] = None
-            elif tp is bool:
+            if tp is bool:
                 out[key] = value if isinstance(value, bool) else _to_bool(value)
+            elif tp is int:
+                out[key] = _to_int(value)
             else:
                 out[key] = tp(value)
         except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
@@ -271,7 +298,16 @@ def parse_config(argv: Optional[Sequence[str]] = None, cls: type = TrainConfig) 
         path = Path(cfg_path)
         if not path.is_file():
             raise ConfigError(f"--config {cfg_path}: no such file.")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"--config {cfg_path}:{where}: not valid YAML ({problem}). Each line is "
+                              "`flag_name: value`.") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"--config {cfg_path}: cannot be read ({err}).") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{cfg_path}: expected a mapping of flag names to values at the top level.")
         values.update(_coerce_yaml(cls, data, str(cfg_path)))

@@ -35,6 +35,7 @@ def load_train_data(train_dir: str, split: str = "train"):
     import datasets
 
     path = Path(train_dir)
+    files: list[str] = []  # the reference format's files, in row order
     if not path.is_dir():
         raise DataError(f"--train_dir {train_dir}: no such folder.")
     if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
@@ -62,7 +63,35 @@ def load_train_data(train_dir: str, split: str = "train"):
         raise DataError(f"--train_dir {train_dir}: no 'spans' column (columns: {ds.column_names}).")
     if len(ds) == 0:
         raise DataError(f"--train_dir {train_dir}: holds no documents.")
+    if files:
+        _check_span_counts(ds, files)  # preprocessing keeps only documents of two spans or more; these may not
     return ds
+
+
+def _check_span_counts(ds, files: list[str]) -> None:
+    """Every document needs two spans (a span and its sibling); found at load, not when it is drawn hours in.
+    Reads only the list offsets of each chunk (no token)."""
+    import pyarrow.compute as pc
+
+    start = 0
+    for chunk in ds.data.table.column("spans").chunks:
+        counts = pc.list_value_length(chunk).to_numpy(zero_copy_only=False)
+        short = np.nonzero(counts < 2)[0]
+        if short.size:
+            row = start + int(short[0])
+            for name in files:  # the rows come file by file, a line each
+                import gzip
+
+                with (gzip.open if name.endswith(".gz") else open)(name, "rb") as fh:
+                    lines = sum(1 for line in fh if line.strip())
+                if row < lines:
+                    raise DataError(f"{name}, document on line {row + 1}: {int(counts[short[0]])} span(s); "
+                                    "each document needs at least two (a span and its sibling). Drop such "
+                                    f"documents, or preprocess the corpus with `python -m coco_accel.preprocess` "
+                                    f"({int((counts < 2).sum())} such documents in this part alone).")
+                row -= lines
+            raise DataError(f"document #{start + int(short[0])} has fewer than two spans.")
+        start += len(chunk)
 
 
 @dataclass(frozen=True)
@@ -145,6 +174,12 @@ class SpanCollator:
         if np.any(counts < 2):
             bad = int(docs[np.argmax(counts < 2)])
             raise DataError(f"document #{bad} has fewer than two spans: re-run `python -m coco_accel.preprocess`.")
+        if tokens.size and tokens.max() >= self.vocab_size:
+            at = int(np.searchsorted(span_token_offsets, int(np.argmax(tokens >= self.vocab_size)), side="right")) - 1
+            bad = int(docs[np.searchsorted(doc_span_offsets, at, side="right") - 1])
+            raise DataError(f"document #{bad} holds token id {int(tokens.max())}, beyond the tokenizer's "
+                            f"{self.vocab_size} tokens: --train_dir was tokenized with another tokenizer; "
+                            "preprocess it with the model's.")
         first, second = self.pick(epoch, docs, counts)
         span_idx = np.stack([first, second], axis=1).reshape(-1) + np.repeat(doc_span_offsets[:-1], 2)
         starts = span_token_offsets[span_idx]

@@ -322,6 +322,16 @@ class Condenser(nn.Module):
     def config(self):
         return self.mlm.config
 
+    @property
+    def position_offset(self) -> int:
+        """The first position id of a span: 0 for BERT; the RoBERTa family starts after the padding index."""
+        return 0 if self.mlm.config.model_type == "bert" else self.mlm.config.pad_token_id + 1
+
+    @property
+    def max_positions(self) -> int:
+        """The longest span, [CLS] and [SEP] included, that the position embeddings cover."""
+        return self.mlm.config.max_position_embeddings - self.position_offset
+
     def compile_parts(self) -> None:
         """torch.compile the backbone's embeddings and every backbone and head layer, the partial last
         layers (`layer_at`) and the MLM head's transform (a module in BERT), in place (nn.Module.compile),
@@ -427,8 +437,7 @@ class Condenser(nn.Module):
         ids = packed(input_ids, 0)
         segment = packed(torch.arange(n, device=device)[:, None].expand(n, width), -1)  # -1: free space
         positions = packed(torch.arange(width, device=device)[None, :].expand(n, width), 0)
-        if self.mlm.config.model_type != "bert":  # RoBERTa family: positions start after the padding index
-            positions = positions + self.mlm.config.pad_token_id + 1
+        positions = positions + self.position_offset
         # Free slots attend to each other (never a fully masked row: its softmax would be NaN).
         same = segment[:, None, :, None] == segment[:, None, None, :]  # [R, 1, P, P]
         if self.mlm.config._attn_implementation == "sdpa":

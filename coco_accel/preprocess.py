@@ -332,9 +332,13 @@ def preprocess(
     """
     import datasets
 
-    from coco_accel.wordpiece import load_backend_tokenizer
+    from coco_accel.wordpiece import load_backend_tokenizer, tokenizer_folder_problem, vocab_sha256
 
     sources = corpora.discover(list(inputs))
+    problem = tokenizer_folder_problem(str(tokenizer_name))
+    if problem:
+        raise corpora.InputError(f"--tokenizer {tokenizer_name}: {problem}. Give the folder of the model you will "
+                                 "train (it holds tokenizer.json or vocab.txt).")
     tokenizer = load_backend_tokenizer(str(tokenizer_name))
     splitter, split_source = load_sentence_splitter()
     logger.info("Sentence splitter: %s", split_source)
@@ -377,7 +381,10 @@ def preprocess(
         result.save_to_disk(str(out), num_shards={"train": min(shards, max(1, len(train))), "eval": 1})
     else:
         train.save_to_disk(str(out), num_shards=min(shards, max(1, len(train))))
-    stats.update({"tokenizer": str(tokenizer_name), "sentence_splitter": split_source, "seed": seed,
+    stats.update({"tokenizer": str(tokenizer_name),
+                  "tokenizer_vocab_sha256": vocab_sha256(tokenizer.get_vocab(with_added_tokens=True)),
+                  "tokenizer_vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
+                  "sentence_splitter": split_source, "seed": seed,
                   "max_span_tokens": max_span_tokens, "eval_fraction": eval_fraction,
                   "inputs": [s.path for s in sources]})
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")

@@ -115,6 +115,51 @@ def _setup_logging(is_main: bool) -> None:
         datasets.logging.set_verbosity_error()
 
 
+def _check_inputs(cfg: TrainConfig) -> None:
+    """The folders a run needs, checked before anything loads: each problem named with its flag and fix."""
+    from coco_accel.wordpiece import tokenizer_folder_problem
+
+    model = Path(cfg.model_name_or_path)
+    if not model.is_dir():
+        raise ConfigError(f"--model_name_or_path {cfg.model_name_or_path}: {'a file' if model.exists() else 'no such folder'}"
+                          "; give a folder holding a model (config.json and weights) and its tokenizer (runs are "
+                          "offline: hub names are not fetched).")
+    if not (model / "config.json").is_file():
+        raise ConfigError(f"--model_name_or_path {cfg.model_name_or_path}: no config.json, so not a model folder "
+                          "(an HF masked-LM folder, one of our exports, or a reference Condenser folder).")
+    problem = tokenizer_folder_problem(cfg.model_name_or_path)
+    if problem:
+        raise ConfigError(f"--model_name_or_path {cfg.model_name_or_path}: {problem}; the trainer reads the "
+                          "tokenizer from the model folder: save it there (tokenizer.save_pretrained).")
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output_dir {cfg.output_dir} is a file: choose a folder (it is created if missing).")
+    existing = next((p for p in [out, *out.absolute().parents] if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output_dir {cfg.output_dir}: {existing} is not writable by this user; choose "
+                          "another folder or fix its permissions.")
+
+
+def _check_data_tokenizer(cfg: TrainConfig, tokenizer) -> None:
+    """The training data must have been tokenized with the model's tokenizer: another vocabulary trains
+    silently on wrong ids, or fails on the device hours in. Preprocessing records its tokenizer's hash."""
+    from coco_accel.wordpiece import vocab_sha256
+
+    stats_file = Path(cfg.train_dir) / "stats.json"
+    if not stats_file.is_file():
+        return
+    try:
+        stats = json.loads(stats_file.read_text())
+    except (OSError, ValueError):
+        return
+    recorded = stats.get("tokenizer_vocab_sha256")
+    if recorded and recorded != vocab_sha256(tokenizer.get_vocab()):
+        raise ConfigError(f"--train_dir {cfg.train_dir} was tokenized with {stats.get('tokenizer')} "
+                          f"({stats.get('tokenizer_vocab_size')} tokens), whose vocabulary is not the one of "
+                          f"--model_name_or_path {cfg.model_name_or_path} ({len(tokenizer)} tokens). Re-run "
+                          f"`python -m coco_accel.preprocess --tokenizer {cfg.model_name_or_path} ...`.")
+
+
 def _resume_from(cfg: TrainConfig, is_main: bool) -> Optional[Path]:
     """The checkpoint to continue from, and the output-directory rule (never overwrite by accident)."""
     from coco_accel.checkpoint import STATE_FILE, latest_checkpoint, list_checkpoints, remove_partial
@@ -209,10 +254,11 @@ def build(cfg: TrainConfig) -> Run:
     accelerator.wait_for_everyone()
     set_seed(cfg.seed)
 
+    _check_inputs(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
     model = load_condenser(cfg.model_name_or_path, cfg.n_head_layers, cfg.skip_from, cfg.late_mlm, cfg.strict_head,
                            cfg.length_bucket_width, cfg.length_bucket_call_cost, cfg.pack_length)
-    cfg.validate_against_model(model.config.num_hidden_layers, model.config.model_type)
+    cfg.validate_against_model(model.config.num_hidden_layers, model.config.model_type, model.max_positions)
     if cfg.reference_backbone_without_dropout:
         from coco_accel.model import disable_backbone_dropout
 
@@ -226,7 +272,11 @@ def build(cfg: TrainConfig) -> Run:
     per_device = cfg.per_device_docs(world)
     plan = BatchPlan(num_docs=len(dataset), global_docs=per_device * world, seed=cfg.seed,
                      drop_last=cfg.dataloader_drop_last, world_size=world, rank=accelerator.process_index)
+    _check_data_tokenizer(cfg, tokenizer)
     if plan.steps_per_epoch == 0:
+        if len(dataset) < world:
+            raise ConfigError(f"--train_dir {cfg.train_dir} holds {len(dataset)} documents, fewer than the {world} "
+                              "processes: every process needs at least one per step. Add data or use fewer processes.")
         raise ConfigError(f"{len(dataset)} documents cannot fill one global batch of {plan.global_docs} with "
                           "--dataloader_drop_last: lower the batch size or add data.")
     total_steps = plan.total_steps(cfg.num_train_epochs, cfg.max_steps)
@@ -298,16 +348,15 @@ def build(cfg: TrainConfig) -> Run:
 
 def _provenance(cfg: TrainConfig, accelerator, dataset, tokenizer, plan) -> dict:
     """What a checkpoint is made from, recorded in it and checked on resume."""
-    import hashlib
+    from coco_accel.wordpiece import vocab_sha256
 
     plugin = accelerator.state.deepspeed_plugin
-    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode()
     return {"seed": cfg.seed, "global_docs": plan.global_docs, "world_size": accelerator.num_processes,
             "engine": f"deepspeed-zero{plugin.zero_stage}" if plugin is not None else "ddp",
             "data": {"train_dir": os.path.abspath(cfg.train_dir), "documents": len(dataset),
                      "fingerprint": getattr(dataset, "_fingerprint", None)},
             "tokenizer": {"name_or_path": cfg.model_name_or_path, "size": len(tokenizer),
-                          "vocab_sha256": hashlib.sha256(vocab).hexdigest()},
+                          "vocab_sha256": vocab_sha256(tokenizer.get_vocab())},
             "recipe": to_dict(cfg)}
 
 

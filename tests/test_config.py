@@ -83,3 +83,37 @@ def test_global_batch_size_derives_the_per_process_size():
     with pytest.raises(ConfigError, match="not divisible by the 3 processes: use 2046 or 2049"):
         cfg.per_device_docs(3)
     assert TrainConfig(output_dir="o", model_name_or_path="m", train_dir="t").per_device_docs(4) == 8
+
+
+@pytest.mark.parametrize("text, match", [
+    ("per_device_train_batch_size:\n", "'per_device_train_batch_size' has no value"),
+    ("per_device_train_batch_size: 8.9\n", "expects int, got 8.9"),
+    ("max_steps: true\n", "expects int"),
+    ("learning_rate: [1\n", "line 2.*not valid YAML"),
+    ("learning_rate: -1e-4\n", "--learning_rate must be >= 0"),
+])
+def test_recipe_mistakes_name_the_file_key_and_fix(tmp_path, text, match):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        parse_config(REQUIRED + ["--config", str(recipe)])
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--per_device_train_batch_size", "8.9"], "expected a whole number"),
+    (["--weight_decay", "-0.1"], "--weight_decay must be >= 0"),
+    (["--warmup_steps", "-5"], "--warmup_steps must be >= 0"),
+    (["--peak_tflops", "-1"], "--peak_tflops must be >= 0"),
+    (["--dataloader_num_workers", "-2"], "--dataloader_num_workers must be >= 0"),
+    (["--learning_rate", "-1"], "--learning_rate must be >= 0"),
+])
+def test_out_of_range_flags_are_refused(argv, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_config(REQUIRED + argv)
+    assert parse_config(REQUIRED + ["--max_steps", "1e3"]).max_steps == 1000  # a whole number in any notation
+
+
+def test_sequence_length_is_checked_against_the_position_embeddings():
+    cfg = TrainConfig(output_dir="o", model_name_or_path="m", train_dir="t", skip_from=2, max_seq_length=4096).validate()
+    with pytest.raises(ConfigError, match="--max_seq_length 4096 is longer than m can embed \\(512 positions\\)"):
+        cfg.validate_against_model(6, "bert", 512)
