@@ -32,14 +32,21 @@ class EvalError(ValueError):
 # data
 
 
-def _read_jsonl(path: Path) -> Iterator[dict]:
+def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
+    """(id, record) for each line of a BEIR corpus or queries file; a line that cannot be used (bad JSON, not
+    an object, no `_id`) is an error naming it: skipping it would change the metrics silently."""
     with open(path, encoding="utf-8-sig") as fh:
         for n, line in enumerate(fh, start=1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise EvalError(f"{path}:{n}: malformed JSON ({err}).") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise EvalError(f"{path}:{n}: malformed JSON ({err}).") from None
+            if not isinstance(record, dict) or record.get("_id") in (None, ""):
+                raise EvalError(f"{path}:{n}: expected a JSON object with an \"_id\" (and \"text\"), as BEIR "
+                                f"writes them; got {line.strip()[:80]!r}.")
+            yield str(record["_id"]), record
 
 
 def load_qrels(folder: Path, split: str) -> dict[str, dict[str, int]]:
@@ -68,16 +75,16 @@ def load_beir(folder: str, split: str) -> tuple[dict[str, str], dict[str, str], 
         if not (root / name).is_file():
             raise EvalError(f"{folder}: no {name}; expected a BEIR dataset folder (corpus.jsonl, queries.jsonl, qrels/).")
     qrels = load_qrels(root, split)
-    all_queries = {str(q["_id"]): q.get("text", "") for q in _read_jsonl(root / "queries.jsonl")}
+    all_queries = {qid: q.get("text") or "" for qid, q in _read_jsonl(root / "queries.jsonl")}
     missing = sorted(set(qrels) - set(all_queries))
     if missing:
         raise EvalError(f"{folder}: qrels/{split}.tsv judges {len(missing)} queries absent from queries.jsonl "
                         f"(e.g. {missing[:3]}).")
     queries = {q: all_queries[q] for q in qrels}
     corpus = {}
-    for doc in _read_jsonl(root / "corpus.jsonl"):
-        title, text = (doc.get("title") or "").strip(), (doc.get("text") or "").strip()
-        corpus[str(doc["_id"])] = f"{title} {text}".strip()
+    for doc_id, doc in _read_jsonl(root / "corpus.jsonl"):
+        title, text = str(doc.get("title") or "").strip(), str(doc.get("text") or "").strip()
+        corpus[doc_id] = f"{title} {text}".strip()
     return queries, corpus, qrels, len(all_queries) - len(queries)
 
 

@@ -123,3 +123,22 @@ def test_report_renders_png_and_markdown(tmp_path):
     assert "| scifact | 3.0000 (0) | 2.0000 (10) | +1.0000 |" in md
     assert "| cisi | before | 0.1000 |" in md
     assert report_main([str(tmp_path / "missing")]) == 2
+
+
+@pytest.mark.parametrize("name, line, match", [
+    ("corpus.jsonl", '{"title": "t", "text": "no id here"}', "corpus.jsonl:2: expected a JSON object with an \"_id\""),
+    ("queries.jsonl", '["not", "an", "object"]', "queries.jsonl:2: expected a JSON object"),
+    ("corpus.jsonl", '{"_id": "d9", "text": ', "corpus.jsonl:2: malformed JSON"),
+])
+def test_a_line_that_cannot_be_read_is_an_error_naming_it(tmp_path, name, line, match):
+    from coco_accel.evaluate import EvalError, load_beir
+
+    (tmp_path / "qrels").mkdir()
+    (tmp_path / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    files = {"corpus.jsonl": '{"_id": "d1", "title": "", "text": "a document"}\n',
+             "queries.jsonl": '{"_id": "q1", "text": "a query"}\n'}
+    files[name] += line + "\n"
+    for file_name, text in files.items():
+        (tmp_path / file_name).write_text(text)
+    with pytest.raises(EvalError, match=match):
+        load_beir(str(tmp_path), "test")
