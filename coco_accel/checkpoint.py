@@ -102,3 +102,68 @@ def load_checkpoint(accelerator, path: Path) -> dict:
     state = read_state(path)
     accelerator.load_state(str(path))
     return state
+
+
+DEEPSPEED_TAG = "pytorch_model"  # the folder Accelerate's save_state gives DeepSpeed's engine in a checkpoint
+
+
+def is_universal(path: Path) -> bool:
+    """A DeepSpeed checkpoint converted to the universal format (loads on any process count)."""
+    return (Path(path) / DEEPSPEED_TAG / "zero").is_dir()
+
+
+def to_universal(path: Path) -> Path:
+    """Convert a ZeRO checkpoint in place to DeepSpeed's universal format, which any process count loads.
+
+    DeepSpeed's converter writes the universal copy beside the partitioned one; the partitioned one is kept
+    as `pytorch_model_partitioned/`, the universal one takes its place. Our trainer state, the scheduler and
+    the RNG files stay as they are.
+    """
+    from deepspeed.checkpoint import ds_to_universal
+
+    path = Path(path)
+    source, partitioned, converted = path / DEEPSPEED_TAG, path / f"{DEEPSPEED_TAG}_partitioned", \
+        path / f"{DEEPSPEED_TAG}_universal"
+    if is_universal(path):
+        return path
+    if not (path / STATE_FILE).is_file() or not source.is_dir():
+        raise CheckpointError(f"{path}: not a DeepSpeed checkpoint of coco_accel (no {STATE_FILE} or {DEEPSPEED_TAG}/).")
+    shutil.rmtree(converted, ignore_errors=True)
+    import sys
+
+    # DeepSpeed's converter reads its own command line; --inject_missing_state supplies the parameter-layout
+    # record that only Megatron-style clients save.
+    argv, sys.argv = sys.argv, ["ds_to_universal", "--input_folder", str(source), "--output_folder", str(converted),
+                                "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    try:
+        ds_to_universal.main(ds_to_universal.parse_arguments())
+    finally:
+        sys.argv = argv
+    os.replace(source, partitioned)
+    os.replace(converted, source)
+    (path / "latest_universal").unlink(missing_ok=True)  # the trainer names the tag it loads
+    return path
+
+
+def main(argv=None) -> int:
+    """`python -m coco_accel.checkpoint universal CHECKPOINT`: make a ZeRO checkpoint loadable on any process count."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m coco_accel.checkpoint", description=main.__doc__)
+    p.add_argument("command", choices=["universal"])
+    p.add_argument("checkpoint", help="a checkpoint-STEP folder written under DeepSpeed")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        to_universal(Path(args.checkpoint))
+    except CheckpointError as err:
+        logger.error("%s", err)
+        return 2
+    logger.info("%s is now a universal checkpoint: resume it on any number of processes.", args.checkpoint)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -241,7 +241,7 @@ def build(cfg: TrainConfig) -> Run:
     from accelerate.utils import set_seed
     from transformers import AutoTokenizer
 
-    from coco_accel.checkpoint import load_checkpoint, read_state
+    from coco_accel.checkpoint import is_universal, load_checkpoint, read_state
     from coco_accel.data import BatchPlan, DataError, SpanCollator, TrainBatches, load_train_data
     from coco_accel.heldout import heldout_batches
     from coco_accel.model import load_condenser
@@ -289,6 +289,8 @@ def build(cfg: TrainConfig) -> Run:
     deepspeed = accelerator.state.deepspeed_plugin is not None
     if deepspeed:
         _fill_deepspeed_config(accelerator, cfg, per_device)
+        if resume is not None and is_universal(resume):  # written by another process count, then converted
+            accelerator.state.deepspeed_plugin.deepspeed_config["checkpoint"] = {"load_universal": True}
         if accelerator.state.deepspeed_plugin.zero_stage == 3 and model.length_bucket_width and not model.pack_length:
             # ZeRO-3 gathers each module's parameters collectively at every call, so every process must
             # call the encoder equally often; the number of length buckets differs between processes.
@@ -361,6 +363,8 @@ def _provenance(cfg: TrainConfig, accelerator, dataset, tokenizer, plan) -> dict
 
 
 def _check_resume(cfg: TrainConfig, path: Path, saved: dict, now: dict) -> bool:
+    from coco_accel.checkpoint import is_universal
+
     """Refuse a checkpoint this run cannot continue; True when the process count changed (DDP only).
 
     Checked before anything is loaded: a DeepSpeed checkpoint on another process count would end in a
@@ -391,10 +395,11 @@ def _check_resume(cfg: TrainConfig, path: Path, saved: dict, now: dict) -> bool:
         raise ConfigError(f"{path} was written under {engine}; this run uses {now['engine']}, which stores the model "
                           f"and optimizer in another layout. Resume with the launch config it was written with.")
     if world and world != now["world_size"]:
-        if now["engine"].startswith("deepspeed"):
+        if now["engine"].startswith("deepspeed") and not is_universal(path):
             raise ConfigError(f"{path} was written by {world} processes under {engine}, whose optimizer state is "
                               f"partitioned {world} ways; this run has {now['world_size']}. Resume with {world} "
-                              "processes (the global batch, and so the run, stays the same).")
+                              "processes (the global batch, and so the run, stays the same), or convert it to "
+                              f"DeepSpeed's universal format first: `python -m coco_accel.checkpoint universal {path}`.")
         logger.warning("Resuming %s, written by %d processes, on %d: the same global batches follow; dropout's "
                        "random streams restart per process (keyed by seed, step and rank).", path, world,
                        now["world_size"])

@@ -1,6 +1,7 @@
 """Resume: a run interrupted (crash, SIGTERM, STOP file) resumes exactly; what a checkpoint records is checked; pruning."""
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -209,22 +210,46 @@ def test_resume_refuses_other_data_or_tokenizer_unless_told(tmp_path, model, spa
     assert "Resuming" in run.stderr and "on other data" in run.stderr
 
 
-def test_deepspeed_resume_on_another_process_count_is_refused(tmp_path, model, span_data):
+def test_deepspeed_resume_on_another_process_count_is_refused_until_converted(tmp_path, tokenizer, span_data):
     """ZeRO partitions the optimizer state by process: a checkpoint of 2 processes is refused on 1, before
-    DeepSpeed loads anything, and a DDP run will not take it either."""
-    def deepspeed(nproc, out, steps):
+    DeepSpeed loads anything, naming the conversion; a DDP run will not take it either. Converted to
+    DeepSpeed's universal format (`python -m coco_accel.checkpoint universal`), it resumes on 1 process and
+    ends where the uninterrupted 2-process run does."""
+    model = make_tiny_bert(tmp_path / "model", tokenizer, layers=2, dropout=0.0)
+
+    def deepspeed(nproc, out):
         return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                 "accelerate_configs/cpu_deepspeed_zero2.yaml", "--num_processes", str(nproc), "--main_process_port",
-                str(free_port()), *_cmd(model, span_data, out, steps, "--global_batch_size", "6",
-                                        "--save_steps", "2")[1:]]
+                str(free_port()), *_cmd(model, span_data, out, 4, "--global_batch_size", "6", "--save_steps", "2")[1:]]
 
-    out = tmp_path / "zero2"
+    full = tmp_path / "zero2"
     env = train_env(ACCELERATE_USE_CPU="false")
-    subprocess.run(deepspeed(2, out, 3), cwd=REPO, env=env, check=True)
-    run = subprocess.run(deepspeed(1, out, 4), cwd=REPO, env=env, capture_output=True, text=True)
+    subprocess.run(deepspeed(2, full), cwd=REPO, env=env, check=True)
+    out = tmp_path / "resumed"
+    out.mkdir()
+    shutil.copytree(full / "checkpoint-2", out / "checkpoint-2")
+    run = subprocess.run(deepspeed(1, out), cwd=REPO, env=env, capture_output=True, text=True)
     assert run.returncode != 0 and "written by 2 processes under deepspeed-zero2" in run.stderr
     # the launcher prints its own traceback for a child's non-zero exit; none passes through our code
-    assert "Resume with 2 processes" in run.stderr and "coco_accel/" not in run.stderr.split("ERROR coco_accel")[1]
+    assert "python -m coco_accel.checkpoint universal" in run.stderr
+    assert not re.search(r'File ".*coco_accel/', run.stderr)
     run = subprocess.run(_cmd(model, span_data, out, 4, "--global_batch_size", "6"), cwd=REPO, env=train_env(),
                          capture_output=True, text=True)
     assert run.returncode == 2 and "under deepspeed-zero2; this run uses ddp" in run.stderr
+
+    subprocess.run([sys.executable, "-m", "coco_accel.checkpoint", "universal", str(out / "checkpoint-2")], cwd=REPO,
+                   env=train_env(), check=True, capture_output=True)
+    run = subprocess.run(deepspeed(1, out), cwd=REPO, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Resumed from" in run.stderr and "written by 2 processes, on 1" in run.stderr
+    # Compared by what the weights compute: the loss parts and gradient norm of the steps after the resume
+    # (sums over the batch, to 1e-5 in fp32). Weights after AdamW are the wrong instrument here: elements
+    # whose gradient is zero but for rounding (the key biases) move by up to lr whatever their noise says.
+    from conftest import metrics
+
+    after = {r["step"]: r for r in metrics(full)}
+    resumed = metrics(out)
+    assert [r["step"] for r in resumed] == [3, 4]
+    for r in resumed:
+        for key in ("mlm_head", "mlm_backbone", "contrastive", "grad_norm"):
+            assert r[key] == pytest.approx(after[r["step"]][key], rel=1e-5), (r["step"], key)
