@@ -201,7 +201,13 @@ def test_resume_refuses_other_data_or_tokenizer_unless_told(tmp_path, model, spa
     vocab[a], vocab[b] = ib, ia
     (swapped / "tokenizer.json").write_text(_json.dumps(definition))
     run = subprocess.run(_cmd(str(swapped), span_data, out, 4), cwd=REPO, env=train_env(), capture_output=True,
-                         text=True)
+                         text=True)  # the data's own record of its tokenizer refuses it first
+    assert run.returncode == 2 and "was tokenized with" in run.stderr
+    unrecorded = tmp_path / "same_data_no_stats"  # the same dataset without preprocessing's record
+    shutil.copytree(span_data, unrecorded)
+    (unrecorded / "stats.json").unlink()
+    run = subprocess.run(_cmd(str(swapped), unrecorded, out, 4), cwd=REPO, env=train_env(), capture_output=True,
+                         text=True)  # the checkpoint's record of the tokenizer refuses it
     assert run.returncode == 2 and "another vocabulary" in run.stderr and "--resume_allow_changed_data" in run.stderr
 
     run = subprocess.run(_cmd(model, other, out, 4, "--resume_allow_changed_data"), cwd=REPO, env=train_env(),
