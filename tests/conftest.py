@@ -14,6 +14,15 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Inductor's on-disk cache (its precompiled headers included) is built for one CPU capability: a run under
+# another (ATEN_CPU_CAPABILITY=avx2 or default, as the kernel-set checks use) must not reuse it, or its
+# vectorised kernels fail to compile against the cached headers.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import getpass
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{os.environ.get('ATEN_CPU_CAPABILITY', 'native')}")
 
 
 @pytest.fixture(scope="session")
