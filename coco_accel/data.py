@@ -37,7 +37,13 @@ def load_train_data(train_dir: str, split: str = "train"):
     path = Path(train_dir)
     files: list[str] = []  # the reference format's files, in row order
     if not path.is_dir():
-        raise DataError(f"--train_dir {train_dir}: no such folder.")
+        raise DataError(f"--train_dir {train_dir}: {'a file, not a folder' if path.exists() else 'no such folder'}; "
+                        "give the --output_dir of `python -m coco_accel.preprocess`.")
+    raw = next((name for name in ("corpus.jsonl", "corpus.jsonl.gz", "collection.tsv") if (path / name).is_file()), None)
+    if raw:
+        raise DataError(f"--train_dir {train_dir}: holds a raw corpus ({raw}), not spans; preprocess it first: "
+                        f"`python -m coco_accel.preprocess --tokenizer MODEL --output_dir SPANS {train_dir}`, then "
+                        "--train_dir SPANS.")
     if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
@@ -91,6 +97,29 @@ def _check_span_counts(ds, files: list[str]) -> None:
                                     f"({int((counts < 2).sum())} such documents in this part alone).")
                 row -= lines
             raise DataError(f"document #{start + int(short[0])} has fewer than two spans.")
+        start += len(chunk)
+
+
+def check_token_range(ds, vocab_size: int, train_dir: str) -> None:
+    """Every token id below the tokenizer's size, for data that does not record its tokenizer (the
+    reference's format): one pass over the token columns at start-up, so a wrong vocabulary is an error
+    here, on every process alike, and not a failed batch on one of them hours in."""
+    import pyarrow.compute as pc
+
+    start = 0
+    for chunk in ds.data.table.column("spans").chunks:
+        tokens = chunk.flatten().flatten()
+        if len(tokens) and pc.max(tokens).as_py() >= vocab_size:
+            counts = pc.list_value_length(chunk).to_numpy(zero_copy_only=False)
+            spans = np.concatenate([[0], np.cumsum(counts)])
+            lengths = pc.list_value_length(chunk.flatten()).to_numpy(zero_copy_only=False)
+            at = int(np.argmax(tokens.to_numpy(zero_copy_only=False) >= vocab_size))
+            span = int(np.searchsorted(np.cumsum(lengths), at, side="right"))
+            doc = start + int(np.searchsorted(spans, span, side="right")) - 1
+            raise DataError(f"--train_dir {train_dir}: document #{doc} holds token id "
+                            f"{pc.max(tokens).as_py()}, beyond the tokenizer's {vocab_size} tokens: it was "
+                            "tokenized with another tokenizer. Tokenize it with the model's (`python -m "
+                            "coco_accel.preprocess --tokenizer MODEL ...`).")
         start += len(chunk)
 
 
@@ -234,6 +263,98 @@ def fetch_spans(dataset, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
     return doc_off, span_off, tokens
 
 
+class SpanStore:
+    """Documents' spans gathered straight from the Arrow buffers of the spans column, in a few numpy
+    operations per batch, whatever the corpus size or the number of record batches.
+
+    `datasets` gathers rows one by one (a slice of a record batch per index, then a concatenation),
+    about 10 ms per 2048 documents and more in a fresh process. Here every record batch's three buffers
+    (document -> span offsets, span -> token offsets, tokens) are addressed as positions in one numpy
+    view of the process's memory: the buffers are memory-mapped (or in memory) and never move while
+    the table is held, and a batch reads only its documents' bytes. The view is built per process (a
+    data-loader worker builds its own) in O(record batches). Tables of another layout (64-bit offsets,
+    an indices mapping) are read through `fetch_spans`.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self._views = None  # (pid, arrays): rebuilt in each process, never pickled
+
+    def __getstate__(self):
+        return {"dataset": self.dataset, "_views": None}
+
+    def _build(self):
+        import ctypes
+
+        import pyarrow as pa
+
+        if self.dataset._indices is not None:
+            return None
+        chunks = [c for c in self.dataset.data.table.column("spans").chunks if len(c)]
+        if not chunks:
+            return None
+        kinds = []  # per record batch: (outer offsets, inner offsets, tokens) buffers with their element offsets
+        for chunk in chunks:
+            inner = chunk.values
+            if not (pa.types.is_list(chunk.type) and pa.types.is_list(inner.type)):
+                return None
+            tokens = inner.values
+            token_type = tokens.type.to_pandas_dtype()
+            if token_type not in (np.uint16, np.int32):
+                return None
+            kinds.append(((chunk.buffers()[1], chunk.offset), (inner.buffers()[1], inner.offset),
+                          (tokens.buffers()[1], tokens.offset)))
+        token_dtype = np.dtype(chunks[0].values.values.type.to_pandas_dtype())
+        if any(np.dtype(c.values.values.type.to_pandas_dtype()) != token_dtype for c in chunks):
+            return None
+        buffers = [b for k in kinds for b, _ in k]
+        base = min(b.address for b in buffers) & ~7
+        end = max(b.address + b.size for b in buffers)
+        end += -(end - base) % 8
+        if any(b.address % 4 for b, _ in (k[0] for k in kinds)) or any(b.address % 4 for b, _ in (k[1] for k in kinds)) \
+                or any(b.address % token_dtype.itemsize for b, _ in (k[2] for k in kinds)):
+            return None
+        memory = (ctypes.c_uint8 * (end - base)).from_address(base)  # nothing is read until indexed
+        offsets = np.frombuffer(memory, dtype=np.int32)
+        values = np.frombuffer(memory, dtype=token_dtype)
+
+        def positions(which: int, itemsize: int) -> np.ndarray:
+            return np.array([(k[which][0].address - base) // itemsize + k[which][1] for k in kinds], dtype=np.int64)
+
+        starts = np.concatenate([[0], np.cumsum([len(c) for c in chunks])]).astype(np.int64)
+        return {"pid": os.getpid(), "offsets": offsets, "values": values, "starts": starts,
+                "outer": positions(0, 4), "inner": positions(1, 4), "tokens": positions(2, token_dtype.itemsize),
+                "keep": (chunks, memory)}
+
+    def fetch(self, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """As `fetch_spans`: (doc_span_offsets [n+1], span_token_offsets [S+1], tokens [T] int64)."""
+        if self._views is None or (self._views and self._views["pid"] != os.getpid()):
+            self._views = self._build() or {}
+        v = self._views
+        if not v:
+            return fetch_spans(self.dataset, docs)
+        docs = np.asarray(docs, dtype=np.int64)
+        if docs.size and (docs.min() < 0 or docs.max() >= v["starts"][-1]):
+            raise IndexError(f"document index out of range 0..{v['starts'][-1] - 1}")
+        offsets = v["offsets"]
+        batch = np.searchsorted(v["starts"], docs, side="right") - 1  # the record batch of each document
+        outer = v["outer"][batch] + (docs - v["starts"][batch])
+        first, counts = offsets[outer], offsets[outer + 1] - offsets[outer]
+        span_batch = np.repeat(batch, counts)
+        span = v["inner"][span_batch] + _ranges(first, counts)
+        token_first, lengths = offsets[span], offsets[span + 1] - offsets[span]
+        tokens = v["values"][np.repeat(v["tokens"][span_batch], lengths) + _ranges(token_first, lengths)]
+        return (np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+                np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), tokens.astype(np.int64))
+
+
+def _ranges(first: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The concatenation of arange(first[i], first[i] + counts[i]) over i."""
+    counts = counts.astype(np.int64)
+    total = int(counts.sum())
+    return np.repeat(first.astype(np.int64) - (np.cumsum(counts) - counts), counts) + np.arange(total)
+
+
 _HEAP_KEPT_IN: Optional[int] = None  # the process whose allocator was told to keep freed memory
 
 
@@ -267,6 +388,7 @@ class TrainBatches(torch.utils.data.Dataset):
     def __init__(self, dataset, plan: BatchPlan, collator: SpanCollator):
         # Only the spans are read: a batch then touches a third of the pages it would with every column.
         self.dataset = dataset.select_columns(["spans"]).with_format("arrow")
+        self.store = SpanStore(self.dataset)
         self.plan = plan
         self.collator = collator
 
@@ -277,7 +399,7 @@ class TrainBatches(torch.utils.data.Dataset):
         keep_freed_memory()  # in whichever process builds batches: the trainer's, or each loader worker
         epoch, global_docs = self.plan.global_batch(step)
         docs = global_docs[self.plan.local_slice(len(global_docs))]
-        batch = self.collator(epoch, docs, *fetch_spans(self.dataset, docs))
+        batch = self.collator(epoch, docs, *self.store.fetch(docs))
         batch["global_docs"] = torch.tensor(len(global_docs))
         batch["rank_docs"] = torch.tensor(self.plan.shares(len(global_docs)))
         batch["step"] = torch.tensor(step)

@@ -106,6 +106,23 @@ def _before_after(initial: str, trained: str, data: list[str], out: Path) -> Non
                 "gains):\n%s", table)
 
 
+def _input_problem(out: Path, eval_data: Sequence[str]) -> Optional[str]:
+    """What is wrong with the demo's inputs, found before anything runs (None when nothing is)."""
+    from coco_accel.evaluate import EvalError, check_beir_folder
+
+    if out.exists() and not out.is_dir():
+        return f"--output_dir {out} is a file: choose a folder (it is created if missing)."
+    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        return f"--output_dir {out}: {existing} is {'a file' if not existing.is_dir() else 'not writable'}; choose another folder."
+    for folder in eval_data:
+        try:
+            check_beir_folder(folder, "test", flag="--eval_data")
+        except EvalError as err:
+            return str(err)
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="python -m coco_accel.demo", description=__doc__)
@@ -115,6 +132,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.output_dir)
     data = out / "data"
+    problem = _input_problem(out, args.eval_data)
+    if problem:
+        logger.error("%s", problem)
+        return 2
 
     n = write_corpus(data / "stdlib-docstrings")
     logger.info("Corpus: %d documents from the Python standard library's docstrings -> %s", n, data)

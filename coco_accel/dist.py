@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 from typing import Optional, Sequence
 
 import torch
@@ -81,3 +83,37 @@ def gather_with_grad(x: torch.Tensor, sizes: Optional[Sequence[int]] = None) -> 
     parts = _GatherRows.apply(padded)
     rows = torch.cat([parts[i, :n] for i, n in enumerate(sizes)], dim=0)
     return rows, sum(sizes[: rank()])
+
+
+class PeerFailed(RuntimeError):
+    """Raised on the processes that passed a block another process failed; the message is that process's."""
+
+
+@contextlib.contextmanager
+def fail_together():
+    """Leave the block the same way on every process: if it raised on any, it raises on all.
+
+    Without it, a process that finds a bad input (a folder missing on its node, say) exits while the
+    others go on into the next collective and wait there until the group's timeout. At the end of the
+    block every process exchanges its outcome once (a message, or nothing); a process that failed
+    re-raises its own error, the others raise PeerFailed naming the first failed process, its host and
+    its message. Nothing may run a collective inside the block.
+    """
+    failure: Optional[Exception] = None
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - exchanged, then re-raised unchanged
+        failure = err
+    if is_distributed():
+        mine = None if failure is None else (socket.gethostname(), str(failure))
+        outcomes: list = [None] * world_size()
+        dist.all_gather_object(outcomes, mine)
+        failed = [(r, m) for r, m in enumerate(outcomes) if m is not None]
+    else:
+        failed = []
+    if failure is not None:
+        raise failure
+    if failed:
+        first, (host, message) = failed[0]
+        others = f" ({len(failed) - 1} other process(es) failed too)" if len(failed) > 1 else ""
+        raise PeerFailed(f"process {first} of {world_size()}, on {host}, stopped{others}: {message}")

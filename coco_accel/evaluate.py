@@ -13,6 +13,7 @@ import argparse
 import csv
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -35,8 +36,13 @@ class EvalError(ValueError):
 def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
     """(id, record) for each line of a BEIR corpus or queries file; a line that cannot be used (bad JSON, not
     an object, no `_id`) is an error naming it: skipping it would change the metrics silently."""
-    with open(path, encoding="utf-8-sig") as fh:
-        for n, line in enumerate(fh, start=1):
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise EvalError(f"{path}:{n}: not UTF-8 ({err.reason} at byte {err.start}); BEIR files are "
+                                "UTF-8: re-encode the file.") from None
             if not line.strip():
                 continue
             try:
@@ -68,12 +74,26 @@ def load_qrels(folder: Path, split: str) -> dict[str, dict[str, int]]:
     return qrels
 
 
-def load_beir(folder: str, split: str) -> tuple[dict[str, str], dict[str, str], dict[str, dict[str, int]], int]:
-    """(queries with judgements, corpus texts, qrels, number of queries without judgements)."""
+def check_beir_folder(folder: str, split: str, flag: str = "--data") -> None:
+    """The files a BEIR dataset folder must hold, checked before any model loads."""
     root = Path(folder)
+    if not root.is_dir():
+        raise EvalError(f"{flag} {folder}: {'a file' if root.exists() else 'no such folder'}; expected a BEIR dataset "
+                        "folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv).")
     for name in ("corpus.jsonl", "queries.jsonl"):
         if not (root / name).is_file():
-            raise EvalError(f"{folder}: no {name}; expected a BEIR dataset folder (corpus.jsonl, queries.jsonl, qrels/).")
+            raise EvalError(f"{flag} {folder}: no {name}; expected a BEIR dataset folder (corpus.jsonl, "
+                            "queries.jsonl, qrels/<split>.tsv).")
+    if not (root / "qrels" / f"{split}.tsv").is_file():
+        have = sorted(p.stem for p in (root / "qrels").glob("*.tsv")) if (root / "qrels").is_dir() else []
+        raise EvalError(f"{flag} {folder}: no qrels/{split}.tsv (splits present: {have or 'none'}). Choose --split.")
+
+
+def load_beir(folder: str, split: str) -> tuple[dict[str, str], dict[str, str], dict[str, dict[str, int]], dict]:
+    """(queries with judgements, corpus texts, qrels, counts of what was left out: queries without
+    judgements, repeated ids, judged documents absent from the corpus)."""
+    root = Path(folder)
+    check_beir_folder(folder, split)
     qrels = load_qrels(root, split)
     all_queries = {qid: q.get("text") or "" for qid, q in _read_jsonl(root / "queries.jsonl")}
     missing = sorted(set(qrels) - set(all_queries))
@@ -81,11 +101,20 @@ def load_beir(folder: str, split: str) -> tuple[dict[str, str], dict[str, str], 
         raise EvalError(f"{folder}: qrels/{split}.tsv judges {len(missing)} queries absent from queries.jsonl "
                         f"(e.g. {missing[:3]}).")
     queries = {q: all_queries[q] for q in qrels}
-    corpus = {}
+    corpus, repeated = {}, 0
     for doc_id, doc in _read_jsonl(root / "corpus.jsonl"):
         title, text = str(doc.get("title") or "").strip(), str(doc.get("text") or "").strip()
+        repeated += doc_id in corpus
         corpus[doc_id] = f"{title} {text}".strip()
-    return queries, corpus, qrels, len(all_queries) - len(queries)
+    absent = sum(d not in corpus for judged in qrels.values() for d in judged)
+    left_out = {"queries_without_judgements": len(all_queries) - len(queries), "repeated_document_ids": repeated,
+                "judged_documents_not_in_corpus": absent}
+    if repeated:
+        logger.warning("%s: %d documents repeat an earlier _id; the last one of each id is kept.", folder, repeated)
+    if absent:
+        logger.warning("%s: qrels/%s.tsv judges %d documents absent from corpus.jsonl; they count as not "
+                       "retrieved.", folder, split, absent)
+    return queries, corpus, qrels, left_out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -99,10 +128,19 @@ class Encoder:
                  bf16: bool = False):
         from transformers import AutoModel, AutoTokenizer
 
+        from coco_accel.wordpiece import tokenizer_folder_problem
+
         folder = Path(model_dir)
+        if not folder.is_dir():
+            raise EvalError(f"--model {model_dir}: {'a file' if folder.exists() else 'no such folder'}; pass a local HF "
+                            "model folder (e.g. a training run's --output_dir).")
         if not (folder / "config.json").is_file():
             raise EvalError(f"--model {model_dir}: no config.json; pass a local HF model folder (e.g. a training "
                             "run's --output_dir).")
+        problem = tokenizer_folder_problem(model_dir)
+        if problem:
+            raise EvalError(f"--model {model_dir}: {problem}; the evaluator reads the tokenizer from the model "
+                            "folder (tokenizer.save_pretrained there).")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
         self.model = AutoModel.from_pretrained(str(folder)).to(self.device).eval()
@@ -183,7 +221,7 @@ def evaluate_dataset(encoder: Encoder, folder: str, split: str = "test", query_m
                      keep_identical_ids: bool = False) -> dict:
     from tqdm.auto import tqdm
 
-    queries, corpus, qrels, unjudged = load_beir(folder, split)
+    queries, corpus, qrels, left_out = load_beir(folder, split)
     qids = list(queries)
     qvecs = encoder.encode([queries[q] for q in qids], query_max_len)
     doc_ids = list(corpus)
@@ -200,8 +238,7 @@ def evaluate_dataset(encoder: Encoder, folder: str, split: str = "test", query_m
         run[q] = dict(sorted(hits.items(), key=lambda kv: -kv[1])[:100])
     per_query = trec_metrics(qrels, run)
     result = {m: sum(v[m] for v in per_query.values()) / max(len(per_query), 1) for m in METRICS}
-    result.update({"queries": len(per_query), "queries_without_judgements": unjudged, "documents": len(corpus),
-                   "per_query": per_query})
+    result.update({"queries": len(per_query), **left_out, "documents": len(corpus), "per_query": per_query})
     return result
 
 
@@ -217,7 +254,13 @@ def markdown_table(results: dict) -> str:
 def evaluate(model: str, data: Sequence[str], split: str = "test", query_max_len: int = 64, doc_max_len: int = 128,
              pooling: str = "cls", score: str = "dot", batch_size: int = 128, chunk_docs: int = 50_000,
              keep_identical_ids: bool = False, bf16: bool = False) -> dict:
+    for folder in data:  # every folder before the model loads: not a missing one after an hour of encoding
+        check_beir_folder(folder, split)
     encoder = Encoder(model, pooling=pooling, batch_size=batch_size, bf16=bf16)
+    positions = getattr(encoder.model.config, "max_position_embeddings", None)
+    for flag, length in (("--query_max_len", query_max_len), ("--doc_max_len", doc_max_len)):
+        if positions and length > positions:
+            raise EvalError(f"{flag} {length} is longer than the model's {positions} positions: lower it.")
     datasets = {}
     for folder in data:
         name = Path(folder).name
@@ -230,6 +273,21 @@ def evaluate(model: str, data: Sequence[str], split: str = "test", query_max_len
                          "score": score, "identical_ids_removed": not keep_identical_ids,
                          "precision": "bf16" if encoder.bf16 else "fp32"},
             "datasets": datasets, "average": average}
+
+
+def _check_arguments(args) -> None:
+    for flag, value, least in (("--batch_size", args.batch_size, 1), ("--chunk_docs", args.chunk_docs, 1),
+                               ("--query_max_len", args.query_max_len, 3), ("--doc_max_len", args.doc_max_len, 3)):
+        if value < least:
+            raise EvalError(f"{flag} must be at least {least}, got {value}.")
+    if args.output:
+        out = Path(args.output)
+        if out.is_dir():
+            raise EvalError(f"--output {args.output} is a folder: give a file name (results.json).")
+        existing = next(p for p in [out.parent, *out.absolute().parents] if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise EvalError(f"--output {args.output}: {existing} is {'a file' if not existing.is_dir() else 'not writable'}; "
+                            "choose another path.")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -250,6 +308,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--output", default=None, help="Write the results (with per-query metrics) to this JSON file.")
     args = p.parse_args(argv)
     try:
+        _check_arguments(args)
         results = evaluate(args.model, args.data, args.split, args.query_max_len, args.doc_max_len, args.pooling,
                            args.score, args.batch_size, args.chunk_docs, args.keep_identical_ids, args.bf16)
     except EvalError as err:

@@ -553,8 +553,8 @@ def _read_head_weights(folder: Path) -> tuple[Optional[dict], Optional[str]]:
     return None, None
 
 
-def load_condenser(path: str, n_head_layers: int, skip_from: int, late_mlm: bool,
-                   strict_head: bool = False, length_bucket_width: int = 0, bucket_call_cost: int = -1,
+def load_condenser(path: str, *, n_head_layers: int, skip_from: int, late_mlm: bool, strict_head: bool = False,
+                   length_bucket_width: int = 0, length_bucket_call_cost: int = -1,
                    pack_length: int = 0) -> Condenser:
     """Warm start from an HF MLM folder, one of our exports, or a reference Condenser folder.
 
@@ -573,7 +573,7 @@ def load_condenser(path: str, n_head_layers: int, skip_from: int, late_mlm: bool
     if mlm.dtype in (torch.float16, torch.bfloat16):
         mlm = mlm.float()
     model = Condenser(mlm, n_head_layers=n_head_layers, skip_from=skip_from, late_mlm=late_mlm,
-                      length_bucket_width=length_bucket_width, bucket_call_cost=bucket_call_cost,
+                      length_bucket_width=length_bucket_width, bucket_call_cost=length_bucket_call_cost,
                       pack_length=pack_length)
     state, source = _read_head_weights(folder)
     if state is None:

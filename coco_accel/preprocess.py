@@ -486,7 +486,16 @@ def resolve_recipe(recipe: str, root: str, skip_missing: bool) -> tuple[list[str
     """A corpus-list YAML (`corpora: [names]`) under a root folder -> (input folders, missing names)."""
     import yaml
 
-    data = yaml.safe_load(Path(recipe).read_text()) or {}
+    path = Path(recipe)
+    if not path.is_file():
+        raise corpora.InputError(f"--corpora {recipe}: {'a folder' if path.exists() else 'no such file'}; give a "
+                                 "corpus-list YAML such as configs/coco_corpora.yaml.")
+    if not Path(root).is_dir():
+        raise corpora.InputError(f"--corpus_root {root}: no such folder (it holds the corpora named in {recipe}).")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise corpora.InputError(f"--corpora {recipe}: not valid YAML ({err}).") from None
     names = data.get("corpora") if isinstance(data, dict) else None
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise corpora.InputError(f"{recipe}: expected a key 'corpora' holding a list of folder names.")
@@ -525,8 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    if args.num_proc < 1 or args.max_span_tokens < 1 or not 0.0 <= args.eval_fraction < 1.0:
-        logger.error("--num_proc and --max_span_tokens must be >= 1, --eval_fraction in [0, 1).")
+    problem = _argument_problem(args)
+    if problem:
+        logger.error("%s", problem)
         return 2
     try:
         inputs = list(args.inputs)
@@ -546,9 +556,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 t["kept"], t["held_out"], t["dropped"], t["dropped_by_reason"], t["rejected"],
                 t["rejected_by_reason"], args.output_dir)
     if t["kept"] == 0:
-        logger.error("No document has two spans: nothing to train on. See %s/stats.json.", args.output_dir)
-        return 1
+        logger.error("No document has two spans: nothing to train on. See %s/stats.json (and rejects.jsonl).",
+                     args.output_dir)
+        return 2
     return 0
+
+
+def _argument_problem(args) -> Optional[str]:
+    """What is wrong with the command line, before anything is read (None when nothing is)."""
+    for flag, value in (("--num_proc", args.num_proc), ("--max_span_tokens", args.max_span_tokens)):
+        if value < 1:
+            return f"{flag} must be at least 1, got {value}."
+    if args.num_shards is not None and args.num_shards < 1:
+        return f"--num_shards must be at least 1 (or left out: by size), got {args.num_shards}."
+    if not 0.0 <= args.eval_fraction < 1.0:
+        return f"--eval_fraction must be in [0, 1), got {args.eval_fraction}."
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        return f"--output_dir {args.output_dir} is a file: choose a folder (it is created if missing)."
+    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        return (f"--output_dir {args.output_dir}: {existing} is {'a file' if not existing.is_dir() else 'not writable'};"
+                " choose another folder.")
+    return None
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -12,13 +13,54 @@ from typing import Optional, Sequence
 logger = logging.getLogger("coco_accel.report")
 
 
+class ReportError(ValueError):
+    """Report input that cannot be used; the message names the file (and line) and the fix."""
+
+
+TRAIN_KEYS = ("step", "loss", "mlm_head", "mlm_backbone", "contrastive", "contrastive_acc")
+
+
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(training records, held-out records) from metrics.jsonl."""
+    """(training records, held-out records) from metrics.jsonl; a line that is not one of them is an error."""
+    if not run_dir.is_dir():
+        raise ReportError(f"{run_dir}: {'a file' if run_dir.exists() else 'no such folder'}; pass the --output_dir "
+                          "of a training run.")
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl; pass the --output_dir of a training run.")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if "loss" in r], [r for r in records if any(k.startswith("heldout/") for k in r)]
+        raise ReportError(f"{run_dir}: no metrics.jsonl; pass the --output_dir of a training run.")
+    train, heldout = [], []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ReportError(f"{path}:{n}: malformed JSON ({err}); a run writes one object a line.") from None
+        if isinstance(record, dict) and "loss" in record and all(k in record for k in TRAIN_KEYS):
+            train.append(record)
+        elif isinstance(record, dict) and "step" in record and any(k.startswith("heldout/") for k in record):
+            heldout.append(record)
+        else:
+            raise ReportError(f"{path}:{n}: neither a training record (with {', '.join(TRAIN_KEYS)}) nor a held-out "
+                              f"one (step and heldout/...): {line.strip()[:80]!r}.")
+    if not train:
+        raise ReportError(f"{path}: no training record yet (the first is written at step 1).")
+    return train, heldout
+
+
+def read_evaluation(path: Path, flag: str, given: bool) -> Optional[dict]:
+    """An evaluate.py --output JSON; None when the default file is absent, an error when a given one is."""
+    if not path.is_file():
+        if given:
+            raise ReportError(f"{flag} {path}: no such file (write it with `python -m coco_accel.evaluate ... --output`).")
+        return None
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ReportError(f"{flag} {path}: not JSON ({err}).") from None
+    if not isinstance(result, dict) or not isinstance(result.get("datasets"), dict) or "average" not in result:
+        raise ReportError(f"{flag} {path}: not an evaluate.py result (no 'datasets' and 'average').")
+    return result
 
 
 def _corpora(heldout: list[dict]) -> list[str]:
@@ -99,13 +141,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run_dir = Path(args.run_dir)
     try:
         train, heldout = read_metrics(run_dir)
-    except FileNotFoundError as err:
+        evals = [read_evaluation(Path(given) if given else run_dir / default, flag, given is not None)
+                 for given, default, flag in ((args.before, "eval_before.json", "--before"),
+                                              (args.after, "eval_after.json", "--after"))]
+        if not os.access(run_dir, os.W_OK | os.X_OK):
+            raise ReportError(f"{run_dir}: not writable; the report is written beside metrics.jsonl.")
+    except ReportError as err:
         logger.error("%s", err)
         return 2
-    evals = []
-    for given, default in ((args.before, "eval_before.json"), (args.after, "eval_after.json")):
-        path = Path(given) if given else run_dir / default
-        evals.append(json.loads(path.read_text()) if path.is_file() else None)
     plot(train, heldout, run_dir / "report.png")
     (run_dir / "report.md").write_text(summary(run_dir, train, heldout, *evals))
     logger.info("Report: %s and %s", run_dir / "report.md", run_dir / "report.png")

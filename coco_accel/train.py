@@ -140,32 +140,30 @@ def _check_inputs(cfg: TrainConfig) -> None:
                           "another folder or fix its permissions.")
 
 
-def _check_data_tokenizer(cfg: TrainConfig, tokenizer) -> None:
+def _check_data_tokenizer(cfg: TrainConfig, tokenizer) -> bool:
     """The training data must have been tokenized with the model's tokenizer: another vocabulary trains
-    silently on wrong ids, or fails on the device hours in. Preprocessing records its tokenizer's hash."""
+    silently on wrong ids, or fails on the device hours in. Preprocessing records its tokenizer's hash;
+    False when the data records none (the reference's format), to be checked token by token instead."""
     from coco_accel.wordpiece import vocab_sha256
 
     stats_file = Path(cfg.train_dir) / "stats.json"
-    if not stats_file.is_file():
-        return
     try:
-        stats = json.loads(stats_file.read_text())
+        stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
     except (OSError, ValueError):
-        return
+        stats = {}
     recorded = stats.get("tokenizer_vocab_sha256")
     if recorded and recorded != vocab_sha256(tokenizer.get_vocab()):
         raise ConfigError(f"--train_dir {cfg.train_dir} was tokenized with {stats.get('tokenizer')} "
                           f"({stats.get('tokenizer_vocab_size')} tokens), whose vocabulary is not the one of "
                           f"--model_name_or_path {cfg.model_name_or_path} ({len(tokenizer)} tokens). Re-run "
                           f"`python -m coco_accel.preprocess --tokenizer {cfg.model_name_or_path} ...`.")
+    return bool(recorded)
 
 
 def _resume_from(cfg: TrainConfig, is_main: bool) -> Optional[Path]:
     """The checkpoint to continue from, and the output-directory rule (never overwrite by accident)."""
-    from coco_accel.checkpoint import STATE_FILE, latest_checkpoint, list_checkpoints, remove_partial
+    from coco_accel.checkpoint import STATE_FILE, latest_checkpoint, list_checkpoints
 
-    if is_main:
-        remove_partial(cfg.output_dir)  # a run killed while writing one; the previous checkpoint is the latest
     if cfg.resume not in ("auto", "none"):
         path = Path(cfg.resume)
         if not (path / STATE_FILE).is_file():
@@ -237,42 +235,52 @@ class Run:
     docs_seen: int = 0
 
 
-def build(cfg: TrainConfig) -> Run:
-    from accelerate.utils import set_seed
+@dataclass
+class _Inputs:
+    """What a run reads before its first collective: every input loaded and checked."""
+
+    resume: Optional[Path]
+    reseed: bool  # resuming on another process count: per-process random streams restart
+    tokenizer: Any
+    model: Any
+    dataset: Any
+    plan: Any
+    collator: Any
+    heldout: dict
+    total_steps: int
+    warmup: int
+    provenance: dict
+
+
+def _read_inputs(cfg: TrainConfig, accelerator) -> _Inputs:
+    """Load and check every input on this process, running no collective (see dist.fail_together)."""
     from transformers import AutoTokenizer
 
-    from coco_accel.checkpoint import is_universal, load_checkpoint, read_state
-    from coco_accel.data import BatchPlan, DataError, SpanCollator, TrainBatches, load_train_data
+    from coco_accel.checkpoint import read_state
+    from coco_accel.data import BatchPlan, DataError, SpanCollator, check_token_range, load_train_data
     from coco_accel.heldout import heldout_batches
     from coco_accel.model import load_condenser
-    from coco_accel.optim import build_optimizer, linear_schedule, warmup_steps_for
-    from coco_accel.step import StepSettings, cached_step, plain_step
+    from coco_accel.optim import warmup_steps_for
 
-    accelerator = build_accelerator(cfg)
-    _setup_logging(accelerator.is_main_process)
     resume = _resume_from(cfg, accelerator.is_main_process)
-    accelerator.wait_for_everyone()
-    set_seed(cfg.seed)
-
     _check_inputs(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
-    model = load_condenser(cfg.model_name_or_path, cfg.n_head_layers, cfg.skip_from, cfg.late_mlm, cfg.strict_head,
-                           cfg.length_bucket_width, cfg.length_bucket_call_cost, cfg.pack_length)
+    model = load_condenser(cfg.model_name_or_path, n_head_layers=cfg.n_head_layers, skip_from=cfg.skip_from,
+                           late_mlm=cfg.late_mlm, strict_head=cfg.strict_head,
+                           length_bucket_width=cfg.length_bucket_width,
+                           length_bucket_call_cost=cfg.length_bucket_call_cost, pack_length=cfg.pack_length)
     cfg.validate_against_model(model.config.num_hidden_layers, model.config.model_type, model.max_positions)
-    if cfg.reference_backbone_without_dropout:
-        from coco_accel.model import disable_backbone_dropout
-
-        logger.info("Backbone dropout off in %d modules (--reference_backbone_without_dropout).",
-                    disable_backbone_dropout(model))
-    if cfg.torch_compile:
-        model.compile_parts()
     dataset = load_train_data(cfg.train_dir)
-
     world = accelerator.num_processes
     per_device = cfg.per_device_docs(world)
     plan = BatchPlan(num_docs=len(dataset), global_docs=per_device * world, seed=cfg.seed,
                      drop_last=cfg.dataloader_drop_last, world_size=world, rank=accelerator.process_index)
-    _check_data_tokenizer(cfg, tokenizer)
+    if len(tokenizer) > model.config.vocab_size:
+        raise ConfigError(f"--model_name_or_path {cfg.model_name_or_path}: its tokenizer has {len(tokenizer)} tokens "
+                          f"but the model's embeddings only {model.config.vocab_size} (config.json vocab_size): "
+                          "resize the embeddings (model.resize_token_embeddings) and save the model again.")
+    if not _check_data_tokenizer(cfg, tokenizer):
+        check_token_range(dataset, len(tokenizer), cfg.train_dir)
     if plan.steps_per_epoch == 0:
         if len(dataset) < world:
             raise ConfigError(f"--train_dir {cfg.train_dir} holds {len(dataset)} documents, fewer than the {world} "
@@ -280,44 +288,8 @@ def build(cfg: TrainConfig) -> Run:
         raise ConfigError(f"{len(dataset)} documents cannot fill one global batch of {plan.global_docs} with "
                           "--dataloader_drop_last: lower the batch size or add data.")
     total_steps = plan.total_steps(cfg.num_train_epochs, cfg.max_steps)
-    warmup = warmup_steps_for(total_steps, cfg.warmup_steps, cfg.warmup_ratio)
-
-    _growable_cuda_segments(accelerator.device)
-    model.to(accelerator.device)  # first, so that the optimizer can be the fused CUDA one
-    optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, cfg.optimizer)
-    scheduler = linear_schedule(optimizer, warmup, total_steps)
-    deepspeed = accelerator.state.deepspeed_plugin is not None
-    if deepspeed:
-        _fill_deepspeed_config(accelerator, cfg, per_device)
-        if resume is not None and is_universal(resume):  # written by another process count, then converted
-            accelerator.state.deepspeed_plugin.deepspeed_config["checkpoint"] = {"load_universal": True}
-        if accelerator.state.deepspeed_plugin.zero_stage == 3 and model.length_bucket_width and not model.pack_length:
-            # ZeRO-3 gathers each module's parameters collectively at every call, so every process must
-            # call the encoder equally often; the number of length buckets differs between processes.
-            logger.info("ZeRO-3: length buckets off (--length_bucket_width 0); rows pad to the batch's longest.")
-            model.length_bucket_width = 0
-        if cfg.max_nonfinite_skips:
-            raise ConfigError("--max_nonfinite_skips is not available under DeepSpeed: it applies the update inside "
-                              "backward, before the loss can be checked (its fp16 loss scaler skips overflow steps "
-                              "itself). Drop the flag, or use DDP.")
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)  # stepped by us once per optimizer step
-
-    def backward(loss, last: bool):
-        if deepspeed:  # DeepSpeed owns the accumulation boundary and steps inside backward at the last one
-            accelerator.deepspeed_engine_wrapped.backward(loss, sync_gradients=last)
-        else:
-            accelerator.backward(loss)
-
-    settings = StepSettings(cfg.temperature, cfg.normalize)
-    no_sync = (lambda: accelerator.no_sync(model)) if (world > 1 and not deepspeed) else None
-
-    def step_fn(batch, host, row_counts):
-        if cfg.cache_chunk_size > 0:
-            return cached_step(model, batch, backward, settings, cfg.cache_chunk_size, no_sync, host,
-                               accelerator.autocast, row_counts)
-        return plain_step(model, batch, backward, settings, host, accelerator.autocast, row_counts)
-
+    if accelerator.state.deepspeed_plugin is not None:
+        _check_deepspeed(accelerator, cfg, per_device, model, resume)
     collator = SpanCollator(tokenizer, cfg.max_seq_length, cfg.mlm_probability, cfg.seed)
     heldout = {}
     if cfg.eval_steps:
@@ -328,24 +300,105 @@ def build(cfg: TrainConfig) -> Run:
                               f"--eval_fraction > 0 ({err})") from None
         heldout = heldout_batches(heldout_docs, collator, plan, cfg.eval_max_docs)
     provenance = _provenance(cfg, accelerator, dataset, tokenizer, plan)
-    run = Run(cfg, accelerator, model, optimizer, scheduler, tokenizer, plan, TrainBatches(dataset, plan, collator),
-              total_steps, step_fn, heldout, provenance, deepspeed)
-    if resume is not None:
-        reseed = _check_resume(cfg, resume, read_state(resume), provenance)
-        state = load_checkpoint(accelerator, resume)
+    reseed = resume is not None and _check_resume(cfg, resume, read_state(resume), provenance)
+    return _Inputs(resume, reseed, tokenizer, model, dataset, plan, collator, heldout, total_steps,
+                   warmup_steps_for(total_steps, cfg.warmup_steps, cfg.warmup_ratio), provenance)
+
+
+def _check_deepspeed(accelerator, cfg: TrainConfig, per_device: int, model, resume: Optional[Path]) -> None:
+    """Fill the DeepSpeed config from the recipe and refuse what DeepSpeed cannot do."""
+    from coco_accel.checkpoint import is_universal
+
+    _fill_deepspeed_config(accelerator, cfg, per_device)
+    if resume is not None and is_universal(resume):  # written by another process count, then converted
+        accelerator.state.deepspeed_plugin.deepspeed_config["checkpoint"] = {"load_universal": True}
+    if accelerator.state.deepspeed_plugin.zero_stage == 3 and model.length_bucket_width and not model.pack_length:
+        # ZeRO-3 gathers each module's parameters collectively at every call, so every process must
+        # call the encoder equally often; the number of length buckets differs between processes.
+        logger.info("ZeRO-3: length buckets off (--length_bucket_width 0); rows pad to the batch's longest.")
+        model.length_bucket_width = 0
+    if cfg.max_nonfinite_skips:
+        raise ConfigError("--max_nonfinite_skips is not available under DeepSpeed: it applies the update inside "
+                          "backward, before the loss can be checked (its fp16 loss scaler skips overflow steps "
+                          "itself). Drop the flag, or use DDP.")
+
+
+def build(cfg: TrainConfig) -> Run:
+    from accelerate.utils import set_seed
+
+    from coco_accel import dist
+    from coco_accel.checkpoint import load_checkpoint, remove_partial
+    from coco_accel.data import TrainBatches
+    from coco_accel.optim import build_optimizer, linear_schedule
+
+    accelerator = build_accelerator(cfg)
+    _setup_logging(accelerator.is_main_process)
+    if accelerator.is_main_process:
+        remove_partial(cfg.output_dir)  # a run killed while writing one; the previous checkpoint is the latest
+    accelerator.wait_for_everyone()
+    set_seed(cfg.seed)
+    with dist.fail_together():  # a bad input seen by one process (a folder missing on its node) stops them all
+        inputs = _read_inputs(cfg, accelerator)
+    model, plan, deepspeed = inputs.model, inputs.plan, accelerator.state.deepspeed_plugin is not None
+    if cfg.reference_backbone_without_dropout:
+        from coco_accel.model import disable_backbone_dropout
+
+        logger.info("Backbone dropout off in %d modules (--reference_backbone_without_dropout).",
+                    disable_backbone_dropout(model))
+    if cfg.torch_compile:
+        model.compile_parts()
+    _growable_cuda_segments(accelerator.device)
+    model.to(accelerator.device)  # first, so that the optimizer can be the fused CUDA one
+    optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, cfg.optimizer)
+    scheduler = linear_schedule(optimizer, inputs.warmup, inputs.total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)  # stepped by us once per optimizer step
+    run = Run(cfg, accelerator, model, optimizer, scheduler, inputs.tokenizer, plan,
+              TrainBatches(inputs.dataset, plan, inputs.collator), inputs.total_steps,
+              _step_function(cfg, accelerator, model, deepspeed), inputs.heldout, inputs.provenance, deepspeed)
+    if inputs.resume is not None:
+        state = load_checkpoint(accelerator, inputs.resume)
         run.start_step, run.docs_seen = state["step"], state["docs_seen"]
-        if reseed:  # another process count: per-process random streams cannot carry over one to one
+        if inputs.reseed:  # another process count: per-process random streams cannot carry over one to one
             set_seed(cfg.seed + 1_000_003 * run.start_step + accelerator.process_index)
-        logger.info("Resumed from %s at step %d.", resume, run.start_step)
+        logger.info("Resumed from %s at step %d.", inputs.resume, run.start_step)
+    _log_run(cfg, accelerator, plan, len(inputs.dataset), inputs.total_steps, inputs.warmup, deepspeed)
+    return run
+
+
+def _step_function(cfg: TrainConfig, accelerator, model, deepspeed: bool) -> Callable:
+    """step(batch on the device, batch on the host, rows per process) -> loss parts, gradients accumulated."""
+    from coco_accel.step import StepSettings, cached_step, plain_step
+
+    def backward(loss, last: bool):
+        if deepspeed:  # DeepSpeed owns the accumulation boundary and steps inside backward at the last one
+            accelerator.deepspeed_engine_wrapped.backward(loss, sync_gradients=last)
+        else:
+            accelerator.backward(loss)
+
+    settings = StepSettings(cfg.temperature, cfg.normalize)
+    no_sync = (lambda: accelerator.no_sync(model)) if (accelerator.num_processes > 1 and not deepspeed) else None
+
+    def step(batch, host, row_counts):
+        if cfg.cache_chunk_size > 0:
+            return cached_step(model, batch, backward, settings, cfg.cache_chunk_size, no_sync, host,
+                               accelerator.autocast, row_counts)
+        return plain_step(model, batch, backward, settings, host, accelerator.autocast, row_counts)
+
+    return step
+
+
+def _log_run(cfg: TrainConfig, accelerator, plan, documents: int, total_steps: int, warmup: int,
+             deepspeed: bool) -> None:
+    world = accelerator.num_processes
     nodes = world // int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    engine = (f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}" if deepspeed
+              else "DDP" if world > 1 else "single process")
     logger.info("World size %d on %d node(s) | global batch %d documents (%d spans), %d per process | %d documents, "
                 "%d steps per epoch | %d steps (%d warm-up) | precision %s | %s | gradient cache %s", world,
-                nodes, plan.global_docs,
-                2 * plan.global_docs, per_device, len(dataset), plan.steps_per_epoch, total_steps, warmup,
-                accelerator.mixed_precision,
-                f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}" if deepspeed else "DDP" if world > 1
-                else "single process", cfg.cache_chunk_size if cfg.cache_chunk_size > 0 else "off")
-    return run
+                nodes, plan.global_docs, 2 * plan.global_docs, plan.global_docs // world, documents,
+                plan.steps_per_epoch, total_steps, warmup, accelerator.mixed_precision, engine,
+                cfg.cache_chunk_size if cfg.cache_chunk_size > 0 else "off")
 
 
 def _provenance(cfg: TrainConfig, accelerator, dataset, tokenizer, plan) -> dict:
@@ -363,13 +416,13 @@ def _provenance(cfg: TrainConfig, accelerator, dataset, tokenizer, plan) -> dict
 
 
 def _check_resume(cfg: TrainConfig, path: Path, saved: dict, now: dict) -> bool:
-    from coco_accel.checkpoint import is_universal
-
     """Refuse a checkpoint this run cannot continue; True when the process count changed (DDP only).
 
     Checked before anything is loaded: a DeepSpeed checkpoint on another process count would end in a
     traceback from deep inside DeepSpeed. Checkpoints written before a field was recorded skip its check.
     """
+    from coco_accel.checkpoint import is_universal
+
     if saved.get("global_docs") != now["global_docs"] or saved.get("seed") != now["seed"]:
         raise ConfigError(f"{path} was written with global batch {saved.get('global_docs')} documents and "
                           f"seed {saved.get('seed')}; this run has {now['global_docs']} and {now['seed']}. Resuming "
@@ -574,12 +627,13 @@ def _export(run: Run) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from coco_accel.checkpoint import CheckpointError
     from coco_accel.data import DataError
+    from coco_accel.dist import PeerFailed
     from coco_accel.model import ModelError
 
     try:
         cfg = parse_config(argv)
         result = train(cfg)
-    except (ConfigError, DataError, ModelError, FloatingPointError, CheckpointError) as err:
+    except (ConfigError, DataError, ModelError, FloatingPointError, CheckpointError, PeerFailed) as err:
         logging.basicConfig(level=logging.INFO)
         logger.error("%s", err)
         return 2

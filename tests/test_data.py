@@ -138,3 +138,77 @@ def test_documents_with_one_span_are_an_error(tokenizer):
     collator = SpanCollator(tokenizer, 32, 0.15, seed=1)
     with pytest.raises(DataError, match="fewer than two spans"):
         collator(0, np.array([4]), np.array([0, 1]), np.array([0, 5]), np.arange(5))
+
+
+def _spans_dataset(rows, token_type="uint16"):
+    import datasets
+
+    features = datasets.Features({"spans": datasets.List(datasets.List(datasets.Value(token_type)))})
+    return datasets.Dataset.from_dict({"spans": rows}, features=features)
+
+
+def _python_spans(dataset, docs):
+    """The plain reading: each document's spans as Python lists, flattened to CSR."""
+    rows = [dataset.with_format(None)[int(d)]["spans"] for d in docs]
+    doc_off = np.cumsum([0] + [len(r) for r in rows])
+    spans = [s for r in rows for s in r]
+    span_off = np.cumsum([0] + [len(s) for s in spans])
+    return doc_off, span_off, np.array([t for s in spans for t in s], dtype=np.int64)
+
+
+@pytest.mark.parametrize("token_type", ["uint16", "int32"])
+def test_the_span_store_reads_what_the_rows_hold(tmp_path, token_type):
+    """SpanStore's reads from the Arrow buffers equal the rows as Python lists: saved and memory-mapped
+    (several shards, record batches of 7 rows), sliced (a nonzero offset into the buffers) and concatenated."""
+    import datasets
+
+    from coco_accel.data import SpanStore
+
+    rng = np.random.default_rng(0)
+    rows = [[rng.integers(0, 30000, rng.integers(1, 9)).tolist() for _ in range(rng.integers(2, 6))] for _ in range(300)]
+    saved = tmp_path / "saved"
+    _spans_dataset(rows, token_type).save_to_disk(str(saved), num_shards=3)
+    mapped = _spans_dataset(rows, token_type).map(lambda b: b, batched=True, batch_size=7, writer_batch_size=7,
+                                                  cache_file_name=str(tmp_path / "small_batches.arrow"))
+    assert len(mapped.data.table.column("spans").chunks) == 43  # memory-mapped record batches of 7 rows
+    cases = {"in memory": _spans_dataset(rows, token_type), "saved in shards": datasets.load_from_disk(str(saved)),
+             "memory-mapped": mapped,
+             "sliced": mapped.select(range(37, 251)),
+             "concatenated": datasets.concatenate_datasets([mapped.select(range(5, 90)), mapped.select(range(200, 300))])}
+    for name, dataset in cases.items():
+        store = SpanStore(dataset.with_format("arrow"))
+        docs = np.concatenate([rng.integers(0, len(dataset), 64), [0, len(dataset) - 1]])
+        got = store.fetch(docs)
+        assert store._views, f"{name}: read through the fallback, not the buffers"
+        for a, b in zip(got, _python_spans(dataset, docs)):
+            assert np.array_equal(a, b), name
+    with pytest.raises(IndexError):
+        SpanStore(mapped.with_format("arrow")).fetch(np.array([300]))
+
+
+def test_the_span_store_falls_back_where_it_cannot_address_the_buffers():
+    """An indices mapping (a shuffled, unflattened dataset) goes through datasets' own gather, same result."""
+    from coco_accel.data import SpanStore
+
+    dataset = _spans_dataset([[[i, i + 1], [i + 2]] for i in range(50)]).shuffle(seed=0)
+    assert dataset._indices is not None
+    store = SpanStore(dataset.with_format("arrow"))
+    docs = np.array([3, 1, 49])
+    for a, b in zip(store.fetch(docs), _python_spans(dataset, docs)):
+        assert np.array_equal(a, b)
+    assert store._views == {}
+
+
+def test_the_span_store_is_rebuilt_in_a_new_process(span_data):
+    """Pickled into a spawned loader worker, the store carries no addresses: the worker builds its own."""
+    import pickle
+
+    from coco_accel.data import SpanStore
+
+    store = SpanStore(load_train_data(str(span_data)).with_format("arrow"))
+    docs = np.array([0, 5, 2])
+    expected = store.fetch(docs)
+    copy = pickle.loads(pickle.dumps(store))
+    assert copy._views is None
+    for a, b in zip(copy.fetch(docs), expected):
+        assert np.array_equal(a, b)

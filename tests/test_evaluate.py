@@ -60,8 +60,9 @@ def _toy_beir(folder, with_qrels=True):
 
 def test_toy_collection_end_to_end(tmp_path, tiny_bert):
     data = _toy_beir(tmp_path / "toy")
-    queries, corpus, qrels, unjudged = load_beir(str(data), "test")
-    assert list(queries) == ["q1"] and unjudged == 1 and corpus["d1"] == "Cats cats purr and sleep"
+    queries, corpus, qrels, left_out = load_beir(str(data), "test")
+    assert list(queries) == ["q1"] and corpus["d1"] == "Cats cats purr and sleep"
+    assert left_out == {"queries_without_judgements": 1, "repeated_document_ids": 0, "judged_documents_not_in_corpus": 0}
     out = tmp_path / "r.json"
     assert main(["--model", tiny_bert, "--data", str(data), "--output", str(out), "--chunk_docs", "2"]) == 0
     res = json.loads(out.read_text())
@@ -91,8 +92,57 @@ def test_clear_errors(tmp_path, tiny_bert):
         load_beir(str(_toy_beir(tmp_path / "noq", with_qrels=False)), "test")
     with pytest.raises(EvalError, match="no corpus.jsonl"):
         load_beir(str(tmp_path), "test")
-    with pytest.raises(EvalError, match="no config.json"):
-        evaluate(str(tmp_path / "nomodel"), [str(tmp_path)])
+    with pytest.raises(EvalError, match="no such folder"):
+        evaluate(str(tmp_path / "nomodel"), [str(_toy_beir(tmp_path / "toy"))])
+    (tmp_path / "config_only").mkdir()
+    (tmp_path / "config_only" / "config.json").write_text("{}")
+    with pytest.raises(EvalError, match="holds no tokenizer files"):
+        evaluate(str(tmp_path / "config_only"), [str(tmp_path / "toy")])
+
+
+def test_every_folder_and_argument_is_checked_before_the_model_loads(tmp_path, tiny_bert, caplog, monkeypatch):
+    import coco_accel.evaluate as ev
+
+    loaded = []
+    monkeypatch.setattr(ev.Encoder, "__init__", lambda self, *a, **k: loaded.append(a))
+    good = str(_toy_beir(tmp_path / "toy"))
+    cases = [(["--data", good, str(tmp_path / "absent")], "--data " + str(tmp_path / "absent") + ": no such folder"),
+             (["--data", good, "--split", "dev"], "no qrels/dev.tsv (splits present: ['test'])"),
+             (["--data", good, "--batch_size", "0"], "--batch_size must be at least 1, got 0"),
+             (["--data", good, "--chunk_docs", "0"], "--chunk_docs must be at least 1"),
+             (["--data", good, "--query_max_len", "0"], "--query_max_len must be at least 3"),
+             (["--data", good, "--output", str(tmp_path)], "is a folder: give a file name"),
+             (["--data", good, "--output", str(tmp_path / "toy" / "corpus.jsonl" / "r.json")], "is a file")]
+    for args, words in cases:
+        caplog.clear()
+        assert main(["--model", tiny_bert, *args]) == 2, args
+        assert words in caplog.text, (args, caplog.text)
+    assert not loaded
+
+
+def test_lengths_beyond_the_models_positions(tmp_path, tiny_bert, caplog):
+    assert main(["--model", tiny_bert, "--data", str(_toy_beir(tmp_path / "toy")), "--doc_max_len", "4096"]) == 2
+    assert "--doc_max_len 4096 is longer than the model's 128 positions" in caplog.text
+
+
+def test_what_is_left_out_is_counted(tmp_path):
+    data = _toy_beir(tmp_path / "toy")
+    with open(data / "corpus.jsonl", "a") as fh:
+        fh.write(json.dumps({"_id": "d1", "title": "", "text": "a second d1"}) + "\n")
+    with open(data / "qrels" / "test.tsv", "a") as fh:
+        fh.write("q1\td404\t1\n")
+    queries, corpus, qrels, left_out = load_beir(str(data), "test")
+    assert corpus["d1"] == "a second d1"
+    assert left_out == {"queries_without_judgements": 1, "repeated_document_ids": 1, "judged_documents_not_in_corpus": 1}
+
+
+def test_a_line_that_is_not_utf8_is_named(tmp_path):
+    data = _toy_beir(tmp_path / "toy")
+    with open(data / "corpus.jsonl", "ab") as fh:
+        fh.write(b'{"_id": "d9", "text": "caf\xe9"}\n')
+    lines = len((data / "corpus.jsonl").read_bytes().splitlines())
+    with pytest.raises(EvalError, match=f"corpus.jsonl:{lines}: not UTF-8"):
+        load_beir(str(data), "test")
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "cisi" / "qrels" / "test.tsv").is_file(), reason="shared CISI data not present")

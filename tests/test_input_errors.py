@@ -88,6 +88,7 @@ def test_token_ids_beyond_the_vocabulary_name_the_document(tmp_path, tiny_bert):
             fh.write(json.dumps({"spans": [[1000, 99999 if d == 3 else 2000], [3000, 3001]]}) + "\n")
     _refused(_train("--output_dir", str(tmp_path / "o"), "--model_name_or_path", tiny_bert, "--train_dir", str(folder),
                     "--per_device_train_batch_size", "8"), "document #3", "token id 99999", "another tokenizer")
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()  # found at start-up, not when the batch is drawn
 
 
 def test_fewer_documents_than_processes_names_the_cause(tmp_path, tiny_bert):
@@ -109,3 +110,113 @@ def test_preprocess_with_a_missing_tokenizer(tmp_path, small_corpus):
                           str(tmp_path / "missing"), "--output_dir", str(tmp_path / "out")], cwd=REPO,
                          env=train_env(), capture_output=True, text=True, timeout=300)
     _refused(run, "--tokenizer", "no such folder")
+
+
+def test_a_mistake_seen_by_one_process_stops_every_process(tmp_path, span_data, tiny_bert):
+    """Two nodes whose relative --train_dir resolves differently (node-local data missing on node 1): both
+    exit at start-up with node 1's message, instead of node 0 waiting in a collective until the timeout."""
+    import time
+
+    from conftest import free_port, torchrun
+
+    port = free_port()
+    nodes = []
+    for node in range(2):
+        cwd = tmp_path / f"node{node}"
+        cwd.mkdir()
+        if node == 0:
+            (cwd / "data").symlink_to(span_data)
+        nodes.append(subprocess.Popen(
+            torchrun(1, nnodes=2, node_rank=node, port=port)
+            + [str(REPO / "coco_accel" / "train.py"), "--output_dir", str(tmp_path / "out"), "--model_name_or_path",
+               tiny_bert, "--train_dir", "data", "--max_steps", "1", "--skip_from", "2", "--report_to", "none",
+               "--ddp_timeout", "600"], cwd=cwd, env=train_env(), stderr=subprocess.PIPE, text=True))
+    start = time.monotonic()
+    errors = [p.communicate(timeout=300)[1] for p in nodes]
+    assert time.monotonic() - start < 120, "a process waited for the one that failed"
+    assert all(p.returncode != 0 for p in nodes)
+    assert "--train_dir data: no such folder" in errors[1], errors[1][-2000:]
+    assert "process 1 of 2" in errors[0] and "--train_dir data: no such folder" in errors[0], errors[0][-2000:]
+    for text in errors:  # torchrun's agent reports a failed worker with a traceback of its own; ours print none
+        assert text.count("Traceback") == text.count("ChildFailedError:"), text[-3000:]
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_a_tokenizer_larger_than_the_embeddings(tmp_path, span_data, tokenizer):
+    from transformers import BertConfig, BertForMaskedLM
+
+    small = tmp_path / "small_vocab"
+    BertForMaskedLM(BertConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                               intermediate_size=64, max_position_embeddings=128)).save_pretrained(small)
+    tokenizer.save_pretrained(small)
+    _refused(_train("--output_dir", str(tmp_path / "o"), "--model_name_or_path", str(small), "--train_dir",
+                    str(span_data)), f"its tokenizer has {len(tokenizer)} tokens", "only 1000", "resize_token_embeddings")
+
+
+def _module(name, *args):
+    return subprocess.run([sys.executable, "-m", f"coco_accel.{name}", *args], cwd=REPO, env=train_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_train_dir_that_is_a_file_or_a_raw_corpus(tmp_path, tiny_bert, small_corpus):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    _refused(_train("--output_dir", str(tmp_path / "a"), "--model_name_or_path", tiny_bert, "--train_dir", str(afile)),
+             "--train_dir", "a file, not a folder")
+    _refused(_train("--output_dir", str(tmp_path / "b"), "--model_name_or_path", tiny_bert, "--train_dir",
+                    str(small_corpus)), "holds a raw corpus (corpus.jsonl)", "python -m coco_accel.preprocess")
+
+
+def test_preprocess_argument_mistakes(tmp_path, small_corpus, tokenizer_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    common = ["--tokenizer", tokenizer_path]
+    _refused(_module("preprocess", *common, "--output_dir", str(afile), str(small_corpus)), "--output_dir", "is a file")
+    _refused(_module("preprocess", *common, "--output_dir", str(tmp_path / "o"), "--corpora", str(tmp_path / "no.yaml")),
+             "--corpora", "no such file")
+    _refused(_module("preprocess", *common, "--output_dir", str(tmp_path / "o"), "--num_shards", "0", str(small_corpus)),
+             "--num_shards must be at least 1")
+    _refused(_module("preprocess", *common, "--output_dir", str(tmp_path / "o"), "--eval_fraction", "1", str(small_corpus)),
+             "--eval_fraction must be in [0, 1)")
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_preprocess_that_keeps_nothing_is_an_error_naming_the_record(tmp_path, tokenizer_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"_id": "x", "text": \n')
+    _refused(_module("preprocess", "--tokenizer", tokenizer_path, "--output_dir", str(tmp_path / "o"), str(bad)),
+             "nothing to train on", "stats.json", "rejects.jsonl")
+    assert "malformed" in (tmp_path / "o" / "rejects.jsonl").read_text()
+
+
+def test_report_input_mistakes(tmp_path, caplog):
+    from coco_accel.report import main as report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    record = {"step": 1, "loss": 1.0, "mlm_head": 0.4, "mlm_backbone": 0.4, "contrastive": 0.2, "contrastive_acc": 0.5}
+    (run / "metrics.jsonl").write_text(json.dumps(record) + "\n{bad\n")
+    (tmp_path / "list.json").write_text("[1]")
+    cases = [([str(tmp_path / "afile")], "no such folder"),
+             ([str(run)], "metrics.jsonl:2: malformed JSON"),
+             ([str(run), "--before", str(tmp_path / "none.json")], "--before"),
+             ([str(run), "--after", str(tmp_path / "list.json")], "not an evaluate.py result")]
+    for n, (args, words) in enumerate(cases):
+        if n == 2:
+            (run / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+        caplog.clear()
+        assert report(args) == 2, args
+        assert words in caplog.text, (args, caplog.text)
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 3, "loss": 1.0}) + "\n")
+    caplog.clear()
+    assert report([str(run)]) == 2 and "neither a training record" in caplog.text
+    assert not (run / "report.md").exists()
+
+
+def test_demo_input_mistakes(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    _refused(_module("demo", "--output_dir", str(afile)), "--output_dir", "is a file")
+    _refused(_module("demo", "--output_dir", str(tmp_path / "d"), "--eval_data", str(tmp_path / "nodata")),
+             "--eval_data", "no such folder")
+    assert not (tmp_path / "d").exists()  # nothing trained or written

@@ -87,7 +87,7 @@ def test_export_reloads_with_automodel_and_head_round_trips(tmp_path, tokenizer)
     torch.testing.assert_close(auto(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0],
                                model.encode(ids, mask))
     assert AutoTokenizer.from_pretrained(str(tmp_path)).vocab_size == tokenizer.vocab_size
-    again = load_condenser(str(tmp_path), 2, 2, True, strict_head=True)
+    again = load_condenser(str(tmp_path), n_head_layers=2, skip_from=2, late_mlm=True, strict_head=True)
     for a, b in zip(model.c_head.parameters(), again.c_head.parameters()):
         assert torch.equal(a, b)
 
@@ -97,7 +97,7 @@ def test_reference_condenser_checkpoint_with_model_pt(tmp_path):
     model = Condenser(_tiny(), 2, 2, True)
     model.mlm.save_pretrained(tmp_path)
     torch.save({f"c_head.{k}": v for k, v in model.c_head.state_dict().items()}, tmp_path / "model.pt")
-    loaded = load_condenser(str(tmp_path), 2, 2, True, strict_head=True)
+    loaded = load_condenser(str(tmp_path), n_head_layers=2, skip_from=2, late_mlm=True, strict_head=True)
     for a, b in zip(model.c_head.parameters(), loaded.c_head.parameters()):
         assert torch.equal(a, b)
     ids, mask, labels = _inputs()
@@ -107,12 +107,12 @@ def test_reference_condenser_checkpoint_with_model_pt(tmp_path):
 def test_plain_mlm_checkpoint_gets_a_fresh_head_unless_strict(tmp_path, caplog):
     _tiny().save_pretrained(tmp_path)
     with caplog.at_level("INFO"):
-        load_condenser(str(tmp_path), 2, 2, False)
+        load_condenser(str(tmp_path), n_head_layers=2, skip_from=2, late_mlm=False)
     assert "start from the backbone's initialisation" in caplog.text
     with pytest.raises(ModelError, match="--strict_head"):
-        load_condenser(str(tmp_path), 2, 2, False, strict_head=True)
+        load_condenser(str(tmp_path), n_head_layers=2, skip_from=2, late_mlm=False, strict_head=True)
     with pytest.raises(ModelError, match="no config.json"):
-        load_condenser(str(tmp_path / "missing"), 2, 2, False)
+        load_condenser(str(tmp_path / "missing"), n_head_layers=2, skip_from=2, late_mlm=False)
 
 
 @pytest.mark.parametrize("width", [1, 4, 16, 1000])
