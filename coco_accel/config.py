@@ -88,6 +88,15 @@ class TrainConfig:
     eval_steps: int = _f(0, "Every this many steps, the held-out contrastive loss and accuracy per corpus "
                          "(needs --eval_fraction at preprocessing; 0 = off).", "run")
     eval_max_docs: int = _f(1024, "Held-out documents scored per corpus at each evaluation.", "run")
+    eval_data: Optional[list] = _f(None, "BEIR folders (corpus.jsonl, queries.jsonl, qrels/) whose zero-shot retrieval "
+                                   "(nDCG@10, Recall@100, MRR@10) is measured at step 0, every --eval_steps and at the "
+                                   "end, with the protocol of `python -m coco_accel.evaluate`.", "run")
+    eval_split: str = _f("test", "qrels split of --eval_data.", "run")
+    eval_pooling: str = _f("cls", "Pooling of --eval_data's vectors: cls or mean.", "run")
+    eval_score: str = _f("dot", "Scoring of --eval_data: dot or cos.", "run")
+    eval_query_max_len: int = _f(64, "Query tokens kept for --eval_data.", "run")
+    eval_doc_max_len: int = _f(128, "Document tokens kept for --eval_data.", "run")
+    eval_batch_size: int = _f(128, "Texts encoded at a time for --eval_data.", "run")
     report_to: str = _f("tensorboard", "Trackers beside metrics.jsonl: tensorboard, wandb, all (those installed), or none.", "run")
     save_steps: int = _f(500, "Write checkpoint-STEP/ every this many steps (0 = never).", "run")
     save_total_limit: int = _f(0, "Keep only the newest this many checkpoints (0 = keep all).", "run")
@@ -151,6 +160,13 @@ class TrainConfig:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}.")
         if self.eval_steps < 0 or self.eval_max_docs < 2:
             raise ConfigError("--eval_steps must be >= 0 and --eval_max_docs >= 2.")
+        if self.eval_pooling not in ("cls", "mean") or self.eval_score not in ("dot", "cos"):
+            raise ConfigError(f"--eval_pooling must be cls or mean and --eval_score dot or cos, got "
+                              f"{self.eval_pooling!r} and {self.eval_score!r}.")
+        for name in ("eval_query_max_len", "eval_doc_max_len", "eval_batch_size"):
+            if getattr(self, name) < (3 if name != "eval_batch_size" else 1):
+                raise ConfigError(f"--{name} must be at least {3 if name != 'eval_batch_size' else 1}, got "
+                                  f"{getattr(self, name)}.")
         if self.ddp_timeout < 1:
             raise ConfigError(f"--ddp_timeout must be >= 1 second, got {self.ddp_timeout}.")
         if self.save_steps < 0:
@@ -249,6 +265,8 @@ def build_parser(cls: type = TrainConfig, prog: str = "coco_accel/train.py") -> 
         help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
         if tp is bool:
             grp.add_argument(f"--{f.name}", type=_to_bool, nargs="?", const=True, metavar="BOOL", help=help_text)
+        elif tp is list:
+            grp.add_argument(f"--{f.name}", type=str, nargs="+", metavar="DIR", help=help_text)
         elif tp is int:
             grp.add_argument(f"--{f.name}", type=_int_flag, metavar="INT", help=help_text)
         else:
@@ -268,7 +286,12 @@ def _coerce_yaml(cls: type, data: dict, source: str) -> dict:
         if value is None:
             raise ConfigError(f"{source}: key '{key}' has no value: give it one ({tp.__name__}) or delete the line.")
         try:
-            if tp is bool:
+            if tp is list:
+                items = value if isinstance(value, list) else [value]
+                if not all(isinstance(v, str) and v for v in items):
+                    raise ValueError("expected a list of paths")
+                out[key] = items
+            elif tp is bool:
                 out[key] = value if isinstance(value, bool) else _to_bool(value)
             elif tp is int:
                 out[key] = _to_int(value)

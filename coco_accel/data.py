@@ -237,7 +237,8 @@ class SpanCollator:
         if mask:
             masked, labels = whole_word_mask(ids, special, self.is_continuation,
                                              (np.full(rows, self.seed), np.full(rows, epoch), row_docs, slot),
-                                             self.mlm_probability, self.mask_id, self.vocab_size)
+                                             self.mlm_probability, self.mask_id, self.vocab_size,
+                                             real_at=(row_of, within + 1), in_place=True)
         else:
             masked, labels = ids, np.full_like(ids, -100)
         return {"input_ids": torch.from_numpy(masked), "attention_mask": torch.from_numpy(attention.astype(np.int64)),
@@ -321,6 +322,7 @@ class SpanStore:
         def positions(which: int, itemsize: int) -> np.ndarray:
             return np.array([(k[which][0].address - base) // itemsize + k[which][1] for k in kinds], dtype=np.int64)
 
+        _map_pages(offsets, [k[w][0] for k in kinds for w in (0, 1)], base)
         starts = np.concatenate([[0], np.cumsum([len(c) for c in chunks])]).astype(np.int64)
         return {"pid": os.getpid(), "offsets": offsets, "values": values, "starts": starts,
                 "outer": positions(0, 4), "inner": positions(1, 4), "tokens": positions(2, token_dtype.itemsize),
@@ -346,6 +348,23 @@ class SpanStore:
         tokens = v["values"][np.repeat(v["tokens"][span_batch], lengths) + _ranges(token_first, lengths)]
         return (np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
                 np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), tokens.astype(np.int64))
+
+
+_WINDOW = 1 << 16  # bytes the kernel maps around a read fault of a file page (fault_around_bytes' default)
+
+
+def _map_pages(view: np.ndarray, buffers: list, base: int) -> None:
+    """Read one value in each 64 KB window of these buffers, so that this process's page tables map
+    them: the offsets are a few bytes per document (a tenth of the data) but each record batch's lie
+    on their own pages, and a fresh worker would otherwise take page faults for nearly every document
+    of its first batches. A few thousand faults here instead of several per document later."""
+    lo = np.array([b.address - base for b in buffers], dtype=np.int64)
+    hi = lo + np.array([b.size for b in buffers], dtype=np.int64)
+    inner_first = lo // _WINDOW + 1  # window boundaries inside each buffer
+    inner_count = np.maximum(0, (hi - 1) // _WINDOW - inner_first + 1)
+    points = np.concatenate([lo[hi > lo], _ranges(inner_first, inner_count) * _WINDOW])
+    _, one_each = np.unique(points // _WINDOW, return_index=True)
+    int(view[points[one_each] // view.itemsize].sum())
 
 
 def _ranges(first: np.ndarray, counts: np.ndarray) -> np.ndarray:

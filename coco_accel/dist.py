@@ -42,6 +42,15 @@ def all_gather_sizes(n: int, device: torch.device) -> list[int]:
     return [int(x.item()) for x in out]
 
 
+def all_gather_equal(t: torch.Tensor) -> list[torch.Tensor]:
+    """Every process's tensor of this same shape, in rank order, without autograd."""
+    if not is_distributed():
+        return [t]
+    out = [torch.empty_like(t) for _ in range(world_size())]
+    dist.all_gather(out, t.contiguous())
+    return out
+
+
 class _GatherRows(torch.autograd.Function):
     """all_gather whose backward sums every process's gradient for each copy and hands the owner its part."""
 

@@ -148,16 +148,40 @@ class Encoder:
         self.batch_size = batch_size
         self.bf16 = bf16 and self.device.type == "cuda"  # off by default: numbers comparable to fp32 tools
 
+    @classmethod
+    def of_model(cls, model, tokenizer, pooling: str = "cls", batch_size: int = 128) -> "Encoder":
+        """An encoder over a model already in memory (a training run's backbone), on its device, in fp32."""
+        encoder = cls.__new__(cls)
+        encoder.model, encoder.tokenizer, encoder.pooling, encoder.batch_size = model, tokenizer, pooling, batch_size
+        encoder.device = next(model.parameters()).device
+        encoder.bf16 = False
+        return encoder
+
     @torch.no_grad()
     def encode(self, texts: list[str], max_len: int) -> torch.Tensor:
-        """[len(texts), H] pooled vectors, in the order of `texts`. Encoded longest first, so that each batch
-        holds texts of about one length and pads little (in corpus order a batch pads to its longest)."""
+        """[len(texts), H] pooled vectors, in the order of `texts`."""
         out = torch.zeros(len(texts), self.model.config.hidden_size, device=self.device)
+        rows, vectors = self.encode_share(texts, max_len)
+        out[rows] = vectors
+        return out
+
+    @torch.no_grad()
+    def encode_share(self, texts: list[str], max_len: int, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions in `texts`, pooled vectors) of this process's share of the batches.
+
+        Texts are encoded longest first, so that each batch holds texts of about one length and pads
+        little (in corpus order a batch pads to its longest). Batch b goes to process b mod world, so
+        every batch is the one a single process would encode, and its vectors are the same.
+        """
+        hidden_size = self.model.config.hidden_size
         if not texts:
-            return out
+            return torch.zeros(0, dtype=torch.long, device=self.device), torch.zeros(0, hidden_size, device=self.device)
         tokens = self.tokenizer(texts, max_length=max_len, truncation=True)
         order = sorted(range(len(texts)), key=lambda i: -len(tokens["input_ids"][i]))
-        for start in range(0, len(texts), self.batch_size):
+        rows_out, vectors = [], []
+        for b, start in enumerate(range(0, len(texts), self.batch_size)):
+            if b % world != rank:
+                continue
             rows = order[start:start + self.batch_size]
             enc = self.tokenizer.pad({k: [v[i] for i in rows] for k, v in tokens.items()},
                                      return_tensors="pt").to(self.device)
@@ -168,16 +192,21 @@ class Encoder:
             else:
                 mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 vec = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-            out[torch.tensor(rows, device=self.device)] = vec.float()
-        return out
+            rows_out += rows
+            vectors.append(vec.float())
+        if not vectors:
+            return torch.zeros(0, dtype=torch.long, device=self.device), torch.zeros(0, hidden_size, device=self.device)
+        return torch.tensor(rows_out, device=self.device), torch.cat(vectors)
 
 
-def exact_search(queries: torch.Tensor, doc_chunks: Iterator[torch.Tensor], k: int,
+def exact_search(queries: torch.Tensor, doc_chunks: Iterator, k: int,
                  score: str = "dot") -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k documents per query over streamed chunks of document vectors (in corpus order).
+    """Top-k documents per query over streamed chunks of document vectors.
 
-    Memory holds the queries, one chunk and a running top-k, never a queries x corpus matrix.
-    Returns (scores [Q, k'], corpus positions [Q, k']) with k' = min(k, documents).
+    A chunk is a [n, H] tensor of the next n documents in corpus order, or (corpus positions [n],
+    vectors [n, H]) for any subset (a process's share). Memory holds the queries, one chunk and a
+    running top-k, never a queries x corpus matrix. Returns (scores [Q, k'], corpus positions [Q, k'])
+    with k' = min(k, documents seen), best first.
     """
     if score == "cos":
         queries = torch.nn.functional.normalize(queries, dim=-1)
@@ -185,16 +214,34 @@ def exact_search(queries: torch.Tensor, doc_chunks: Iterator[torch.Tensor], k: i
     best_scores = torch.zeros((n_q, 0), device=queries.device)
     best_pos = torch.zeros((n_q, 0), dtype=torch.long, device=queries.device)
     offset = 0
-    for vecs in doc_chunks:
+    for chunk in doc_chunks:
+        if isinstance(chunk, tuple):
+            positions, vecs = chunk
+        else:
+            vecs = chunk
+            positions = torch.arange(offset, offset + vecs.shape[0], device=queries.device)
+            offset += vecs.shape[0]
+        if vecs.shape[0] == 0:
+            continue
         if score == "cos":
             vecs = torch.nn.functional.normalize(vecs, dim=-1)
         scores = torch.cat([best_scores, queries @ vecs.T], dim=1)
-        pos = torch.cat([best_pos, torch.arange(offset, offset + vecs.shape[0], device=queries.device)
-                         .expand(n_q, -1)], dim=1)
+        pos = torch.cat([best_pos, positions.to(queries.device).expand(n_q, -1)], dim=1)
         top = torch.topk(scores, min(k, scores.shape[1]), dim=1)
         best_scores, best_pos = top.values, torch.gather(pos, 1, top.indices)
-        offset += vecs.shape[0]
     return best_scores, best_pos
+
+
+def merge_top(scores: torch.Tensor, positions: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top k of candidate lists (scores, positions [Q, m]; position -1 for none), best first, ties
+    to the lower corpus position: the same whatever order the candidates come in."""
+    scores = torch.where(positions < 0, torch.full_like(scores, float("-inf")), scores)
+    by_position = torch.argsort(positions, dim=1, stable=True)
+    scores, positions = torch.gather(scores, 1, by_position), torch.gather(positions, 1, by_position)
+    best = torch.argsort(-scores, dim=1, stable=True)[:, :k]
+    scores, positions = torch.gather(scores, 1, best), torch.gather(positions, 1, best)
+    keep = int((positions >= 0).sum(dim=1).max().item()) if positions.numel() else 0
+    return scores[:, :keep], positions[:, :keep]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -219,22 +266,44 @@ def trec_metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, floa
 def evaluate_dataset(encoder: Encoder, folder: str, split: str = "test", query_max_len: int = 64,
                      doc_max_len: int = 128, score: str = "dot", chunk_docs: int = 50_000,
                      keep_identical_ids: bool = False) -> dict:
+    queries, corpus, qrels, left_out = load_beir(folder, split)
+    return score_collection(encoder, queries, corpus, qrels, left_out, query_max_len=query_max_len,
+                            doc_max_len=doc_max_len, score=score, chunk_docs=chunk_docs,
+                            keep_identical_ids=keep_identical_ids, name=Path(folder).name)
+
+
+def score_collection(encoder: Encoder, queries: dict[str, str], corpus: dict[str, str], qrels: dict, left_out: dict,
+                     *, query_max_len: int, doc_max_len: int, score: str, chunk_docs: int, keep_identical_ids: bool,
+                     name: str, rank: int = 0, world: int = 1, progress: bool = True) -> dict:
+    """Metrics of one loaded collection. With world > 1 every process encodes every query and its share of
+    each corpus chunk's batches (process b mod world encodes batch b, as one process would), searches it,
+    and the top lists are merged exactly: the result is the single process's, on every process."""
     from tqdm.auto import tqdm
 
-    queries, corpus, qrels, left_out = load_beir(folder, split)
+    from coco_accel import dist
+
     qids = list(queries)
     qvecs = encoder.encode([queries[q] for q in qids], query_max_len)
     doc_ids = list(corpus)
 
     def chunks():
-        for start in tqdm(range(0, len(doc_ids), chunk_docs), desc=f"{Path(folder).name}: corpus", unit="chunk"):
-            yield encoder.encode([corpus[d] for d in doc_ids[start:start + chunk_docs]], doc_max_len)
+        for start in tqdm(range(0, len(doc_ids), chunk_docs), desc=f"{name}: corpus", unit="chunk",
+                          disable=not progress):
+            rows, vecs = encoder.encode_share([corpus[d] for d in doc_ids[start:start + chunk_docs]], doc_max_len,
+                                              rank, world)
+            yield rows + start, vecs
 
     k = 100 if keep_identical_ids else 101
     scores, ranked = exact_search(qvecs, chunks(), k, score)
+    if world > 1:  # every process's top list, padded to k (position -1: none), then the top k of them all
+        pad = k - scores.shape[1]
+        scores = torch.nn.functional.pad(scores, (0, pad), value=float("-inf"))
+        ranked = torch.nn.functional.pad(ranked, (0, pad), value=-1)
+        scores, ranked = torch.cat(dist.all_gather_equal(scores), dim=1), torch.cat(dist.all_gather_equal(ranked), dim=1)
+    scores, ranked = merge_top(scores, ranked, k)
     run = {}
     for q, row_scores, row_pos in zip(qids, scores.tolist(), ranked.tolist()):
-        hits = {doc_ids[i]: s for i, s in zip(row_pos, row_scores) if keep_identical_ids or doc_ids[i] != q}
+        hits = {doc_ids[i]: s for i, s in zip(row_pos, row_scores) if i >= 0 and (keep_identical_ids or doc_ids[i] != q)}
         run[q] = dict(sorted(hits.items(), key=lambda kv: -kv[1])[:100])
     per_query = trec_metrics(qrels, run)
     result = {m: sum(v[m] for v in per_query.values()) / max(len(per_query), 1) for m in METRICS}
@@ -323,3 +392,49 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# during training
+
+
+class TrainingEvaluation:
+    """Zero-shot retrieval of the model being trained, on BEIR folders read once at start-up.
+
+    Scored as `python -m coco_accel.evaluate` scores the export (same protocol, same code, fp32 on the
+    model's device), with the corpus encoding shared by the processes and the results merged exactly.
+    Returns metrics.jsonl keys `eval/<dataset>/ndcg@10`, `.../recall@100`, `.../mrr@10`, and
+    `eval/seconds`.
+    """
+
+    def __init__(self, folders: Sequence[str], split: str = "test", *, query_max_len: int = 64, doc_max_len: int = 128,
+                 pooling: str = "cls", score: str = "dot", batch_size: int = 128, chunk_docs: int = 50_000):
+        names = [Path(f).name for f in folders]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise EvalError(f"--eval_data: two folders are named {repeated[0]}; metrics are keyed by folder name, so "
+                            "give each collection a distinct one.")
+        for folder in folders:
+            check_beir_folder(folder, split, flag="--eval_data")
+        self.collections = {name: load_beir(folder, split) for name, folder in zip(names, folders)}
+        self.settings = {"query_max_len": query_max_len, "doc_max_len": doc_max_len, "score": score,
+                         "chunk_docs": chunk_docs, "keep_identical_ids": False}
+        self.pooling, self.batch_size = pooling, batch_size
+
+    @torch.no_grad()
+    def __call__(self, backbone, tokenizer, rank: int = 0, world: int = 1) -> dict[str, float]:
+        """Every collection's metrics with `backbone` (an HF base model: what AutoModel loads from the export)."""
+        import time
+
+        start = time.perf_counter()
+        was_training = backbone.training
+        backbone.eval()
+        encoder = Encoder.of_model(backbone, tokenizer, pooling=self.pooling, batch_size=self.batch_size)
+        record = {}
+        for name, (queries, corpus, qrels, left_out) in self.collections.items():
+            result = score_collection(encoder, queries, corpus, qrels, left_out, name=name, rank=rank, world=world,
+                                      progress=False, **self.settings)
+            record.update({f"eval/{name}/{m}": result[m] for m in METRICS})
+        backbone.train(was_training)
+        record["eval/seconds"] = time.perf_counter() - start
+        return record

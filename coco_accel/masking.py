@@ -9,7 +9,7 @@ point a run resumed from, and a whole batch is drawn with a few numpy operations
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -31,19 +31,29 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def keyed_hash(*keys) -> np.ndarray:
-    """uint64 hash of broadcastable integer keys (scalars or arrays)."""
+def keyed_hash(*keys, prefix=None) -> np.ndarray:
+    """uint64 hash of broadcastable integer keys (scalars or arrays).
+
+    The keys are folded in one at a time, so `keyed_hash(c, d, prefix=keyed_hash(a, b))` equals
+    `keyed_hash(a, b, c, d)`: keys shared by many elements (a row's seed, epoch, document and slot)
+    are hashed once per row and the result gathered, instead of once per token.
+    """
     with np.errstate(over="ignore"):
-        h = np.zeros((), dtype=np.uint64)
+        h = np.zeros((), dtype=np.uint64) if prefix is None else np.asarray(prefix, dtype=np.uint64)
         for k in keys:
             k = np.asarray(k).astype(np.int64).astype(np.uint64)
             h = _mix64(h ^ k)
         return np.asarray(h)
 
 
+def uniform_of(h: np.ndarray) -> np.ndarray:
+    """Uniform floats in [0, 1) from uint64 hashes (their top 53 bits)."""
+    return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
 def keyed_uniform(*keys) -> np.ndarray:
     """Uniform floats in [0, 1), one per broadcast element of the keys."""
-    return (keyed_hash(*keys) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+    return uniform_of(keyed_hash(*keys))
 
 
 _FEISTEL_ROUNDS = 6
@@ -65,10 +75,12 @@ def keyed_permutation(positions: np.ndarray, n: int, *keys) -> np.ndarray:
     low = np.uint64((1 << half) - 1)
     shift = np.uint64(half)
 
+    rounds = [keyed_hash(*keys, r) for r in range(_FEISTEL_ROUNDS)]  # each round's keys, hashed once
+
     def forward(x: np.ndarray) -> np.ndarray:
         left, right = x >> shift, x & low
-        for r in range(_FEISTEL_ROUNDS):
-            left, right = right, left ^ (keyed_hash(*keys, r, right) & low)
+        for prefix in rounds:
+            left, right = right, left ^ (keyed_hash(right, prefix=prefix) & low)
         return (left << shift) | right
 
     out = forward(positions.astype(np.uint64))
@@ -115,6 +127,8 @@ def whole_word_mask(
     mlm_probability: float,
     mask_token_id: int,
     vocab_size: int,
+    real_at: Optional[tuple[np.ndarray, np.ndarray]] = None,
+    in_place: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Mask whole words in a padded batch; returns (input ids, labels with -100 where not masked).
 
@@ -123,11 +137,11 @@ def whole_word_mask(
     collator applies it: words in a keyed random order, each taken if its tokens still fit in
     round(tokens * p) and skipped if not, until the budget is full; each chosen token becomes [MASK]
     80%, a random token 10%, itself 10%. Works on the real tokens only (a batch padded to 128 holds
-    about 27 per row), never on the padding.
+    about 27 per row), never on the padding. real_at: the (rows, columns) of the real tokens in row-major
+    order, when the caller knows them (`np.nonzero(~special)` otherwise); in_place: write into `ids`.
     """
     n_rows = ids.shape[0]
-    real = ~special
-    at_row, at_col = np.nonzero(real)  # row-major: each row's tokens in order
+    at_row, at_col = np.nonzero(~special) if real_at is None else real_at  # row-major: each row's tokens in order
     tokens = ids[at_row, at_col]
     follows = np.zeros(len(tokens), dtype=bool)  # the token right before is a real one of the same row
     follows[1:] = (at_row[1:] == at_row[:-1]) & (at_col[1:] == at_col[:-1] + 1)
@@ -137,16 +151,16 @@ def whole_word_mask(
     word_len = np.bincount(word_of, minlength=len(word_row))
     first_word = np.searchsorted(word_row, np.arange(n_rows))  # [N] the row's first word
     word_in_row = np.arange(len(word_row)) - first_word[word_row]
-    keys = [np.asarray(k, dtype=np.int64) for k in row_keys]
-    # By row, then by the word's keyed priority (the top bits of its hash): one radix sort of uint64 keys.
+    row_hash = np.broadcast_to(keyed_hash(*(np.asarray(k, dtype=np.int64) for k in row_keys)), (n_rows,))
+    # By row, then by the word's keyed priority (the top bits of its hash): one sort of uint64 keys.
     row_bits = max(1, int(n_rows - 1).bit_length())
-    priority = keyed_hash(*(k[word_row] for k in keys), word_in_row, MASK_WORD) >> np.uint64(row_bits)
+    priority = keyed_hash(word_in_row, MASK_WORD, prefix=row_hash[word_row]) >> np.uint64(row_bits)
     order = np.argsort((word_row.astype(np.uint64) << np.uint64(64 - row_bits)) | priority, kind="stable")
     rank = np.arange(len(order)) - first_word[word_row[order]]
     n_words = np.bincount(word_row, minlength=n_rows)
     lengths = np.zeros((n_rows, max(int(n_words.max(initial=0)), 1)), dtype=np.int64)
     lengths[word_row[order], rank] = word_len[order]
-    budget = np.maximum(1, np.rint(real.sum(axis=1) * mlm_probability)).astype(np.int64)
+    budget = np.maximum(1, np.rint(np.bincount(at_row, minlength=n_rows) * mlm_probability)).astype(np.int64)
     taken = np.zeros(n_rows, dtype=np.int64)
     accepted = np.zeros(lengths.shape, dtype=bool)
     for k in range(lengths.shape[1]):  # the k-th word of every row at once: take it if it still fits
@@ -159,18 +173,17 @@ def whole_word_mask(
     chosen[order] = accepted[word_row[order], rank]
 
     token_masked = chosen[word_of]
-    masked = np.zeros(ids.shape, dtype=bool)
-    masked[at_row[token_masked], at_col[token_masked]] = True
-    labels = np.where(masked, ids, -100)
+    at_row, at_pos = at_row[token_masked], at_col[token_masked]  # the masked positions, row-major
+    labels = np.full(ids.shape, -100, dtype=ids.dtype)
+    labels[at_row, at_pos] = tokens[token_masked]
     # The replacement is drawn at the masked positions only (a seventh of the tokens), keyed as every draw.
-    at_row, at_pos = np.nonzero(masked)
-    at_keys = [np.asarray(k, dtype=np.int64)[at_row] for k in row_keys]
-    action = keyed_uniform(*at_keys, at_pos, MASK_ACTION)
-    out = ids.copy()
+    at_hash = row_hash[at_row]
+    action = uniform_of(keyed_hash(at_pos, MASK_ACTION, prefix=at_hash))
+    out = ids if in_place else ids.copy()
     to_mask = action < 0.8
     out[at_row[to_mask], at_pos[to_mask]] = mask_token_id
     to_random = (action >= 0.8) & (action < 0.9)
-    random_tok = (keyed_uniform(*(k[to_random] for k in at_keys), at_pos[to_random], RANDOM_TOKEN)
+    random_tok = (uniform_of(keyed_hash(at_pos[to_random], RANDOM_TOKEN, prefix=at_hash[to_random]))
                   * vocab_size).astype(np.int64)
     out[at_row[to_random], at_pos[to_random]] = random_tok
     return out, labels

@@ -38,7 +38,7 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
             raise ReportError(f"{path}:{n}: malformed JSON ({err}); a run writes one object a line.") from None
         if isinstance(record, dict) and "loss" in record and all(k in record for k in TRAIN_KEYS):
             train.append(record)
-        elif isinstance(record, dict) and "step" in record and any(k.startswith("heldout/") for k in record):
+        elif isinstance(record, dict) and "step" in record and any(k.startswith(("heldout/", "eval/")) for k in record):
             heldout.append(record)
         else:
             raise ReportError(f"{path}:{n}: neither a training record (with {', '.join(TRAIN_KEYS)}) nor a held-out "
@@ -64,7 +64,12 @@ def read_evaluation(path: Path, flag: str, given: bool) -> Optional[dict]:
 
 
 def _corpora(heldout: list[dict]) -> list[str]:
-    return sorted({k.split("/")[1] for r in heldout for k in r if k.endswith("/contrastive")})
+    return sorted({k.split("/")[1] for r in heldout for k in r if k.startswith("heldout/") and k.endswith("/contrastive")})
+
+
+def _collections(records: list[dict]) -> list[str]:
+    """The --eval_data collections of the evaluation records (keys eval/<name>/ndcg@10)."""
+    return sorted({k.split("/")[1] for r in records for k in r if k.startswith("eval/") and k.endswith("/ndcg@10")})
 
 
 def plot(train: list[dict], heldout: list[dict], path: Path) -> None:
@@ -73,7 +78,8 @@ def plot(train: list[dict], heldout: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = 3 if heldout else 2
+    collections = _collections(heldout)
+    panels = 2 + bool(_corpora(heldout)) + bool(collections)
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.8))
     steps = [r["step"] for r in train]
     for part in ("mlm_head", "mlm_backbone", "contrastive", "loss"):
@@ -89,9 +95,15 @@ def plot(train: list[dict], heldout: list[dict], path: Path) -> None:
                      label=corpus)
     axes[1].set(title="sibling-span accuracy", xlabel="step", ylim=(0, 1))
     axes[1].legend()
-    if heldout:
+    if _corpora(heldout):
         axes[2].set(title="held-out contrastive loss per corpus", xlabel="step")
         axes[2].legend()
+    if collections:
+        for name in collections:
+            rows = [r for r in heldout if f"eval/{name}/ndcg@10" in r]
+            axes[-1].plot([r["step"] for r in rows], [r[f"eval/{name}/ndcg@10"] for r in rows], marker="o", label=name)
+        axes[-1].set(title="zero-shot nDCG@10 (--eval_data)", xlabel="step")
+        axes[-1].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -106,7 +118,7 @@ def summary(run_dir: Path, train: list[dict], heldout: list[dict], before: Optio
             lines.append(f"| {label} | {r['step']} | {r['loss']:.4f} | {r['mlm_head']:.4f} | {r['mlm_backbone']:.4f} | "
                          f"{r['contrastive']:.4f} | {r['contrastive_acc']:.3f} |")
         lines.append("")
-    if heldout:
+    if _corpora(heldout):
         lines += ["## Held-out contrastive loss per corpus", "",
                   "| corpus | first (step) | last (step) | drop | accuracy first -> last |", "|---|---|---|---|---|"]
         for corpus in _corpora(heldout):
@@ -115,6 +127,17 @@ def summary(run_dir: Path, train: list[dict], heldout: list[dict], before: Optio
             key, acc = f"heldout/{corpus}/contrastive", f"heldout/{corpus}/contrastive_acc"
             lines.append(f"| {corpus} | {f[key]:.4f} ({f['step']}) | {l[key]:.4f} ({l['step']}) | {f[key] - l[key]:+.4f} | "
                          f"{f[acc]:.3f} -> {l[acc]:.3f} |")
+        lines.append("")
+    if _collections(heldout):
+        lines += ["## Retrieval during training (--eval_data)", "",
+                  "| dataset | metric | first (step) | last (step) | change |", "|---|---|---|---|---|"]
+        for name in _collections(heldout):
+            rows = [r for r in heldout if f"eval/{name}/ndcg@10" in r]
+            f, l = rows[0], rows[-1]
+            for metric in ("ndcg@10", "recall@100", "mrr@10"):
+                key = f"eval/{name}/{metric}"
+                lines.append(f"| {name} | {metric} | {f[key]:.4f} ({f['step']}) | {l[key]:.4f} ({l['step']}) | "
+                             f"{l[key] - f[key]:+.4f} |")
         lines.append("")
     if before or after:
         lines += ["## Zero-shot retrieval", "", "| dataset | model | nDCG@10 | Recall@100 | MRR@10 |", "|---|---|---|---|---|"]

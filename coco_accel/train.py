@@ -231,6 +231,7 @@ class Run:
     heldout: dict
     provenance: dict
     deepspeed: bool = False
+    retrieval: Any = None
     start_step: int = 0
     docs_seen: int = 0
 
@@ -247,6 +248,7 @@ class _Inputs:
     plan: Any
     collator: Any
     heldout: dict
+    retrieval: Any  # evaluate.TrainingEvaluation over --eval_data, or None
     total_steps: int
     warmup: int
     provenance: dict
@@ -296,13 +298,35 @@ def _read_inputs(cfg: TrainConfig, accelerator) -> _Inputs:
         try:
             heldout_docs = load_train_data(cfg.train_dir, split="eval")
         except DataError as err:
-            raise ConfigError(f"--eval_steps {cfg.eval_steps} needs a held-out split: preprocess with "
-                              f"--eval_fraction > 0 ({err})") from None
-        heldout = heldout_batches(heldout_docs, collator, plan, cfg.eval_max_docs)
+            if not cfg.eval_data:
+                raise ConfigError(f"--eval_steps {cfg.eval_steps} needs a held-out split (preprocess with "
+                                  f"--eval_fraction > 0) or --eval_data ({err})") from None
+            logger.info("No held-out split in --train_dir: --eval_steps measures retrieval on --eval_data only.")
+        else:
+            heldout = heldout_batches(heldout_docs, collator, plan, cfg.eval_max_docs)
     provenance = _provenance(cfg, accelerator, dataset, tokenizer, plan)
     reseed = resume is not None and _check_resume(cfg, resume, read_state(resume), provenance)
-    return _Inputs(resume, reseed, tokenizer, model, dataset, plan, collator, heldout, total_steps,
-                   warmup_steps_for(total_steps, cfg.warmup_steps, cfg.warmup_ratio), provenance)
+    return _Inputs(resume, reseed, tokenizer, model, dataset, plan, collator, heldout, _retrieval(cfg, accelerator),
+                   total_steps, warmup_steps_for(total_steps, cfg.warmup_steps, cfg.warmup_ratio), provenance)
+
+
+def _retrieval(cfg: TrainConfig, accelerator):
+    """--eval_data read and checked (every folder before the first step), or None."""
+    from coco_accel.evaluate import EvalError, TrainingEvaluation
+
+    if not cfg.eval_data:
+        return None
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and plugin.zero_stage == 3:
+        raise ConfigError("--eval_data is not available under ZeRO-3: its parameters are gathered per module call, "
+                          "and the processes encode different numbers of batches. Use ZeRO-1/2, or evaluate "
+                          "the export with `python -m coco_accel.evaluate`.")
+    try:
+        return TrainingEvaluation(cfg.eval_data, cfg.eval_split, query_max_len=cfg.eval_query_max_len,
+                                  doc_max_len=cfg.eval_doc_max_len, pooling=cfg.eval_pooling, score=cfg.eval_score,
+                                  batch_size=cfg.eval_batch_size)
+    except EvalError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _check_deepspeed(accelerator, cfg: TrainConfig, per_device: int, model, resume: Optional[Path]) -> None:
@@ -355,7 +379,8 @@ def build(cfg: TrainConfig) -> Run:
     accelerator.register_for_checkpointing(scheduler)  # stepped by us once per optimizer step
     run = Run(cfg, accelerator, model, optimizer, scheduler, inputs.tokenizer, plan,
               TrainBatches(inputs.dataset, plan, inputs.collator), inputs.total_steps,
-              _step_function(cfg, accelerator, model, deepspeed), inputs.heldout, inputs.provenance, deepspeed)
+              _step_function(cfg, accelerator, model, deepspeed), inputs.heldout, inputs.provenance, deepspeed,
+              inputs.retrieval)
     if inputs.resume is not None:
         state = load_checkpoint(accelerator, inputs.resume)
         run.start_step, run.docs_seen = state["step"], state["docs_seen"]
@@ -504,14 +529,25 @@ def train(cfg: TrainConfig) -> dict:
         save_checkpoint(acc, cfg.output_dir, step, {"step": step, "docs_seen": run.docs_seen, **run.provenance},
                         cfg.save_total_limit)
 
-    def evaluate_heldout(step: int) -> None:
-        record = {"step": step, **heldout_signal(model, run.heldout, acc.device, cfg.temperature, cfg.normalize)}
+    def evaluate(step: int) -> None:
+        """The held-out contrastive signal and retrieval on --eval_data, logged as one record."""
+        record = {"step": step}
+        if run.heldout:
+            record.update(heldout_signal(model, run.heldout, acc.device, cfg.temperature, cfg.normalize))
+        if run.retrieval is not None:
+            backbone = acc.unwrap_model(model).mlm.base_model  # what AutoModel loads from the export
+            record.update(run.retrieval(backbone, run.tokenizer, acc.process_index, acc.num_processes))
+            logger.info("Step %d: retrieval %s (%.1f s)", step, ", ".join(
+                f"{k[len('eval/'):]} {v:.4f}" for k, v in record.items() if k.endswith("/ndcg@10")),
+                record["eval/seconds"])
         acc.log({k: v for k, v in record.items() if k != "step"}, step=step)
         if metrics is not None:
             metrics.write(record)
 
-    if run.heldout and run.start_step == 0:
-        evaluate_heldout(0)  # the baseline every later value is compared with
+    evaluating = bool(run.heldout) or run.retrieval is not None
+    if evaluating and run.start_step == 0:
+        evaluate(0)  # the baseline every later value is compared with
+    evaluated_at = 0
     model.train()
     bar = tqdm(total=run.total_steps, initial=run.start_step, desc="train", disable=not acc.is_main_process,
                dynamic_ncols=True)
@@ -544,8 +580,9 @@ def train(cfg: TrainConfig) -> dict:
             acc.log({k: v for k, v in last.items() if k != "step"}, step=step)
             if metrics is not None:
                 metrics.write(last)
-        if run.heldout and step % cfg.eval_steps == 0:
-            evaluate_heldout(step)
+        if evaluating and cfg.eval_steps and step % cfg.eval_steps == 0:
+            evaluate(step)
+            evaluated_at = step
         if control[0] > 0:
             checkpoint(step)
             if acc.is_main_process:
@@ -557,6 +594,8 @@ def train(cfg: TrainConfig) -> dict:
         if cfg.save_steps and step % cfg.save_steps == 0 and step < run.total_steps:
             checkpoint(step)
     bar.close()
+    if evaluating and evaluated_at != run.total_steps and run.total_steps > run.start_step:
+        evaluate(run.total_steps)  # the end: what the export scores
     _export(run)
     if first and last:
         logger.info("Loss: first %.4f (step %d) -> last %.4f (step %d); contrastive accuracy %.3f -> %.3f",

@@ -174,3 +174,28 @@ def assert_same_export(a: Path, b: Path) -> None:
     assert wa.keys() == wb.keys()
     worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
     assert worst == 0.0, f"largest weight difference {worst:.2e}"
+
+
+def write_docstring_beir(path: Path, n_docs: int = 120, n_queries: int = 24) -> Path:
+    """A small BEIR collection of real text: the docstring corpus, with the last sentence of each of the first
+    `n_queries` documents as a query judged relevant to its own document (the sentence is removed from it)."""
+    import re
+
+    from coco_accel.demo import docstring_documents
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "qrels").mkdir(exist_ok=True)
+    docs, queries = [], []
+    for i, doc in enumerate(docstring_documents()):
+        if i >= n_docs:
+            break
+        sentences = re.split(r"(?<=[.!?])\s+", doc["text"])
+        if i < n_queries and len(sentences) > 2:
+            queries.append({"_id": f"q{i}", "text": sentences[-1], "doc": doc["_id"]})
+            doc = dict(doc, text=" ".join(sentences[:-1]))
+        docs.append(doc)
+    (path / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (path / "queries.jsonl").write_text("".join(json.dumps({"_id": q["_id"], "text": q["text"]}) + "\n" for q in queries))
+    (path / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n"
+                                             + "".join(f"{q['_id']}\t{q['doc']}\t1\n" for q in queries))
+    return path

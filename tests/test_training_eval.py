@@ -1,0 +1,88 @@
+"""Zero-shot retrieval measured during training (--eval_data): the numbers coco_accel.evaluate gives the export,
+the same on 1 and 2 processes, logged at step 0, every --eval_steps and at the end."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, metrics, torchrun, train_env, write_docstring_beir
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def beir(tmp_path_factory):
+    return write_docstring_beir(tmp_path_factory.mktemp("beir") / "docstrings")
+
+
+def _flags(model, data, out, beir, per_device, *extra):
+    return ["--output_dir", str(out), "--model_name_or_path", model, "--train_dir", str(data), "--max_steps", "4",
+            "--per_device_train_batch_size", str(per_device), "--skip_from", "2", "--report_to", "none",
+            "--learning_rate", "1e-3", "--save_steps", "0", "--logging_steps", "1", "--eval_data", str(beir),
+            "--eval_steps", "2", "--eval_batch_size", "16", *extra]
+
+
+def _evaluations(out):
+    return [r for r in map(json.loads, open(out / "metrics.jsonl")) if "eval/seconds" in r]
+
+
+def test_training_eval_is_the_export_evaluation_and_the_same_on_two_processes(tmp_path, span_data, tiny_bert, beir):
+    one, two = tmp_path / "one", tmp_path / "two"
+    run = subprocess.run([sys.executable, "coco_accel/train.py", *_flags(tiny_bert, span_data, one, beir, 8)],
+                         cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    run = subprocess.run(torchrun(2) + ["coco_accel/train.py", *_flags(tiny_bert, span_data, two, beir, 4)],
+                         cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    evals = _evaluations(one)
+    assert [r["step"] for r in evals] == [0, 2, 4]  # step 0, every --eval_steps, the end (here also a multiple)
+    keys = {"eval/docstrings/ndcg@10", "eval/docstrings/recall@100", "eval/docstrings/mrr@10"}
+    assert all(keys <= r.keys() and r["eval/seconds"] > 0 for r in evals)
+    assert len({r["eval/docstrings/ndcg@10"] for r in evals}) > 1, "training did not change the retrieval numbers"
+    assert len(metrics(one)) == 4  # training records unaffected
+    # At step 0 both runs hold the same weights. Two processes share the corpus encoding (batch b on
+    # process b mod 2) and merge their top lists: the vectors are one process's, so the numbers are equal.
+    # (Later steps differ: fp32 training on 1 and 2 processes sums gradients in another order.)
+    first_two = _evaluations(two)[0]
+    assert first_two["step"] == 0 and {k: evals[0][k] for k in keys} == {k: first_two[k] for k in keys}
+
+    # The last evaluation of each run is what `python -m coco_accel.evaluate` gives its export: the same
+    # backbone weights, batches and code, the trained weights merged from two processes included.
+    for run_dir in (one, two):
+        out = run_dir / "export_eval.json"
+        run = subprocess.run([sys.executable, "-m", "coco_accel.evaluate", "--model", str(run_dir), "--data",
+                              str(beir), "--batch_size", "16", "--output", str(out)], cwd=REPO, env=train_env(),
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        exported = json.loads(out.read_text())["datasets"]["docstrings"]
+        last = _evaluations(run_dir)[-1]
+        for metric in ("ndcg@10", "recall@100", "mrr@10"):
+            assert abs(exported[metric] - last[f"eval/docstrings/{metric}"]) < 1e-9, (run_dir.name, metric)
+
+
+def test_report_shows_the_retrieval_records(tmp_path):
+    from coco_accel.report import main as report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [{"step": s, "loss": 3.0, "mlm_head": 1, "mlm_backbone": 1, "contrastive": 1, "contrastive_acc": 0.5}
+             for s in (1, 2)]
+    lines += [{"step": s, "eval/cisi/ndcg@10": 0.2 + s / 10, "eval/cisi/recall@100": 0.3, "eval/cisi/mrr@10": 0.4,
+               "eval/seconds": 1.0} for s in (0, 2)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert report([str(run)]) == 0
+    md = (run / "report.md").read_text()
+    assert "| cisi | ndcg@10 | 0.2000 (0) | 0.4000 (2) | +0.2000 |" in md
+
+
+def test_eval_data_mistakes_are_found_before_training(tmp_path, span_data, tiny_bert, beir):
+    from conftest import REPO as repo
+
+    run = subprocess.run([sys.executable, "coco_accel/train.py", *_flags(tiny_bert, span_data, tmp_path / "o", beir, 8),
+                          "--eval_data", str(beir), str(tmp_path / "nothing")], cwd=repo, env=train_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "--eval_data" in run.stderr and "no such folder" in run.stderr, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr and not (tmp_path / "o" / "metrics.jsonl").exists()
