@@ -16,7 +16,7 @@ import torch
 
 from coco_accel import dist
 from coco_accel.losses import at_least_fp32, decoder_cross_entropy, span_contrastive_loss
-from coco_accel.model import host_layout, to_device
+from coco_accel.packing import host_layout, to_device
 
 
 @dataclass(frozen=True)

@@ -100,3 +100,30 @@ class MetricsFile:
     def write(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
+
+
+# FLOP accounting: the model TFLOP/s and MFU logged per step
+
+
+def useful_flops_per_token(config, n_head_layers: int, avg_len: float, mlm_fraction: float, late_mlm: bool) -> float:
+    """Forward + backward FLOPs per real token of the Condenser's computation as defined, padding and
+    shortcuts aside: 6 x (the layers' matmul weights, attention (QK^T and AV) over spans of `avg_len`
+    tokens, and the MLM transform and vocabulary projection at the masked fraction, head and backbone).
+    The numerator of MFU."""
+    h = config.hidden_size
+    layers = config.num_hidden_layers + n_head_layers
+    dense = layers * (4 * h * h + 2 * h * config.intermediate_size)
+    attention = layers * 2 * h * avg_len
+    mlm = (1 + int(late_mlm)) * mlm_fraction * (h * h + h * config.vocab_size)
+    return 6 * (dense + attention + mlm)
+
+
+def peak_tflops(device: torch.device) -> Optional[float]:
+    """Dense 16-bit tensor-core peak of the GPUs whose figure is known (NVIDIA's data sheets), else None."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for model, tflops in (("H100", 989.0), ("H200", 989.0), ("A100", 312.0)):
+        if model in name:
+            return tflops
+    return None

@@ -500,109 +500,160 @@ def _growable_cuda_segments(device) -> None:
 
 def train(cfg: TrainConfig) -> dict:
     """The whole run: build, loop, export. Returns the first and last logged records."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from coco_accel import dist
-    from coco_accel.checkpoint import save_checkpoint
     from coco_accel.data import make_loader
-    from coco_accel.heldout import heldout_signal
-    from coco_accel.tracking import MetricsFile
 
     run = build(cfg)
-    acc, model, optimizer, scheduler = run.accelerator, run.model, run.optimizer, run.scheduler
+    stop = _prepare_output(run)
+    log = _Log(run)
+    if log.evaluating and run.start_step == 0:
+        log.evaluate(0)  # the baseline every later value is compared with
+    run.model.train()
+    skipped, lr = 0, None
+    for batch in make_loader(run.batches, run.start_step, run.total_steps, cfg.dataloader_num_workers):
+        step = int(batch.pop("step")) + 1  # optimizer steps done once this one is
+        global_docs = int(batch.pop("global_docs"))
+        row_counts = [2 * n for n in batch.pop("rank_docs").tolist()]  # host tensors: no device sync
+        parts = run.step_fn({k: v.to(run.accelerator.device, non_blocking=True) for k, v in batch.items()}, batch,
+                            row_counts)
+        stop_now, finite = _agree(run, stop, parts)
+        if finite:
+            lr = _update(run, parts, log.meter)
+        else:
+            skipped = _nonfinite(cfg, step, parts, skipped)
+            run.optimizer.zero_grad(set_to_none=True)
+        run.scheduler.step()
+        run.docs_seen += global_docs
+        log.step_done(step, lr, skipped)
+        if stop_now:
+            return _preempted(run, log, stop, step)
+        if cfg.save_steps and step % cfg.save_steps == 0 and step < run.total_steps:
+            _checkpoint(run, step)
+    log.close()
+    _export(run)
+    _finish(run.accelerator)
+    return {"first": log.first, "last": log.last, "steps": run.total_steps, "preempted": False}
+
+
+def _prepare_output(run: Run) -> "_StopRequest":
+    """The run folder (recipe, stale markers removed), trackers, and the stop request every process polls."""
+    acc, cfg = run.accelerator, run.cfg
     out_dir = Path(cfg.output_dir)
     if acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
         (out_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
         (out_dir / STOP_FILE).unlink(missing_ok=True)
-    metrics = MetricsFile(out_dir / "metrics.jsonl", keep_until=run.start_step) if acc.is_main_process else None
     acc.init_trackers("coco-accel", config={k: v for k, v in to_dict(cfg).items() if v is not None})
     acc.wait_for_everyone()  # nobody looks for a STOP file before the main process removed a stale one
-    stop = _StopRequest(out_dir / STOP_FILE if acc.is_main_process else None)
-    meter = _meter(cfg, acc, acc.unwrap_model(model).config)
-    first = last = None
-    skipped = 0
+    return _StopRequest(out_dir / STOP_FILE if acc.is_main_process else None)
 
-    def checkpoint(step: int) -> None:
-        save_checkpoint(acc, cfg.output_dir, step, {"step": step, "docs_seen": run.docs_seen, **run.provenance},
-                        cfg.save_total_limit)
 
-    def evaluate(step: int) -> None:
+def _agree(run: Run, stop: "_StopRequest", parts) -> tuple[bool, bool]:
+    """(stop now, loss finite), the same on every process: one tiny all-reduce per step, the only host
+    sync outside logging."""
+    import torch
+
+    from coco_accel import dist
+
+    device = run.accelerator.device
+    control = dist.all_reduce_sum(torch.stack([torch.tensor(float(stop.requested), device=device, dtype=torch.float64),
+                                               parts.loss.double()])).tolist()
+    return control[0] > 0, math.isfinite(control[1])
+
+
+def _update(run: Run, parts, meter) -> float:
+    """Clip, step the optimizer, count the step; returns the learning rate the step used."""
+    acc, cfg = run.accelerator, run.cfg
+    grad_norm = _clip(acc, run.model, cfg.max_grad_norm, deepspeed=run.deepspeed) if cfg.max_grad_norm > 0 else None
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    meter.add(parts, grad_norm, overflow=acc.scaler is not None and run.optimizer.step_was_skipped)
+    return lr
+
+
+def _checkpoint(run: Run, step: int) -> None:
+    from coco_accel.checkpoint import save_checkpoint
+
+    save_checkpoint(run.accelerator, run.cfg.output_dir, step, {"step": step, "docs_seen": run.docs_seen,
+                                                                **run.provenance}, run.cfg.save_total_limit)
+
+
+def _preempted(run: Run, log: "_Log", stop: "_StopRequest", step: int) -> dict:
+    """A stop request (signal or STOP file) on any process: checkpoint, leave the marker, exit cleanly."""
+    _checkpoint(run, step)
+    if run.accelerator.is_main_process:
+        (Path(run.cfg.output_dir) / PREEMPTED_MARKER).write_text(f"{stop.signal_name or 'signal'} at step {step}\n")
+    logger.warning("Stopped by %s at step %d; checkpoint written. Resume with the same command.",
+                   stop.signal_name or "a signal on another process", step)
+    log.bar.close()
+    _finish(run.accelerator)
+    return {"first": log.first, "last": log.last, "steps": step, "preempted": True}
+
+
+class _Log:
+    """What the loop reports: training records every --logging_steps, evaluations (held-out signal and
+    --eval_data retrieval) at step 0, every --eval_steps and at the end, to metrics.jsonl (main process),
+    the trackers and the progress bar."""
+
+    def __init__(self, run: Run):
+        from tqdm.auto import tqdm
+
+        from coco_accel.tracking import MetricsFile
+
+        self.run, acc = run, run.accelerator
+        self.metrics = (MetricsFile(Path(run.cfg.output_dir) / "metrics.jsonl", keep_until=run.start_step)
+                        if acc.is_main_process else None)
+        self.meter = _meter(run.cfg, acc, acc.unwrap_model(run.model).config)
+        self.bar = tqdm(total=run.total_steps, initial=run.start_step, desc="train", disable=not acc.is_main_process,
+                        dynamic_ncols=True)
+        self.evaluating = bool(run.heldout) or run.retrieval is not None
+        self.evaluated_at = run.start_step if run.start_step else None
+        self.first = self.last = None
+
+    def write(self, record: dict) -> None:
+        self.run.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        if self.metrics is not None:
+            self.metrics.write(record)
+
+    def evaluate(self, step: int) -> None:
         """The held-out contrastive signal and retrieval on --eval_data, logged as one record."""
+        from coco_accel.heldout import heldout_signal
+
+        run, acc = self.run, self.run.accelerator
         record = {"step": step}
         if run.heldout:
-            record.update(heldout_signal(model, run.heldout, acc.device, cfg.temperature, cfg.normalize))
+            record.update(heldout_signal(run.model, run.heldout, acc.device, run.cfg.temperature, run.cfg.normalize))
         if run.retrieval is not None:
-            backbone = acc.unwrap_model(model).mlm.base_model  # what AutoModel loads from the export
+            backbone = acc.unwrap_model(run.model).mlm.base_model  # what AutoModel loads from the export
             record.update(run.retrieval(backbone, run.tokenizer, acc.process_index, acc.num_processes))
             logger.info("Step %d: retrieval %s (%.1f s)", step, ", ".join(
                 f"{k[len('eval/'):]} {v:.4f}" for k, v in record.items() if k.endswith("/ndcg@10")),
                 record["eval/seconds"])
-        acc.log({k: v for k, v in record.items() if k != "step"}, step=step)
-        if metrics is not None:
-            metrics.write(record)
+        self.write(record)
+        self.evaluated_at = step
 
-    evaluating = bool(run.heldout) or run.retrieval is not None
-    if evaluating and run.start_step == 0:
-        evaluate(0)  # the baseline every later value is compared with
-    evaluated_at = 0
-    model.train()
-    bar = tqdm(total=run.total_steps, initial=run.start_step, desc="train", disable=not acc.is_main_process,
-               dynamic_ncols=True)
-    for batch in make_loader(run.batches, run.start_step, run.total_steps, cfg.dataloader_num_workers):
-        step = int(batch.pop("step")) + 1  # optimizer steps done once this one is
-        global_docs = int(batch.pop("global_docs"))
-        row_counts = [2 * n for n in batch.pop("rank_docs").tolist()]  # host tensors: no device sync
-        parts = run.step_fn({k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}, batch, row_counts)
-        # One tiny all-reduce per step so every process agrees on stopping and on a non-finite loss
-        # (the host sync this costs is the only one outside logging).
-        control = dist.all_reduce_sum(torch.stack([torch.tensor(float(stop.requested), device=acc.device,
-                                                                dtype=torch.float64), parts.loss.double()])).tolist()
-        if not math.isfinite(control[1]):
-            skipped = _nonfinite(cfg, step, parts, skipped)
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            grad_norm = _clip(acc, model, cfg.max_grad_norm, deepspeed=run.deepspeed) if cfg.max_grad_norm > 0 else None
-            lr = scheduler.get_last_lr()[0]  # the rate this step used
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            meter.add(parts, grad_norm, overflow=acc.scaler is not None and optimizer.step_was_skipped)
-        scheduler.step()
-        run.docs_seen += global_docs
-        bar.update(1)
-        if meter.steps and (step == 1 or step % cfg.logging_steps == 0 or step == run.total_steps):
-            last = meter.flush(step, lr, run.docs_seen, skipped,
-                               loss_scale=acc.scaler.get_scale() if acc.scaler is not None else None)
-            first = first or last
-            bar.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['contrastive_acc']:.2f}")
-            acc.log({k: v for k, v in last.items() if k != "step"}, step=step)
-            if metrics is not None:
-                metrics.write(last)
-        if evaluating and cfg.eval_steps and step % cfg.eval_steps == 0:
-            evaluate(step)
-            evaluated_at = step
-        if control[0] > 0:
-            checkpoint(step)
-            if acc.is_main_process:
-                (out_dir / PREEMPTED_MARKER).write_text(f"{stop.signal_name or 'signal'} at step {step}\n")
-            logger.warning("Stopped by %s at step %d; checkpoint written. Resume with the same command.",
-                           stop.signal_name or "a signal on another process", step)
-            _finish(acc)
-            return {"first": first, "last": last, "steps": step, "preempted": True}
-        if cfg.save_steps and step % cfg.save_steps == 0 and step < run.total_steps:
-            checkpoint(step)
-    bar.close()
-    if evaluating and evaluated_at != run.total_steps and run.total_steps > run.start_step:
-        evaluate(run.total_steps)  # the end: what the export scores
-    _export(run)
-    if first and last:
-        logger.info("Loss: first %.4f (step %d) -> last %.4f (step %d); contrastive accuracy %.3f -> %.3f",
-                    first["loss"], first["step"], last["loss"], last["step"], first["contrastive_acc"],
-                    last["contrastive_acc"])
-    _finish(acc)
-    return {"first": first, "last": last, "steps": run.total_steps, "preempted": False}
+    def step_done(self, step: int, lr: Optional[float], skipped: int) -> None:
+        cfg, acc = self.run.cfg, self.run.accelerator
+        self.bar.update(1)
+        if self.meter.steps and (step == 1 or step % cfg.logging_steps == 0 or step == self.run.total_steps):
+            self.last = self.meter.flush(step, lr, self.run.docs_seen, skipped,
+                                         loss_scale=acc.scaler.get_scale() if acc.scaler is not None else None)
+            self.first = self.first or self.last
+            self.bar.set_postfix(loss=f"{self.last['loss']:.3f}", acc=f"{self.last['contrastive_acc']:.2f}")
+            self.write(self.last)
+        if self.evaluating and cfg.eval_steps and step % cfg.eval_steps == 0:
+            self.evaluate(step)
+
+    def close(self) -> None:
+        """The end of the run: a last evaluation (what the export scores) and the loss summary."""
+        self.bar.close()
+        if self.evaluating and self.evaluated_at != self.run.total_steps:
+            self.evaluate(self.run.total_steps)
+        if self.first and self.last:
+            logger.info("Loss: first %.4f (step %d) -> last %.4f (step %d); contrastive accuracy %.3f -> %.3f",
+                        self.first["loss"], self.first["step"], self.last["loss"], self.last["step"],
+                        self.first["contrastive_acc"], self.last["contrastive_acc"])
 
 
 def _clip(acc, model, max_norm: float, deepspeed: bool):
@@ -618,7 +669,7 @@ def _clip(acc, model, max_norm: float, deepspeed: bool):
 
 def _meter(cfg: TrainConfig, acc, model_config):
     """The metrics meter, with the model's FLOPs per token and, where known, the GPU's peak (MFU)."""
-    from coco_accel.model import peak_tflops, useful_flops_per_token
+    from coco_accel.tracking import peak_tflops, useful_flops_per_token
     from coco_accel.tracking import Meter
 
     flops = lambda avg_len: useful_flops_per_token(model_config, cfg.n_head_layers, avg_len, cfg.mlm_probability,
@@ -651,7 +702,7 @@ def _nonfinite(cfg: TrainConfig, step: int, parts, skipped: int) -> int:
 
 
 def _export(run: Run) -> None:
-    from coco_accel.model import save_export
+    from coco_accel.export import save_export
 
     acc = run.accelerator
     acc.wait_for_everyone()

@@ -6,7 +6,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from conftest import span_batch
-from coco_accel.model import HEAD_FILE, Condenser, ModelError, load_condenser, save_export
+from coco_accel.export import save_export
+from coco_accel.model import HEAD_FILE, Condenser, ModelError, load_condenser
 
 
 def _tiny(vocab=120, layers=4):
@@ -142,7 +143,7 @@ def test_length_buckets_give_the_padded_result(width):
 
 
 def test_length_groups_merge_only_where_cheaper():
-    from coco_accel.model import length_groups
+    from coco_accel.packing import length_groups
 
     lengths = [10, 12, 30, 31, 100, 128, 9]
     # no call cost: every rounded width is its own group (8-token buckets), rows kept exactly once
@@ -183,7 +184,7 @@ def test_merged_length_groups_give_the_padded_result(call_cost):
 
 
 def test_pack_rows_places_every_span_once():
-    from coco_accel.model import pack_rows
+    from coco_accel.packing import pack_rows
 
     rng = torch.Generator().manual_seed(0)
     lengths = torch.randint(1, 40, (200,), generator=rng).tolist() + [64, 64]
@@ -474,7 +475,8 @@ def test_cls_only_skips_the_head_and_gives_the_full_forwards_cls(layout):
 def test_layer_at_is_the_full_layer_at_the_wanted_slots():
     """`layer_at` (keys from every slot, the rest at wanted slots only) == the whole layer read at those
     slots, for wanted sets in any order, several per row or none in a row, and none at all."""
-    from coco_accel.model import layer_at, query_layout
+    from coco_accel.model import layer_at
+    from coco_accel.packing import query_layout
 
     torch.manual_seed(3)
     layer = _bert_or_roberta("bert", "sdpa").bert.encoder.layer[0].double().eval()
@@ -492,3 +494,22 @@ def test_layer_at_is_the_full_layer_at_the_wanted_slots():
         attn_mask = segment.reshape(-1)[queries].view(rows, 1, q, 1) == segment[:, None, None, :]
         got = layer_at(layer, hidden, attn_mask, queries, take, want_t)
         torch.testing.assert_close(got, full[want_t], atol=1e-12, rtol=1e-12)
+
+
+def test_export_loads_in_sentence_transformers_with_the_evaluation_protocol(tmp_path, tokenizer):
+    """The export's modules.json and pooling config: CLS pooling, dot product, no normalisation. Its vectors
+    are the evaluator's (fp32, same weights; batches pad differently, and masked padding changes attention
+    sums by float32 rounding only: 1e-5 of vectors of norm ~5)."""
+    st = pytest.importorskip("sentence_transformers", reason="needs sentence-transformers (make install)")
+    from coco_accel.evaluate import Encoder
+
+    model = Condenser(_tiny(vocab=len(tokenizer)), 2, 2, True)
+    save_export(model, tokenizer, str(tmp_path))
+    texts = ["a cat sleeps on the mat", "dense retrieval with contrastive pretraining", "x",
+             "the quick brown fox jumps over the lazy dog " * 4]
+    loaded = st.SentenceTransformer(str(tmp_path), device="cpu")
+    assert loaded.similarity_fn_name == "dot" and loaded.max_seq_length == 128
+    assert [type(m).__name__ for m in loaded] == ["Transformer", "Pooling"]  # no Normalize
+    got = loaded.encode(texts, convert_to_tensor=True, batch_size=3)
+    expected = Encoder(str(tmp_path), device="cpu", batch_size=2).encode(texts, 128)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

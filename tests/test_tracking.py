@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from coco_accel.model import useful_flops_per_token
+from coco_accel.tracking import useful_flops_per_token
 from coco_accel.step import StepParts
 from coco_accel.tracking import Meter
 

@@ -1,0 +1,75 @@
+"""`python -m coco_accel.experiment`: the ablation's mechanics (real trainer, real evaluator) and its statistics."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO, train_env, write_docstring_beir
+
+
+def test_paired_randomisation():
+    from coco_accel.experiment import paired_randomisation
+
+    rng = np.random.default_rng(0)
+    base = rng.random(60)
+    assert paired_randomisation(base, base) == 1.0
+    assert paired_randomisation(base + 0.05, base) < 1e-3  # every query better: the smallest p the test can give
+    noisy = base + rng.normal(0, 0.2, 60)
+    p = paired_randomisation(noisy, base)
+    assert 0.05 < p <= 1.0 and p == paired_randomisation(base, noisy)  # two-sided, symmetric
+
+
+def test_query_split_is_keyed_and_disjoint():
+    from coco_accel.experiment import query_split
+
+    qids = [f"q{i}" for i in range(200)]
+    tuning, reported = query_split(qids, 0.5)
+    assert set(tuning).isdisjoint(reported) and sorted(tuning + reported) == sorted(qids)
+    assert 70 < len(reported) < 130 and query_split(qids[::-1], 0.5)[1] == reported[::-1]
+
+
+@pytest.mark.slow
+def test_the_experiment_runs_and_resumes_without_redoing(tmp_path, tiny_bert, small_corpus):
+    target = write_docstring_beir(tmp_path / "toy", n_docs=60, n_queries=16)
+    out = tmp_path / "exp"
+
+    def experiment(*seeds):
+        return subprocess.run([sys.executable, "-m", "coco_accel.experiment", "--model", tiny_bert, "--targets",
+                               str(target), "--control", str(small_corpus), "--seeds", *map(str, seeds),
+                               "--output_dir", str(out), "--report_fraction", "0.5", "--", "--max_steps", "2",
+                               "--per_device_train_batch_size", "8", "--skip_from", "2", "--save_steps", "0"],
+                              cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=900)
+
+    run = experiment(1)
+    assert run.returncode == 0, run.stderr[-3000:]
+    done = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/seed1/DONE")}
+    evals = {p: p.stat().st_mtime_ns for p in out.glob("eval/*.json")}
+    assert len(done) == 2 and len(evals) == 3  # target and control runs; warm start and both evaluated
+
+    run = experiment(1, 2)  # the same command with one more seed: nothing finished is redone
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in done} == done and {p: p.stat().st_mtime_ns for p in evals} == evals
+    assert "Training target_toy, seed 1" not in run.stderr and "Training target_toy, seed 2" in run.stderr
+    results = json.loads((out / "results.json").read_text())
+    rows = results["targets"]["toy"]
+    assert set(rows) == {"all queries", "tuning queries", "reported queries"}
+    assert rows["tuning queries"]["queries"] + rows["reported queries"]["queries"] == rows["all queries"]["queries"] == 16
+    row = rows["all queries"]
+    assert len(row["target"]["per_seed_ndcg@10"]) == 2 and len(row["p_target_vs_control_per_seed"]) == 2
+    assert all(0 < p <= 1 for p in row["target"]["p_vs_warm_start_per_seed"] + [row["p_target_vs_control"]])
+    # the table's numbers are the evaluator's: the warm start's mean over all queries
+    warm = json.loads((out / "eval" / "warm_start.json").read_text())["datasets"]["toy"]["ndcg@10"]
+    assert row["warm start"]["ndcg@10"] == pytest.approx(warm, abs=1e-12)
+    assert "| toy (reported queries) |" in (out / "results.md").read_text()
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_experiment_input_mistakes(tmp_path, tiny_bert):
+    run = subprocess.run([sys.executable, "-m", "coco_accel.experiment", "--model", tiny_bert, "--targets",
+                          str(tmp_path / "none"), "--control", "docstrings", "--output_dir", str(tmp_path / "o")],
+                         cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "--targets" in run.stderr and "no such folder" in run.stderr
+    assert "Traceback" not in run.stderr
