@@ -56,7 +56,9 @@ def test_the_experiment_runs_and_resumes_without_redoing(tmp_path, tiny_bert, sm
     results = json.loads((out / "results.json").read_text())
     rows = results["targets"]["toy"]
     assert set(rows) == {"all queries", "tuning queries", "reported queries"}
-    assert rows["tuning queries"]["queries"] + rows["reported queries"]["queries"] == rows["all queries"]["queries"] == 16
+    judged = len((target / "queries.jsonl").read_text().splitlines())
+    assert judged >= 12  # documents of one or two sentences give no query
+    assert rows["tuning queries"]["queries"] + rows["reported queries"]["queries"] == rows["all queries"]["queries"] == judged
     row = rows["all queries"]
     assert len(row["target"]["per_seed_ndcg@10"]) == 2 and len(row["p_target_vs_control_per_seed"]) == 2
     assert all(0 < p <= 1 for p in row["target"]["p_vs_warm_start_per_seed"] + [row["p_target_vs_control"]])
