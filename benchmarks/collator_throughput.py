@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 
 def synthetic_docs(n: int, vocab_size: int, seed: int = 0) -> list[list[list[int]]]:

@@ -24,8 +24,8 @@ from multiprocessing import Pool
 from pathlib import Path
 from typing import Optional
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
 
 _REF = {}
 
@@ -105,13 +105,19 @@ def ours_after_imports(corpus_dir: Path, out: Path, tokenizer_path: str, num_pro
     print(time.perf_counter() - start)
 
 
+def _call(name: str, args) -> str:
+    """Python source calling this module's `name(*args)`, run with cwd=HERE (so the module imports as
+    `preprocess_throughput`); paths are made absolute first."""
+    args = [str(Path(a).resolve()) if isinstance(a, Path) else a for a in args]
+    return f"import preprocess_throughput as b; b.{name}(*{args!r})"
+
+
 def fresh_inner(name: str, *args) -> float:
     """What `name(*args)`, run in a new Python process, prints last (seconds it timed itself)."""
     import subprocess
 
-    code = (f"import sys; sys.path.insert(0, {str(REPO / 'benchmarks')!r}); import preprocess_throughput as b; "
-            f"b.{name}(*{[str(a) if isinstance(a, Path) else a for a in args]!r})")
-    run = subprocess.run([sys.executable, "-c", code], check=True, stderr=subprocess.DEVNULL, stdout=subprocess.PIPE,
+    code = _call(name, args)
+    run = subprocess.run([sys.executable, "-c", code], cwd=HERE, check=True, stderr=subprocess.DEVNULL, stdout=subprocess.PIPE,
                          text=True)
     return float(run.stdout.split()[-1])
 
@@ -120,10 +126,9 @@ def fresh(name: str, *args) -> float:
     """Wall-clock seconds of `name(*args)` run in a new Python process (start-up and imports included)."""
     import subprocess
 
-    code = (f"import sys; sys.path.insert(0, {str(REPO / 'benchmarks')!r}); import preprocess_throughput as b; "
-            f"b.{name}(*{[str(a) if isinstance(a, Path) else a for a in args]!r})")
+    code = _call(name, args)
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], check=True, stderr=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-c", code], cwd=HERE, check=True, stderr=subprocess.DEVNULL)
     return time.perf_counter() - start
 
 

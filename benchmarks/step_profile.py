@@ -21,9 +21,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from step_throughput import make_batch, make_model, on, our_step, reference_step  # noqa: E402
+from step_throughput import make_batch, make_model, on, our_step, reference_step
 
 # First match wins. Kernel names from cuBLAS (nvjet, sm90_xmma, cutlass), PyTorch and Triton; CPU op names.
 KINDS = [

@@ -30,12 +30,11 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from coco_accel.losses import span_contrastive_loss  # noqa: E402
-from coco_accel.model import Condenser  # noqa: E402
-from coco_accel.tracking import peak_tflops, useful_flops_per_token  # noqa: E402
-from coco_accel.step import StepSettings, cached_step, plain_step  # noqa: E402
+from coco_accel.losses import span_contrastive_loss
+from coco_accel.model import Condenser
+from coco_accel.tracking import peak_tflops, useful_flops_per_token
+from coco_accel.step import StepSettings, cached_step, plain_step
 
 PRESETS = {  # (layers, hidden, heads, intermediate)
     "minilm": (6, 384, 12, 1536),

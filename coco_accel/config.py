@@ -75,8 +75,8 @@ class TrainConfig:
     max_steps: int = _f(-1, "Total optimizer steps; > 0 wins over --num_train_epochs.", "optim")
     gradient_accumulation_steps: int = _f(1, "Must stay 1: see --cache_chunk_size for large contrastive batches.", "optim")
     cache_chunk_size: int = _f(-1, "Gradient cache: encode the local batch in chunks of at most this many spans, >= 2 (-1 = off).", "optim")
-    torch_compile: bool = _f(False, "torch.compile the backbone, the head and the MLM transform (dynamic shapes). On an H100 "
-                             "at 2048 docs: 1-3%% faster, 5-7 GiB less memory; the first step compiles (~1 min).", "optim")
+    torch_compile: bool = _f(False, "torch.compile the backbone, the head and the MLM transform (dynamic shapes): a little faster "
+                             "and leaner at large batches (docs/performance.md); the first step compiles (~1 min).", "optim")
     fp16: bool = _f(False, "fp16 mixed precision (prefer setting it in the accelerate config).", "optim")
     bf16: bool = _f(False, "bf16 mixed precision (prefer setting it in the accelerate config).", "optim")
 

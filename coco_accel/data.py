@@ -268,8 +268,8 @@ class SpanStore:
     """Documents' spans gathered straight from the Arrow buffers of the spans column, in a few numpy
     operations per batch, whatever the corpus size or the number of record batches.
 
-    `datasets` gathers rows one by one (a slice of a record batch per index, then a concatenation),
-    about 10 ms per 2048 documents and more in a fresh process. Here every record batch's three buffers
+    `datasets` gathers rows one by one (a slice of a record batch per index, then a concatenation), a cost
+    per document that dominated the data path (docs/data_at_scale.md). Here every record batch's three buffers
     (document -> span offsets, span -> token offsets, tokens) are addressed as positions in one numpy
     view of the process's memory: the buffers are memory-mapped (or in memory) and never move while
     the table is held, and a batch reads only its documents' bytes. The view is built per process (a

@@ -12,7 +12,7 @@ import logging
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -276,61 +276,36 @@ class Condenser(nn.Module):
         run_head = len(self.c_head) > 0 and not cls_only
         plan = plan_packing(layout, self.pack_length, last_at=(
             None if not last_only else "cls+masked" if self.late_mlm else "cls"), head_at_masked=run_head)
-        n, width = input_ids.shape
-        device = input_ids.device
-        idx = plan.indices(device)
-        rows, capacity = plan.rows, plan.capacity
-
-        def packed(values: torch.Tensor, fill: int) -> torch.Tensor:
-            out = torch.full((rows * capacity,), fill, dtype=values.dtype, device=device)
-            out[idx["dest"]] = values.reshape(-1)[idx["src"]]
-            return out.view(rows, capacity)
-
-        ids = packed(input_ids, 0)
-        segment = packed(torch.arange(n, device=device)[:, None].expand(n, width), -1)  # -1: free space
-        positions = packed(torch.arange(width, device=device)[None, :].expand(n, width), 0)
-        positions = positions + self.position_offset
-        # Free slots attend to each other (never a fully masked row: its softmax would be NaN).
-        same = segment[:, None, :, None] == segment[:, None, None, :]  # [R, 1, P, P]
-        if self.mlm.config._attn_implementation == "sdpa":
-            mask = same
-        else:
-            dtype = next(self.mlm.parameters()).dtype
-            mask = torch.zeros(same.shape, dtype=dtype, device=device).masked_fill(~same, torch.finfo(dtype).min)
-
-        def at(layer, hidden, which):  # the layer's output at the slots the plan wants from it, [M, H]
-            want, queries, take = idx[f"{which}_want"], idx[f"{which}_queries"], idx[f"{which}_take"]
-            seg_q = segment.reshape(-1)[queries].view(rows, 1, plan.queries[which], 1)
-            return self._layer_at(layer, hidden, seg_q == segment[:, None, None, :], queries, take, want)
-
-        hidden = self.mlm.base_model.embeddings(input_ids=ids, position_ids=positions,
+        rows = _PackedRows(plan.to(input_ids.device), input_ids.shape, self._layer_at)
+        ids = rows.scatter(input_ids, 0)
+        positions = rows.scatter(torch.arange(input_ids.shape[1], device=ids.device)[None, :].expand_as(input_ids), 0)
+        mask = rows.attention_mask(self.mlm.config._attn_implementation, next(self.mlm.parameters()).dtype)
+        hidden = self.mlm.base_model.embeddings(input_ids=ids, position_ids=positions + self.position_offset,
                                                 token_type_ids=torch.zeros_like(ids))
         skip = hidden
         for depth, layer in enumerate(layers[:-1] if last_only else layers, start=1):
             hidden = _layer_output(layer(hidden, mask))
             if depth == self.skip_from:
                 skip = hidden
+        plan, n = rows.plan, input_ids.shape[0]
         if last_only:
-            last = at(layers[-1], hidden, "last")  # [n CLS (+ M masked), H]
+            last = rows.partial(layers[-1], hidden, plan.last)  # [n CLS (+ M masked), H]
             cls, backbone = last[:n], last[n:]
         else:
-            last = hidden.reshape(rows * capacity, -1)
-            cls, backbone = last[idx["starts"]], last[idx["slots"]]
+            cls, backbone = rows.flat(hidden)[plan.starts], rows.flat(hidden)[plan.slots]
         transform, decoder = self._mlm_parts()
         if cls_only:
-            return _cls_only(cls, labels, rows * capacity, decoder)
-        flat_skip = skip.reshape(rows * capacity, -1)
-        hidden = flat_skip.index_copy(0, idx["starts"], cls.to(flat_skip.dtype)).view(rows, capacity, -1)
+            return _cls_only(cls, labels, rows.tokens, decoder)
+        hidden = rows.flat(skip).index_copy(0, plan.starts, cls.to(skip.dtype)).view_as(skip)
         if not len(self.c_head):
-            head = hidden.reshape(rows * capacity, -1)[idx["slots"]]
+            head = rows.flat(hidden)[plan.slots]
         else:
             for layer in self.c_head[:-1]:
                 hidden = _layer_output(layer(hidden, mask))
-            head = at(self.c_head[-1], hidden, "head")
+            head = rows.partial(self.c_head[-1], hidden, plan.head)
         return CondenserOutput(cls=cls, head_features=transform(head),
                                backbone_features=transform(backbone) if self.late_mlm else None,
-                               targets=labels.reshape(-1)[idx["masked"]], computed_tokens=rows * capacity,
-                               decoder=decoder)
+                               targets=labels.reshape(-1)[plan.masked], computed_tokens=rows.tokens, decoder=decoder)
 
     def _forward_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                       cls_only: bool) -> CondenserOutput:
@@ -349,6 +324,39 @@ class Condenser(nn.Module):
         return CondenserOutput(cls=last[:, 0], head_features=transform(hidden[where]),
                                backbone_features=transform(last[where]) if self.late_mlm else None,
                                targets=labels[where], computed_tokens=input_ids.numel(), decoder=decoder)
+
+
+class _PackedRows:
+    """One batch's packed rows on the device: a `PackPlan` moved there, and each slot's span (`segment`,
+    -1 in free space), from which the block-diagonal attention masks follow."""
+
+    def __init__(self, plan, shape: tuple[int, int], layer_at: Callable):
+        self.plan, self.layer_at = plan, layer_at
+        n, width = shape
+        self.tokens = plan.rows * plan.capacity  # slots computed by every full layer
+        self.segment = self.scatter(torch.arange(n, device=plan.starts.device)[:, None].expand(n, width), -1)
+
+    def scatter(self, values: torch.Tensor, fill: int) -> torch.Tensor:
+        """[N, L] per-token values placed in the rows, [rows, capacity]; `fill` in free slots."""
+        out = torch.full((self.tokens,), fill, dtype=values.dtype, device=values.device)
+        out[self.plan.dest] = values.reshape(-1)[self.plan.src]
+        return out.view(self.plan.rows, self.plan.capacity)
+
+    def flat(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.reshape(self.tokens, -1)
+
+    def attention_mask(self, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
+        """Each slot attends within its span; free slots attend to each other (never a fully masked row:
+        its softmax would be NaN). Boolean for SDPA, additive for eager attention."""
+        same = self.segment[:, None, :, None] == self.segment[:, None, None, :]  # [R, 1, P, P]
+        if attn_implementation == "sdpa":
+            return same
+        return torch.zeros(same.shape, dtype=dtype, device=same.device).masked_fill(~same, torch.finfo(dtype).min)
+
+    def partial(self, layer: nn.Module, hidden: torch.Tensor, at) -> torch.Tensor:
+        """`layer`'s output at the slots of the `PartialLayer` `at` only, [M, H]."""
+        seg_q = self.segment.reshape(-1)[at.queries].view(self.plan.rows, 1, at.per_row, 1)
+        return self.layer_at(layer, hidden, seg_q == self.segment[:, None, None, :], at.queries, at.take, at.want)
 
 
 def _cls_only(cls: torch.Tensor, labels: torch.Tensor, computed_tokens: int, decoder: nn.Module) -> CondenserOutput:

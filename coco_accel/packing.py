@@ -5,17 +5,16 @@ Planned on the host so that the step never waits for the device to learn what it
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
 
 def auto_call_cost(device: torch.device) -> int:
-    """Padding tokens one more encoder call is worth. On a GPU a BERT-base forward+backward costs ~30 ms
-    of host dispatch whatever its size (measured on an H200: 16 length groups of 128 documents took
-    506 ms, one padded call 98 ms), so merging pays up to thousands of tokens; on a CPU the arithmetic
-    dominates."""
+    """Padding tokens one more encoder call is worth. On a GPU each call pays a fixed host-dispatch cost
+    that is worth thousands of tokens of arithmetic, so merging rows pays; on a CPU the arithmetic
+    dominates (docs/packing.md has the measurements)."""
     return 8192 if device.type == "cuda" else 64
 
 
@@ -67,23 +66,46 @@ def pack_rows(lengths: list[int], capacity: int) -> tuple[list[int], list[int], 
 
 
 @dataclass
+class PartialLayer:
+    """A layer computed only at some slots of the packed rows: `want` [M] the slots, in the order its
+    output is returned; the layer's queries are laid out `per_row` to a row, `queries` [rows * per_row]
+    naming the slot each query place reads and `take` [M] the place of each wanted slot."""
+
+    want: Any
+    queries: Any
+    take: Any
+    per_row: int
+
+
+@dataclass
 class PackPlan:
-    """Where each span goes in packed rows, planned on the host. Every index array travels to the device
-    in ONE copy (`indices`):
-    dest / src: each real token's slot in the rows / its place in the [N, L] input; starts: each span's
-    first (CLS) slot; slots / masked: each masked token's slot / its place in the input, in (span,
-    position) order; {last,head}_{want,queries,take}: the slots a partial layer is read at and its
-    query layout (`query_layout`)."""
+    """Where each span goes in packed rows of `capacity` tokens, planned on the host (numpy arrays;
+    `to(device)` moves them all in ONE copy). Per real token: `dest` its slot in the flattened rows and
+    `src` its place in the flattened [N, L] input. Per span: `starts` its first (CLS) slot. Per masked
+    token, in (span, position) order: `slots` its slot and `masked` its place in the input. `last` and
+    `head`: the partial last backbone and last head layers, when they run partially."""
 
     rows: int
     capacity: int
-    arrays: dict
-    queries: dict  # Q of each partial layer ("last", "head")
+    dest: Any
+    src: Any
+    starts: Any
+    slots: Any
+    masked: Any
+    last: Optional[PartialLayer] = None
+    head: Optional[PartialLayer] = None
 
-    def indices(self, device: torch.device) -> dict:
-        names = list(self.arrays)
-        sizes = [len(self.arrays[k]) for k in names]
-        return dict(zip(names, to_device(np.concatenate([self.arrays[k] for k in names]), device).split(sizes)))
+    def to(self, device: torch.device) -> "PackPlan":
+        flat = [self.dest, self.src, self.starts, self.slots, self.masked]
+        partial = [p for p in (self.last, self.head) if p is not None]
+        for p in partial:
+            flat += [p.want, p.queries, p.take]
+        moved = iter(to_device(np.concatenate(flat), device).split([len(a) for a in flat]))
+        dest, src, starts, slots, masked = (next(moved) for _ in range(5))
+        on_device = [PartialLayer(next(moved), next(moved), next(moved), p.per_row) for p in partial]
+        last = on_device.pop(0) if self.last is not None else None
+        head = on_device.pop(0) if self.head is not None else None
+        return PackPlan(self.rows, self.capacity, dest, src, starts, slots, masked, last, head)
 
 
 def plan_packing(layout: np.ndarray, pack_length: int, last_at: Optional[str], head_at_masked: bool) -> PackPlan:
@@ -100,18 +122,14 @@ def plan_packing(layout: np.ndarray, pack_length: int, last_at: Optional[str], h
     starts = np.asarray(row_of, dtype=np.int64) * capacity + np.asarray(offset_of, dtype=np.int64)
     span_m, pos_m = np.nonzero(layout[:, 1:].astype(bool) & (np.arange(width)[None, :] < lens[:, None]))
     slots = starts[span_m] + pos_m
-    arrays = {"dest": np.repeat(starts, lens) + within, "src": span * width + within, "starts": starts,
-              "slots": slots, "masked": span_m * width + pos_m}
-    wanted = {}
-    if last_at is not None:
-        wanted["last"] = np.concatenate([starts, slots]) if last_at == "cls+masked" else starts
-    if head_at_masked:
-        wanted["head"] = slots
-    queries = {}
-    for name, want in wanted.items():
-        arrays[f"{name}_want"] = want
-        arrays[f"{name}_queries"], arrays[f"{name}_take"], queries[name] = query_layout(want, rows, capacity)
-    return PackPlan(rows, capacity, arrays, queries)
+
+    def partial(want: np.ndarray) -> PartialLayer:
+        return PartialLayer(want, *query_layout(want, rows, capacity))
+
+    last = None if last_at is None else partial(np.concatenate([starts, slots]) if last_at == "cls+masked" else starts)
+    return PackPlan(rows, capacity, dest=np.repeat(starts, lens) + within, src=span * width + within, starts=starts,
+                    slots=slots, masked=span_m * width + pos_m, last=last,
+                    head=partial(slots) if head_at_masked else None)
 
 
 def query_layout(want: np.ndarray, rows: int, capacity: int) -> tuple[np.ndarray, np.ndarray, int]:

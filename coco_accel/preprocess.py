@@ -159,8 +159,8 @@ class SpanBuilder:
 
     def __getstate__(self) -> dict:
         # What `datasets` pickles for each worker process: the configuration, not the memo tables (which
-        # fill up with use) nor what is rebuilt from the configuration. As one blob of the C pickler:
-        # datasets pickles with dill, in pure Python, which took 37 ms for the Punkt tables (C: 5 ms).
+        # fill up with use) nor what is rebuilt from the configuration. As one blob of the C pickler,
+        # because datasets pickles with dill, in pure Python, several times slower on the Punkt tables.
         state = dict(vars(self))
         state["splitter"] = forget_breaks(self.splitter)
         del state["_sentences"]
@@ -317,6 +317,7 @@ def preprocess(
     inputs: Sequence[str],
     tokenizer_name: str,
     output_dir: str,
+    *,
     num_proc: int = 1,
     seed: int = 42,
     max_span_tokens: int = 30,
@@ -330,8 +331,6 @@ def preprocess(
     Each corpus is read into its own cached Arrow dataset and mapped to spans (one progress bar
     each); a re-run on unchanged input reuses the `datasets` cache.
     """
-    import datasets
-
     from coco_accel.wordpiece import load_backend_tokenizer, tokenizer_folder_problem, vocab_sha256
 
     sources = corpora.discover(list(inputs))
@@ -353,19 +352,7 @@ def preprocess(
     with open(out / "rejects.jsonl", "w", encoding="utf-8") as rejects_file:
         for corpus in dict.fromkeys(s.corpus for s in sources):
             group = [s for s in sources if s.corpus == corpus]
-            logger.info("Corpus %s: %s", corpus, ", ".join(s.path for s in group))
-            parts = corpora.shards(group, num_proc, min_shard_bytes)
-            raw = read_corpus(parts, cache_dir, num_proc)
-            features = raw.features.copy()
-            del features["title"], features["text"]  # not needed after this: the cache keeps ids, not text twice
-            features.update({"spans": datasets.List(datasets.List(datasets.Value(id_type))),
-                             "drop": datasets.Value("string"), "key": datasets.Value("int64"),
-                             "heldout": datasets.Value("bool")})
-            built = raw.with_format("arrow").map(builder, batched=True, batch_size=MAP_BATCH_SIZE, features=features,
-                                                 num_proc=num_proc if num_proc > 1 else None,
-                                                 new_fingerprint=builder.fingerprint(raw._fingerprint, features),
-                                                 desc=f"Spans: {corpus}").with_format(None)
-            outcome = _outcomes(built)
+            built, outcome = _spans_of_corpus(corpus, group, builder, num_proc, cache_dir, min_shard_bytes)
             stats["corpora"][corpus] = outcome.counts
             _add_counts(total, outcome.counts)
             _write_rejects(built, outcome, rejects_file)
@@ -374,13 +361,7 @@ def preprocess(
             eval_parts.append(built.select(np.nonzero(outcome.kept & outcome.heldout)[0]).select_columns(columns))
 
     _remove_previous_output(out)
-    train = datasets.concatenate_datasets(train_parts)
-    shards = num_shards or max(1, len(train) // 500_000 + 1)
-    if eval_fraction > 0:
-        result = datasets.DatasetDict({"train": train, "eval": datasets.concatenate_datasets(eval_parts)})
-        result.save_to_disk(str(out), num_shards={"train": min(shards, max(1, len(train))), "eval": 1})
-    else:
-        train.save_to_disk(str(out), num_shards=min(shards, max(1, len(train))))
+    _save(out, train_parts, eval_parts if eval_fraction > 0 else None, num_shards)
     stats.update({"tokenizer": str(tokenizer_name),
                   "tokenizer_vocab_sha256": vocab_sha256(tokenizer.get_vocab(with_added_tokens=True)),
                   "tokenizer_vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
@@ -389,6 +370,38 @@ def preprocess(
                   "inputs": [s.path for s in sources]})
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     return stats
+
+
+def _spans_of_corpus(corpus: str, group: list, builder: SpanBuilder, num_proc: int, cache_dir: Optional[str],
+                     min_shard_bytes: int):
+    """One corpus's files read (cached) and mapped to spans: (the mapped dataset, its outcomes)."""
+    import datasets
+
+    logger.info("Corpus %s: %s", corpus, ", ".join(s.path for s in group))
+    raw = read_corpus(corpora.shards(group, num_proc, min_shard_bytes), cache_dir, num_proc)
+    features = raw.features.copy()
+    del features["title"], features["text"]  # not needed after this: the cache keeps ids, not text twice
+    features.update({"spans": datasets.List(datasets.List(datasets.Value(builder.id_type))),
+                     "drop": datasets.Value("string"), "key": datasets.Value("int64"),
+                     "heldout": datasets.Value("bool")})
+    built = raw.with_format("arrow").map(builder, batched=True, batch_size=MAP_BATCH_SIZE, features=features,
+                                         num_proc=num_proc if num_proc > 1 else None,
+                                         new_fingerprint=builder.fingerprint(raw._fingerprint, features),
+                                         desc=f"Spans: {corpus}").with_format(None)
+    return built, _outcomes(built)
+
+
+def _save(out: Path, train_parts: list, eval_parts: Optional[list], num_shards: Optional[int]) -> None:
+    """The kept spans as sharded Arrow (a DatasetDict with an eval split when documents were held out)."""
+    import datasets
+
+    train = datasets.concatenate_datasets(train_parts)
+    shards = min(num_shards or max(1, len(train) // 500_000 + 1), max(1, len(train)))
+    if eval_parts is not None:
+        result = datasets.DatasetDict({"train": train, "eval": datasets.concatenate_datasets(eval_parts)})
+        result.save_to_disk(str(out), num_shards={"train": shards, "eval": 1})
+    else:
+        train.save_to_disk(str(out), num_shards=shards)
 
 
 def _remove_previous_output(out: Path) -> None:

@@ -487,8 +487,8 @@ def _check_resume(cfg: TrainConfig, path: Path, saved: dict, now: dict) -> bool:
 
 def _growable_cuda_segments(device) -> None:
     """Spans pack into a different number of rows every step, so the caching allocator's fixed-size
-    segments fragment: at 2048 documents on one 80 GB GPU, 7-9 GiB sat reserved but unusable and the
-    step ran out of memory. Growable segments avoid that. An allocator setting of the user's wins."""
+    segments fragment until memory reserved but unusable makes a large batch run out of memory.
+    Growable segments avoid that. An allocator setting of the user's wins."""
     import torch
 
     if device.type != "cuda" or "PYTORCH_ALLOC_CONF" in os.environ or "PYTORCH_CUDA_ALLOC_CONF" in os.environ:
