@@ -146,16 +146,11 @@ class TrainConfig:
                 f"--gradient_accumulation_steps {self.gradient_accumulation_steps}: accumulation cannot emulate a "
                 "large contrastive batch (each micro-batch would only see its own spans as negatives). Keep it at 1 "
                 "and raise --per_device_train_batch_size, using --cache_chunk_size K to fit it in memory.")
-        if self.length_bucket_width < 0:
-            raise ConfigError(f"--length_bucket_width must be >= 0, got {self.length_bucket_width}.")
-        if self.pack_length < 0:
-            raise ConfigError(f"--pack_length must be >= 0, got {self.pack_length}.")
         if self.length_bucket_call_cost < -1:
             raise ConfigError(f"--length_bucket_call_cost must be -1 (auto) or >= 0, got {self.length_bucket_call_cost}.")
-        if self.global_batch_size < 0:
-            raise ConfigError(f"--global_batch_size must be >= 0, got {self.global_batch_size}.")
         for name in ("save_total_limit", "max_nonfinite_skips", "learning_rate", "weight_decay", "warmup_steps",
-                     "peak_tflops", "dataloader_num_workers", "max_grad_norm"):
+                     "peak_tflops", "dataloader_num_workers", "max_grad_norm", "length_bucket_width", "pack_length",
+                     "global_batch_size", "save_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}.")
         if self.eval_steps < 0 or self.eval_max_docs < 2:
@@ -169,8 +164,6 @@ class TrainConfig:
                                   f"{getattr(self, name)}.")
         if self.ddp_timeout < 1:
             raise ConfigError(f"--ddp_timeout must be >= 1 second, got {self.ddp_timeout}.")
-        if self.save_steps < 0:
-            raise ConfigError(f"--save_steps must be >= 0, got {self.save_steps}.")
         return self
 
     def per_device_docs(self, world_size: int) -> int:

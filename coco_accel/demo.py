@@ -109,12 +109,11 @@ def _before_after(initial: str, trained: str, data: list[str], out: Path) -> Non
 def _input_problem(out: Path, eval_data: Sequence[str]) -> Optional[str]:
     """What is wrong with the demo's inputs, found before anything runs (None when nothing is)."""
     from coco_accel.evaluate import EvalError, check_beir_folder
+    from coco_accel.files import output_folder_problem
 
-    if out.exists() and not out.is_dir():
-        return f"--output_dir {out} is a file: choose a folder (it is created if missing)."
-    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        return f"--output_dir {out}: {existing} is {'a file' if not existing.is_dir() else 'not writable'}; choose another folder."
+    problem = output_folder_problem("--output_dir", str(out))
+    if problem:
+        return problem
     for folder in eval_data:
         try:
             check_beir_folder(folder, "test", flag="--eval_data")

@@ -13,7 +13,6 @@ import argparse
 import csv
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -36,23 +35,13 @@ class EvalError(ValueError):
 def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
     """(id, record) for each line of a BEIR corpus or queries file; a line that cannot be used (bad JSON, not
     an object, no `_id`) is an error naming it: skipping it would change the metrics silently."""
-    with open(path, "rb") as fh:
-        for n, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
-            except UnicodeDecodeError as err:
-                raise EvalError(f"{path}:{n}: not UTF-8 ({err.reason} at byte {err.start}); BEIR files are "
-                                "UTF-8: re-encode the file.") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise EvalError(f"{path}:{n}: malformed JSON ({err}).") from None
-            if not isinstance(record, dict) or record.get("_id") in (None, ""):
-                raise EvalError(f"{path}:{n}: expected a JSON object with an \"_id\" (and \"text\"), as BEIR "
-                                f"writes them; got {line.strip()[:80]!r}.")
-            yield str(record["_id"]), record
+    from coco_accel.files import json_lines
+
+    for n, record, line in json_lines(path, EvalError):
+        if not isinstance(record, dict) or record.get("_id") in (None, ""):
+            raise EvalError(f"{path}:{n}: expected a JSON object with an \"_id\" (and \"text\"), as BEIR "
+                            f"writes them; got {line.strip()[:80]!r}.")
+        yield str(record["_id"]), record
 
 
 def load_qrels(folder: Path, split: str) -> dict[str, dict[str, int]]:
@@ -345,18 +334,15 @@ def evaluate(model: str, data: Sequence[str], split: str = "test", query_max_len
 
 
 def _check_arguments(args) -> None:
+    from coco_accel.files import output_file_problem
+
     for flag, value, least in (("--batch_size", args.batch_size, 1), ("--chunk_docs", args.chunk_docs, 1),
                                ("--query_max_len", args.query_max_len, 3), ("--doc_max_len", args.doc_max_len, 3)):
         if value < least:
             raise EvalError(f"{flag} must be at least {least}, got {value}.")
-    if args.output:
-        out = Path(args.output)
-        if out.is_dir():
-            raise EvalError(f"--output {args.output} is a folder: give a file name (results.json).")
-        existing = next(p for p in [out.parent, *out.absolute().parents] if p.exists())
-        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-            raise EvalError(f"--output {args.output}: {existing} is {'a file' if not existing.is_dir() else 'not writable'}; "
-                            "choose another path.")
+    problem = output_file_problem("--output", args.output) if args.output else None
+    if problem:
+        raise EvalError(problem)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -147,11 +147,26 @@ def whole_word_mask(
     follows[1:] = (at_row[1:] == at_row[:-1]) & (at_col[1:] == at_col[:-1] + 1)
     starts = ~(is_continuation[tokens] & follows)
     word_of = np.cumsum(starts) - 1  # [T] word of each token, numbered over the batch
-    word_row = at_row[starts]  # [Wt] row of each word
-    word_len = np.bincount(word_of, minlength=len(word_row))
+    row_hash = np.broadcast_to(keyed_hash(*(np.asarray(k, dtype=np.int64) for k in row_keys)), (n_rows,))
+    budget = np.maximum(1, np.rint(np.bincount(at_row, minlength=n_rows) * mlm_probability)).astype(np.int64)
+    chosen = _choose_words(at_row[starts], np.bincount(word_of), budget, row_hash)
+
+    token_masked = chosen[word_of]
+    at_row, at_pos = at_row[token_masked], at_col[token_masked]  # the masked positions, row-major
+    labels = np.full(ids.shape, -100, dtype=ids.dtype)
+    labels[at_row, at_pos] = tokens[token_masked]
+    out = ids if in_place else ids.copy()
+    _replace(out, at_row, at_pos, row_hash[at_row], mask_token_id, vocab_size)
+    return out, labels
+
+
+def _choose_words(word_row: np.ndarray, word_len: np.ndarray, budget: np.ndarray, row_hash: np.ndarray) -> np.ndarray:
+    """Which words are masked, [W] bool. word_row: each word's row (sorted); word_len: its tokens; budget:
+    per row, the tokens to mask. Per row, the words in a keyed random order, each taken if it still fits
+    the budget and skipped if not, until the budget is full (BERT's rule)."""
+    n_rows = len(budget)
     first_word = np.searchsorted(word_row, np.arange(n_rows))  # [N] the row's first word
     word_in_row = np.arange(len(word_row)) - first_word[word_row]
-    row_hash = np.broadcast_to(keyed_hash(*(np.asarray(k, dtype=np.int64) for k in row_keys)), (n_rows,))
     # By row, then by the word's keyed priority (the top bits of its hash): one sort of uint64 keys.
     row_bits = max(1, int(n_rows - 1).bit_length())
     priority = keyed_hash(word_in_row, MASK_WORD, prefix=row_hash[word_row]) >> np.uint64(row_bits)
@@ -160,7 +175,6 @@ def whole_word_mask(
     n_words = np.bincount(word_row, minlength=n_rows)
     lengths = np.zeros((n_rows, max(int(n_words.max(initial=0)), 1)), dtype=np.int64)
     lengths[word_row[order], rank] = word_len[order]
-    budget = np.maximum(1, np.rint(np.bincount(at_row, minlength=n_rows) * mlm_probability)).astype(np.int64)
     taken = np.zeros(n_rows, dtype=np.int64)
     accepted = np.zeros(lengths.shape, dtype=bool)
     for k in range(lengths.shape[1]):  # the k-th word of every row at once: take it if it still fits
@@ -171,19 +185,17 @@ def whole_word_mask(
             break
     chosen = np.zeros(len(word_row), dtype=bool)
     chosen[order] = accepted[word_row[order], rank]
+    return chosen
 
-    token_masked = chosen[word_of]
-    at_row, at_pos = at_row[token_masked], at_col[token_masked]  # the masked positions, row-major
-    labels = np.full(ids.shape, -100, dtype=ids.dtype)
-    labels[at_row, at_pos] = tokens[token_masked]
-    # The replacement is drawn at the masked positions only (a seventh of the tokens), keyed as every draw.
-    at_hash = row_hash[at_row]
+
+def _replace(out: np.ndarray, at_row: np.ndarray, at_pos: np.ndarray, at_hash: np.ndarray, mask_token_id: int,
+             vocab_size: int) -> None:
+    """BERT's replacement at the masked positions, in `out`: [MASK] 80%, a random token 10%, unchanged
+    10%. Drawn at the masked positions only (a seventh of the tokens), keyed as every draw."""
     action = uniform_of(keyed_hash(at_pos, MASK_ACTION, prefix=at_hash))
-    out = ids if in_place else ids.copy()
     to_mask = action < 0.8
     out[at_row[to_mask], at_pos[to_mask]] = mask_token_id
     to_random = (action >= 0.8) & (action < 0.9)
     random_tok = (uniform_of(keyed_hash(at_pos[to_random], RANDOM_TOKEN, prefix=at_hash[to_random]))
                   * vocab_size).astype(np.int64)
     out[at_row[to_random], at_pos[to_random]] = random_tok
-    return out, labels

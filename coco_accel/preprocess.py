@@ -577,6 +577,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _argument_problem(args) -> Optional[str]:
     """What is wrong with the command line, before anything is read (None when nothing is)."""
+    from coco_accel.files import output_folder_problem
+
     for flag, value in (("--num_proc", args.num_proc), ("--max_span_tokens", args.max_span_tokens)):
         if value < 1:
             return f"{flag} must be at least 1, got {value}."
@@ -584,14 +586,7 @@ def _argument_problem(args) -> Optional[str]:
         return f"--num_shards must be at least 1 (or left out: by size), got {args.num_shards}."
     if not 0.0 <= args.eval_fraction < 1.0:
         return f"--eval_fraction must be in [0, 1), got {args.eval_fraction}."
-    out = Path(args.output_dir)
-    if out.exists() and not out.is_dir():
-        return f"--output_dir {args.output_dir} is a file: choose a folder (it is created if missing)."
-    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        return (f"--output_dir {args.output_dir}: {existing} is {'a file' if not existing.is_dir() else 'not writable'};"
-                " choose another folder.")
-    return None
+    return output_folder_problem("--output_dir", args.output_dir)
 
 
 if __name__ == "__main__":

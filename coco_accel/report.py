@@ -29,13 +29,9 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     if not path.is_file():
         raise ReportError(f"{run_dir}: no metrics.jsonl; pass the --output_dir of a training run.")
     train, heldout = [], []
-    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ReportError(f"{path}:{n}: malformed JSON ({err}); a run writes one object a line.") from None
+    from coco_accel.files import json_lines
+
+    for n, record, line in json_lines(path, ReportError):
         if isinstance(record, dict) and "loss" in record and all(k in record for k in TRAIN_KEYS):
             train.append(record)
         elif isinstance(record, dict) and "step" in record and any(k.startswith(("heldout/", "eval/")) for k in record):

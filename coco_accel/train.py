@@ -117,6 +117,7 @@ def _setup_logging(is_main: bool) -> None:
 
 def _check_inputs(cfg: TrainConfig) -> None:
     """The folders a run needs, checked before anything loads: each problem named with its flag and fix."""
+    from coco_accel.files import output_folder_problem
     from coco_accel.wordpiece import tokenizer_folder_problem
 
     model = Path(cfg.model_name_or_path)
@@ -131,13 +132,9 @@ def _check_inputs(cfg: TrainConfig) -> None:
     if problem:
         raise ConfigError(f"--model_name_or_path {cfg.model_name_or_path}: {problem}; the trainer reads the "
                           "tokenizer from the model folder: save it there (tokenizer.save_pretrained).")
-    out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--output_dir {cfg.output_dir} is a file: choose a folder (it is created if missing).")
-    existing = next((p for p in [out, *out.absolute().parents] if p.exists()), None)
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--output_dir {cfg.output_dir}: {existing} is not writable by this user; choose "
-                          "another folder or fix its permissions.")
+    problem = output_folder_problem("--output_dir", cfg.output_dir)
+    if problem:
+        raise ConfigError(problem)
 
 
 def _check_data_tokenizer(cfg: TrainConfig, tokenizer) -> bool:
