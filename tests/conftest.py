@@ -137,13 +137,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def offline_env(**extra) -> dict:
+    """The environment of a subprocess of ours: no hub access, no tokenizer threads of its own."""
+    return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **extra)
+
+
 def train_env(**extra) -> dict:
     """The environment of a training subprocess: offline, on the CPU, with $COCO_ACCEL_TEST_THREADS torch
     threads per process (1 unless set: parity must hold for any thread count, so it is also run with 2)."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS=os.environ.get("COCO_ACCEL_TEST_THREADS", "1"), ACCELERATE_USE_CPU="true")
-    env.update(extra)
-    return env
+    return offline_env(**{"OMP_NUM_THREADS": os.environ.get("COCO_ACCEL_TEST_THREADS", "1"),
+                          "ACCELERATE_USE_CPU": "true", **extra})
+
+
+def train_args(model, data, out, *extra: str, **flags) -> list[str]:
+    """Arguments of coco_accel/train.py: the model, data and output folders, --skip_from 2 (the tiny
+    models' middle layer), then `flags` (name=value, True for a switch) and `extra` (later wins)."""
+    args = ["--output_dir", str(out), "--model_name_or_path", str(model), "--train_dir", str(data), "--skip_from", "2"]
+    for name, value in flags.items():
+        args += [f"--{name}"] if value is True else [f"--{name}", str(value)]
+    return args + list(extra)
 
 
 def torchrun(nproc: int, nnodes: int = 1, node_rank: int = 0, port: int = 0) -> list[str]:

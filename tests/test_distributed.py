@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, exported_weights, free_port, make_tiny_bert, metrics, torchrun, train_env
+from conftest import REPO, exported_weights, free_port, make_tiny_bert, metrics, torchrun, train_args, train_env
 
 pytestmark = pytest.mark.slow
 
@@ -47,10 +47,9 @@ LOGGED_REL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
 def _flags(model: str, data: Path, out: Path, per_device: int, *extra: str) -> list[str]:
-    return ["--output_dir", str(out), "--model_name_or_path", model, "--train_dir", str(data),
-            "--per_device_train_batch_size", str(per_device), "--max_steps", str(STEPS), "--logging_steps", "1",
-            "--save_steps", "0", "--skip_from", "2", "--late_mlm", "--optimizer", "sgd", "--learning_rate", str(LR),
-            "--max_grad_norm", "1e9", "--weight_decay", "0", "--report_to", "none", *extra]
+    return train_args(model, data, out, *extra, per_device_train_batch_size=per_device, max_steps=STEPS,
+                      logging_steps=1, save_steps=0, late_mlm=True, optimizer="sgd", learning_rate=LR,
+                      max_grad_norm="1e9", weight_decay=0, report_to="none")
 
 
 def _torchrun(nproc: int, args: list[str], nnodes: int = 1) -> None:

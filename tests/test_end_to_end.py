@@ -2,32 +2,27 @@
 
 import json
 import math
-import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, offline_env
 
 pytestmark = pytest.mark.slow
-
-
-def _env():
-    return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
 
 def test_preprocess_train_export(tmp_path, small_corpus, tiny_bert, minilm_path):
     data = tmp_path / "data"
     subprocess.run([sys.executable, "-m", "coco_accel.preprocess", "--tokenizer", minilm_path, "--output_dir",
                     str(data), "--cache_dir", str(tmp_path / "cache"), str(small_corpus)],
-                   check=True, env=_env(), cwd=REPO)
+                   check=True, env=offline_env(), cwd=REPO)
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu.yaml",
            "coco_accel/train.py", "--output_dir", str(out), "--model_name_or_path", tiny_bert, "--train_dir",
            str(data), "--per_device_train_batch_size", "4", "--max_steps", "6", "--logging_steps", "2",
            "--save_steps", "3", "--skip_from", "2", "--late_mlm", "--learning_rate", "1e-3", "--warmup_ratio", "0.2"]
-    subprocess.run(cmd, check=True, env=_env(), cwd=REPO)
+    subprocess.run(cmd, check=True, env=offline_env(), cwd=REPO)
 
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in records] == [1, 2, 4, 6]
@@ -48,7 +43,7 @@ def test_preprocess_train_export(tmp_path, small_corpus, tiny_bert, minilm_path)
 
 def test_bad_flag_exits_with_a_message(tmp_path):
     proc = subprocess.run([sys.executable, "coco_accel/train.py", "--output_dir", str(tmp_path), "--learning_rat",
-                           "1"], capture_output=True, text=True, env=_env(), cwd=REPO)
+                           "1"], capture_output=True, text=True, env=offline_env(), cwd=REPO)
     assert proc.returncode == 2
     assert "Did you mean --learning_rate" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -63,7 +58,7 @@ def test_heldout_signal_is_logged_per_corpus(tmp_path, small_corpus, tiny_bert, 
     subprocess.run([sys.executable, "coco_accel/train.py", "--output_dir", str(out), "--model_name_or_path",
                     tiny_bert, "--train_dir", str(data), "--per_device_train_batch_size", "4", "--max_steps", "4",
                     "--eval_steps", "2", "--eval_max_docs", "16", "--skip_from", "2", "--save_steps", "0",
-                    "--report_to", "none"], check=True, env=_env(), cwd=REPO)
+                    "--report_to", "none"], check=True, env=offline_env(), cwd=REPO)
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     held = [r for r in records if "heldout/docs/contrastive" in r]
     assert [r["step"] for r in held] == [0, 2, 4]
@@ -71,7 +66,7 @@ def test_heldout_signal_is_logged_per_corpus(tmp_path, small_corpus, tiny_bert, 
         assert math.isfinite(r["heldout/docs/contrastive"]) and 0 <= r["heldout/docs/contrastive_acc"] <= 1
     proc = subprocess.run([sys.executable, "coco_accel/train.py", "--output_dir", str(tmp_path / "x"),
                            "--model_name_or_path", tiny_bert, "--train_dir", str(data / "train"), "--eval_steps", "2",
-                           "--skip_from", "2"], env=_env(), cwd=REPO, capture_output=True, text=True)
+                           "--skip_from", "2"], env=offline_env(), cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2
 
 
@@ -84,7 +79,7 @@ def test_bf16_autocast_trains_on_cpu(tmp_path, tiny_bert, span_data):
            str(span_data), "--per_device_train_batch_size", "4", "--max_steps", "2", "--logging_steps", "1",
            "--save_steps", "0", "--skip_from", "2", "--late_mlm", "--bf16", "--report_to", "none",
            "--peak_tflops", "0.5"]
-    subprocess.run(cmd, check=True, env=_env(), cwd=REPO)
+    subprocess.run(cmd, check=True, env=offline_env(), cwd=REPO)
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in records] == [1, 2]
     for r in records:

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, assert_same_export, make_tiny_bert, train_env
+from conftest import REPO, assert_same_export, make_tiny_bert, train_args, train_env
 
 pytestmark = pytest.mark.slow
 
 
 def _cmd(model, data, out, *extra):
-    return [sys.executable, "coco_accel/train.py", "--output_dir", str(out), "--model_name_or_path", model,
-            "--train_dir", str(data), "--per_device_train_batch_size", "4", "--max_steps", "4", "--skip_from", "2",
-            "--save_steps", "0", "--max_grad_norm", "0", "--learning_rate", "1e30", "--report_to", "none", *extra]
+    return [sys.executable, "coco_accel/train.py", *train_args(
+        model, data, out, *extra, per_device_train_batch_size=4, max_steps=4, save_steps=0, max_grad_norm=0,
+        learning_rate="1e30", report_to="none")]
 
 
 def test_non_finite_loss_stops_with_the_step_and_parts(tmp_path, tiny_bert, span_data):
@@ -62,9 +62,8 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_latest(tmp_path):
 
 
 def _train_args(model, data, out, *extra):
-    return ["coco_accel/train.py", "--output_dir", str(out), "--model_name_or_path", model, "--train_dir", str(data),
-            "--skip_from", "2", "--late_mlm", "--logging_steps", "1", "--report_to", "none", "--learning_rate", "1e-3",
-            *extra]
+    return ["coco_accel/train.py", *train_args(model, data, out, *extra, late_mlm=True, logging_steps=1,
+                                                report_to="none", learning_rate="1e-3")]
 
 
 def _logged(out: Path) -> int:

@@ -3,28 +3,25 @@
 
 import json
 import math
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import REPO, record_cls, span_batch
+from conftest import REPO, offline_env, record_cls, span_batch, train_args
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
 def _run(cmd, out):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    subprocess.run(cmd, cwd=REPO, env=env, check=True, timeout=900)
+    subprocess.run(cmd, cwd=REPO, env=offline_env(), check=True, timeout=900)
     return [json.loads(line) for line in open(out / "metrics.jsonl") if '"loss"' in line]
 
 
 def _flags(out, model, data, *extra):
-    return ["coco_accel/train.py", "--output_dir", str(out), "--model_name_or_path", model, "--train_dir", str(data),
-            "--per_device_train_batch_size", "8", "--max_steps", "6", "--logging_steps", "2", "--save_steps", "0",
-            "--skip_from", "2", "--late_mlm", "--report_to", "none", *extra]
+    return ["coco_accel/train.py", *train_args(model, data, out, *extra, per_device_train_batch_size=8, max_steps=6,
+                                                logging_steps=2, save_steps=0, late_mlm=True, report_to="none")]
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])

@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, offline_env
 
 ACCELERATE_CONFIGS = sorted((REPO / "accelerate_configs").glob("*.yaml"))
 DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
@@ -50,10 +50,6 @@ def test_deepspeed_json_leaves_the_recipe_numbers_to_accelerate(path):
         assert cfg["fp16"]["loss_scale"] == 0  # dynamic loss scaling
 
 
-def _env():
-    return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
-
-
 @pytest.mark.slow
 def test_cpu_ddp_config_starts_two_processes(tmp_path, tiny_bert, span_data):
     out = tmp_path / "run"
@@ -61,7 +57,7 @@ def test_cpu_ddp_config_starts_two_processes(tmp_path, tiny_bert, span_data):
                            "accelerate_configs/cpu_ddp.yaml", "coco_accel/train.py", "--output_dir", str(out),
                            "--model_name_or_path", tiny_bert, "--train_dir", str(span_data), "--skip_from", "2",
                            "--per_device_train_batch_size", "3", "--max_steps", "1", "--save_steps", "0"],
-                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+                          cwd=REPO, env=offline_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "World size 2" in proc.stderr and "DDP" in proc.stderr
 

@@ -11,16 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, assert_same_export, exported_weights, free_port, make_tiny_bert, train_env
+from conftest import REPO, assert_same_export, exported_weights, free_port, make_tiny_bert, train_args, train_env
 
 pytestmark = pytest.mark.slow
 
 
 def _cmd(model, data, out, steps, *extra):
-    return [sys.executable, "coco_accel/train.py", "--output_dir", str(out), "--model_name_or_path", model,
-            "--train_dir", str(data), "--per_device_train_batch_size", "6", "--max_steps", str(steps),
-            "--logging_steps", "1", "--skip_from", "2", "--late_mlm", "--learning_rate", "1e-3",
-            "--warmup_ratio", "0.3", "--weight_decay", "0.01", *extra]
+    return [sys.executable, "coco_accel/train.py", *train_args(
+        model, data, out, *extra, per_device_train_batch_size=6, max_steps=steps, logging_steps=1, late_mlm=True,
+        learning_rate="1e-3", warmup_ratio="0.3", weight_decay="0.01")]
 
 
 def _wait_for_logged_steps(proc, out: Path, n: int, timeout: float) -> None:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, metrics, torchrun, train_env, write_docstring_beir
+from conftest import REPO, metrics, torchrun, train_args, train_env, write_docstring_beir
 
 pytestmark = pytest.mark.slow
 
@@ -18,10 +18,9 @@ def beir(tmp_path_factory):
 
 
 def _flags(model, data, out, beir, per_device, *extra):
-    return ["--output_dir", str(out), "--model_name_or_path", model, "--train_dir", str(data), "--max_steps", "4",
-            "--per_device_train_batch_size", str(per_device), "--skip_from", "2", "--report_to", "none",
-            "--learning_rate", "1e-3", "--save_steps", "0", "--logging_steps", "1", "--eval_data", str(beir),
-            "--eval_steps", "2", "--eval_batch_size", "16", *extra]
+    return train_args(model, data, out, *extra, max_steps=4, per_device_train_batch_size=per_device,
+                      report_to="none", learning_rate="1e-3", save_steps=0, logging_steps=1, eval_data=beir,
+                      eval_steps=2, eval_batch_size=16)
 
 
 def _evaluations(out):
