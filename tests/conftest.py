@@ -166,6 +166,17 @@ def torchrun(nproc: int, nnodes: int = 1, node_rank: int = 0, port: int = 0) -> 
             f"--node_rank={node_rank}", "--master_addr=127.0.0.1", f"--master_port={port or free_port()}"]
 
 
+def wait_for_logged_lines(proc, out: Path, n: int, timeout: float) -> None:
+    """Until the run in `out` has logged n lines of metrics.jsonl (or ended, or the time is up)."""
+    import time
+
+    path = out / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not (
+            path.exists() and len(path.read_text().splitlines()) >= n):
+        time.sleep(0.05)
+
+
 def exported_weights(out: Path) -> dict:
     """Backbone and head tensors of an export folder, by name."""
     from safetensors.torch import load_file

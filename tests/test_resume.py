@@ -6,12 +6,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, assert_same_export, exported_weights, free_port, make_tiny_bert, train_args, train_env
+from conftest import REPO, assert_same_export, exported_weights, free_port, make_tiny_bert, train_args, train_env, \
+    wait_for_logged_lines
 
 pytestmark = pytest.mark.slow
 
@@ -20,15 +20,6 @@ def _cmd(model, data, out, steps, *extra):
     return [sys.executable, "coco_accel/train.py", *train_args(
         model, data, out, *extra, per_device_train_batch_size=6, max_steps=steps, logging_steps=1, late_mlm=True,
         learning_rate="1e-3", warmup_ratio="0.3", weight_decay="0.01")]
-
-
-def _wait_for_logged_steps(proc, out: Path, n: int, timeout: float) -> None:
-    """Until the run has logged n lines (or ended, or the time is up)."""
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None and not (
-            metrics.exists() and len(metrics.read_text().splitlines()) >= n):
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +53,7 @@ def test_sigterm_writes_a_checkpoint_and_resumes_exactly(tmp_path, model, span_d
     subprocess.run(_cmd(model, span_data, full, 30, "--save_steps", "0"), cwd=REPO, env=train_env(), check=True)
     out = tmp_path / "preempted"
     proc = subprocess.Popen(_cmd(model, span_data, out, 30, "--save_steps", "0"), cwd=REPO, env=train_env())
-    _wait_for_logged_steps(proc, out, 3, timeout=120)
+    wait_for_logged_lines(proc, out, 3, timeout=120)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 75
     stopped = [p.name for p in out.glob("checkpoint-*")]
@@ -96,7 +87,7 @@ def test_stop_file_writes_a_checkpoint_and_resumes_exactly(tmp_path, model, span
     out.mkdir()
     (out / "STOP").write_text("")  # stale from an earlier job: removed at start, not obeyed
     proc = subprocess.Popen(_cmd(model, span_data, out, 20, "--save_steps", "0"), cwd=REPO, env=train_env())
-    _wait_for_logged_steps(proc, out, 3, timeout=120)
+    wait_for_logged_lines(proc, out, 3, timeout=120)
     (out / "STOP").write_text("")
     assert proc.wait(timeout=120) == 75
     assert "STOP file" in (out / "PREEMPTED").read_text()
@@ -115,7 +106,7 @@ def test_two_processes_stop_together_and_resume_exactly(tmp_path, model, span_da
     subprocess.run(launch(full), cwd=REPO, env=train_env(), check=True)
     out = tmp_path / "stopped"
     proc = subprocess.Popen(launch(out), cwd=REPO, env=train_env())
-    _wait_for_logged_steps(proc, out, 3, timeout=180)
+    wait_for_logged_lines(proc, out, 3, timeout=180)
     (out / "STOP").write_text("")
     assert proc.wait(timeout=180) != 0  # torchrun reports the workers' exit code 75 as a failure
     assert (out / "PREEMPTED").is_file() and len(list(out.glob("checkpoint-*"))) == 1

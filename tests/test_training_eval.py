@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from conftest import REPO, metrics, torchrun, train_args, train_env, write_docstring_beir
+from conftest import REPO, metrics, torchrun, train_args, train_env, \
+    wait_for_logged_lines, write_docstring_beir
 
 pytestmark = pytest.mark.slow
 
@@ -60,6 +61,29 @@ def test_training_eval_is_the_export_evaluation_and_the_same_on_two_processes(tm
         last = _evaluations(run_dir)[-1]
         for metric in ("ndcg@10", "recall@100", "mrr@10"):
             assert abs(exported[metric] - last[f"eval/docstrings/{metric}"]) < 1e-9, (run_dir.name, metric)
+
+
+def test_resume_keeps_the_evaluation_history(tmp_path, span_data, tiny_bert, beir):
+    """Stopped mid-run (STOP file) and resumed, a run's evaluations are the uninterrupted run's: those made
+    before the checkpoint kept, none repeated, the later ones made once on the same weights."""
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    flags = ("--max_steps", "6")
+    run = subprocess.run([sys.executable, "coco_accel/train.py", *_flags(tiny_bert, span_data, full, beir, 8, *flags)],
+                         cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    cmd = [sys.executable, "coco_accel/train.py", *_flags(tiny_bert, span_data, stopped, beir, 8, *flags)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_logged_lines(proc, stopped, 3, timeout=300)  # step 0's evaluation and two training records
+    (stopped / "STOP").write_text("")
+    assert proc.wait(timeout=300) == 75
+    before = _evaluations(stopped)
+    assert before and [r["step"] for r in before] == [0, 2, 4, 6][:len(before)]
+    run = subprocess.run(cmd, cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    drop = ("eval/seconds",)  # the only field that may differ
+    assert ([{k: v for k, v in r.items() if k not in drop} for r in _evaluations(stopped)]
+            == [{k: v for k, v in r.items() if k not in drop} for r in _evaluations(full)])
+    assert [r["step"] for r in _evaluations(full)] == [0, 2, 4, 6]
 
 
 def test_report_shows_the_retrieval_records(tmp_path):
