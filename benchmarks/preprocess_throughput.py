@@ -186,7 +186,7 @@ def main(argv=None) -> int:
         if args.corpus:
             n = build_corpus(Path(args.corpus), args.repeat, tmp / "corpus", args.mix, args.unicode)
         else:
-            from coco_accel.demo import write_corpus
+            from coco_accel.docstrings import write_corpus
 
             write_corpus(tmp / "one")
             n = build_corpus(tmp / "one", args.repeat, tmp / "corpus", args.mix, args.unicode)

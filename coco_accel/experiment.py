@@ -125,7 +125,7 @@ class Experiment:
     def run(self) -> dict:
         control = self.control
         if control == DOCSTRINGS:
-            from coco_accel.demo import write_corpus
+            from coco_accel.docstrings import write_corpus
 
             folder = self.out / "data" / "docstrings_corpus"
             if not (folder / "corpus.jsonl").is_file():

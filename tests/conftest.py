@@ -102,7 +102,7 @@ def record_cls(monkeypatch) -> list:
 
 def write_docstring_corpus(path: Path, n: int) -> Path:
     """n real English documents (standard-library docstrings) as a BEIR corpus.jsonl."""
-    from coco_accel.demo import docstring_documents
+    from coco_accel.docstrings import docstring_documents
 
     path.mkdir(parents=True, exist_ok=True)
     with open(path / "corpus.jsonl", "w", encoding="utf-8") as fh:
@@ -204,7 +204,7 @@ def write_docstring_beir(path: Path, n_docs: int = 120, n_queries: int = 24) -> 
     `n_queries` documents as a query judged relevant to its own document (the sentence is removed from it)."""
     import re
 
-    from coco_accel.demo import docstring_documents
+    from coco_accel.docstrings import docstring_documents
 
     path.mkdir(parents=True, exist_ok=True)
     (path / "qrels").mkdir(exist_ok=True)

@@ -70,7 +70,7 @@ def test_crafted_contexts_match_nltk():
 
 
 def test_docstring_contexts_match_nltk():
-    from coco_accel.demo import docstring_documents
+    from coco_accel.docstrings import docstring_documents
 
     texts = [f"{d.get('title', '')} {d['text']}".strip() for d in docstring_documents()]
     assert _assert_same(texts) > 1000
