@@ -1,4 +1,5 @@
-"""Checkpoints: everything to continue a run, written atomically as output_dir/checkpoint-STEP/."""
+"""Checkpoints and resuming: everything to continue a run, written atomically as output_dir/checkpoint-STEP/;
+which checkpoint a run continues from and what it must match; stop requests (preemption)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import re
 import shutil
 from pathlib import Path
 from typing import Optional
+
+from coco_accel.config import ConfigError, TrainConfig, to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -167,3 +170,118 @@ if __name__ == "__main__":
     import sys
 
     sys.exit(main())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# resuming and stopping
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint written after SIGTERM/SIGUSR1; requeue and resume
+PREEMPTED_MARKER = "PREEMPTED"  # also left in --output_dir: launchers may not pass exit codes through
+STOP_FILE = "STOP"  # created in --output_dir (by slurm/train.sbatch, or by hand): checkpoint and stop
+
+
+def resume_from(cfg: TrainConfig, is_main: bool) -> Optional[Path]:
+    """The checkpoint to continue from, and the output-directory rule (never overwrite by accident)."""
+    if cfg.resume not in ("auto", "none"):
+        path = Path(cfg.resume)
+        if not (path / STATE_FILE).is_file():
+            raise ConfigError(f"--resume {cfg.resume}: not a complete checkpoint (no {STATE_FILE}).")
+        return path
+    found = latest_checkpoint(cfg.output_dir) if cfg.resume == "auto" else None
+    if found is not None:
+        return found
+    out = Path(cfg.output_dir)
+    if out.is_dir() and any(p.name not in (STOP_FILE, PREEMPTED_MARKER) for p in out.iterdir()):
+        if not cfg.overwrite_output_dir:
+            raise ConfigError(f"--output_dir {cfg.output_dir} is not empty and holds no checkpoint to resume: "
+                              "pass --overwrite_output_dir to write into it, or choose another folder.")
+        stale = list_checkpoints(cfg.output_dir)
+        if stale and is_main:
+            logger.info("Starting fresh (--resume none): removing %d old checkpoints from %s.", len(stale), out)
+            for old in stale:
+                shutil.rmtree(old, ignore_errors=True)
+    return None
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 (what SLURM sends before preemption) only set a flag; the loop acts on it.
+
+    A file named STOP in --output_dir does the same: launchers between SLURM and the training
+    processes (torchrun's agent) do not forward SIGUSR1, a file reaches every node.
+    """
+
+    def __init__(self, stop_file: Optional[Path] = None):
+        import signal
+
+        self.signal_name: Optional[str] = None
+        self.stop_file = stop_file
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        self.signal_name = signal.Signals(signum).name
+
+    @property
+    def requested(self) -> bool:
+        if self.signal_name is None and self.stop_file is not None and self.stop_file.exists():
+            self.signal_name = f"{self.stop_file.name} file"
+        return self.signal_name is not None
+
+
+def provenance(cfg: TrainConfig, accelerator, dataset, tokenizer, plan) -> dict:
+    """What a checkpoint is made from, recorded in it and checked on resume."""
+    from coco_accel.wordpiece import vocab_sha256
+
+    plugin = accelerator.state.deepspeed_plugin
+    return {"seed": cfg.seed, "global_docs": plan.global_docs, "world_size": accelerator.num_processes,
+            "engine": f"deepspeed-zero{plugin.zero_stage}" if plugin is not None else "ddp",
+            "data": {"train_dir": os.path.abspath(cfg.train_dir), "documents": len(dataset),
+                     "fingerprint": getattr(dataset, "_fingerprint", None)},
+            "tokenizer": {"name_or_path": cfg.model_name_or_path, "size": len(tokenizer),
+                          "vocab_sha256": vocab_sha256(tokenizer.get_vocab())},
+            "recipe": to_dict(cfg)}
+
+
+def check_resume(cfg: TrainConfig, path: Path, saved: dict, now: dict) -> bool:
+    """Refuse a checkpoint this run cannot continue; True when the process count changed (DDP only).
+
+    Checked before anything is loaded: a DeepSpeed checkpoint on another process count would end in a
+    traceback from deep inside DeepSpeed. Checkpoints written before a field was recorded skip its check.
+    """
+    if saved.get("global_docs") != now["global_docs"] or saved.get("seed") != now["seed"]:
+        raise ConfigError(f"{path} was written with global batch {saved.get('global_docs')} documents and "
+                          f"seed {saved.get('seed')}; this run has {now['global_docs']} and {now['seed']}. Resuming "
+                          "would not continue the same run: match them, or pass --resume none.")
+    override = " (or pass --resume_allow_changed_data if you mean to continue on it)"
+    data, was = now["data"], saved.get("data")
+    if was and (was["documents"], was["fingerprint"]) != (data["documents"], data["fingerprint"]):
+        if not cfg.resume_allow_changed_data:
+            raise ConfigError(f"{path} was made from --train_dir {was['train_dir']} ({was['documents']} documents, "
+                              f"fingerprint {was['fingerprint']}); this run's {data['train_dir']} has "
+                              f"{data['documents']} documents, fingerprint {data['fingerprint']}. Its position in the "
+                              f"epoch means nothing on other data: point --train_dir at the original{override}.")
+        logger.warning("Resuming %s on other data (--resume_allow_changed_data).", path)
+    tok, was = now["tokenizer"], saved.get("tokenizer")
+    if was and was["vocab_sha256"] != tok["vocab_sha256"]:
+        if not cfg.resume_allow_changed_data:
+            raise ConfigError(f"{path} was trained with the tokenizer of {was['name_or_path']} ({was['size']} tokens); "
+                              f"this run's {tok['name_or_path']} has another vocabulary ({tok['size']} tokens): the "
+                              f"embeddings would mean other tokens. Use the original --model_name_or_path{override}.")
+        logger.warning("Resuming %s with another tokenizer (--resume_allow_changed_data).", path)
+    engine, world = saved.get("engine"), saved.get("world_size")
+    if engine and engine != now["engine"]:
+        raise ConfigError(f"{path} was written under {engine}; this run uses {now['engine']}, which stores the model "
+                          f"and optimizer in another layout. Resume with the launch config it was written with.")
+    if world and world != now["world_size"]:
+        if now["engine"].startswith("deepspeed") and not is_universal(path):
+            raise ConfigError(f"{path} was written by {world} processes under {engine}, whose optimizer state is "
+                              f"partitioned {world} ways; this run has {now['world_size']}. Resume with {world} "
+                              "processes (the global batch, and so the run, stays the same), or convert it to "
+                              f"DeepSpeed's universal format first: `python -m coco_accel.checkpoint universal {path}`.")
+        logger.warning("Resuming %s, written by %d processes, on %d: the same global batches follow; dropout's "
+                       "random streams restart per process (keyed by seed, step and rank).", path, world,
+                       now["world_size"])
+        return True
+    return False

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
 from coco_accel import dist
 from coco_accel.step import StepParts
+
+if TYPE_CHECKING:
+    from coco_accel.config import TrainConfig
+
+logger = logging.getLogger(__name__)
 
 _PARTS = ("mlm_head", "mlm_backbone", "contrastive")
 
@@ -127,3 +133,77 @@ def peak_tflops(device: torch.device) -> Optional[float]:
         if model in name:
             return tflops
     return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# what the training loop reports
+
+class TrainingLog:
+    """What the loop reports: training records every --logging_steps, evaluations (held-out signal and
+    --eval_data retrieval) at step 0, every --eval_steps and at the end, to metrics.jsonl (main process),
+    the trackers and the progress bar."""
+
+    def __init__(self, run):  # a train.Run
+        from tqdm.auto import tqdm
+
+        self.run, acc = run, run.accelerator
+        self.metrics = (MetricsFile(Path(run.cfg.output_dir) / "metrics.jsonl", keep_until=run.start_step)
+                        if acc.is_main_process else None)
+        self.meter = make_meter(run.cfg, acc, acc.unwrap_model(run.model).config)
+        self.bar = tqdm(total=run.total_steps, initial=run.start_step, desc="train", disable=not acc.is_main_process,
+                        dynamic_ncols=True)
+        self.evaluating = bool(run.heldout) or run.retrieval is not None
+        self.evaluated_at = run.start_step if run.start_step else None
+        self.first = self.last = None
+
+    def write(self, record: dict) -> None:
+        self.run.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        if self.metrics is not None:
+            self.metrics.write(record)
+
+    def evaluate(self, step: int) -> None:
+        """The held-out contrastive signal and retrieval on --eval_data, logged as one record."""
+        from coco_accel.heldout import heldout_signal
+
+        run, acc = self.run, self.run.accelerator
+        record = {"step": step}
+        if run.heldout:
+            record.update(heldout_signal(run.model, run.heldout, acc.device, run.cfg.temperature, run.cfg.normalize))
+        if run.retrieval is not None:
+            backbone = acc.unwrap_model(run.model).mlm.base_model  # what AutoModel loads from the export
+            record.update(run.retrieval(backbone, run.tokenizer, acc.process_index, acc.num_processes))
+            logger.info("Step %d: retrieval %s (%.1f s)", step, ", ".join(
+                f"{k[len('eval/'):]} {v:.4f}" for k, v in record.items() if k.endswith("/ndcg@10")),
+                record["eval/seconds"])
+        self.write(record)
+        self.evaluated_at = step
+
+    def step_done(self, step: int, lr: Optional[float], skipped: int) -> None:
+        cfg, acc = self.run.cfg, self.run.accelerator
+        self.bar.update(1)
+        if self.meter.steps and (step == 1 or step % cfg.logging_steps == 0 or step == self.run.total_steps):
+            self.last = self.meter.flush(step, lr, self.run.docs_seen, skipped,
+                                         loss_scale=acc.scaler.get_scale() if acc.scaler is not None else None)
+            self.first = self.first or self.last
+            self.bar.set_postfix(loss=f"{self.last['loss']:.3f}", acc=f"{self.last['contrastive_acc']:.2f}")
+            self.write(self.last)
+        if self.evaluating and cfg.eval_steps and step % cfg.eval_steps == 0:
+            self.evaluate(step)
+
+    def close(self) -> None:
+        """The end of the run: a last evaluation (what the export scores) and the loss summary."""
+        self.bar.close()
+        if self.evaluating and self.evaluated_at != self.run.total_steps:
+            self.evaluate(self.run.total_steps)
+        if self.first and self.last:
+            logger.info("Loss: first %.4f (step %d) -> last %.4f (step %d); contrastive accuracy %.3f -> %.3f",
+                        self.first["loss"], self.first["step"], self.last["loss"], self.last["step"],
+                        self.first["contrastive_acc"], self.last["contrastive_acc"])
+
+
+def make_meter(cfg: TrainConfig, acc, model_config):
+    """The metrics meter, with the model's FLOPs per token and, where known, the GPU's peak (MFU)."""
+    flops = lambda avg_len: useful_flops_per_token(model_config, cfg.n_head_layers, avg_len, cfg.mlm_probability,
+                                                   cfg.late_mlm)
+    sixteen_bit = acc.mixed_precision in ("bf16", "fp16")
+    return Meter(acc.device, flops, cfg.peak_tflops or (peak_tflops(acc.device) if sixteen_bit else None))

@@ -16,103 +16,17 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
+from coco_accel.checkpoint import (PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, STOP_FILE, StopRequest, check_resume,
+                                   provenance, resume_from)
 from coco_accel.config import ConfigError, TrainConfig, parse_config, to_dict
+from coco_accel.engine import build_accelerator, check_deepspeed, finish, growable_cuda_segments, setup_logging
+
+if TYPE_CHECKING:
+    from coco_accel.tracking import TrainingLog
 
 logger = logging.getLogger("coco_accel.train")
-
-
-def _mixed_precision(cfg: TrainConfig) -> Optional[str]:
-    """--fp16/--bf16 (the reference's flags) must agree with the launch config, which owns precision."""
-    wanted = "fp16" if cfg.fp16 else "bf16" if cfg.bf16 else None
-    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
-    if wanted and launched and launched not in ("no", wanted):
-        raise ConfigError(f"--{wanted} contradicts the accelerate config's mixed_precision: {launched}. "
-                          "Drop the flag or change the config.")
-    return wanted
-
-
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint written after SIGTERM/SIGUSR1; requeue and resume
-PREEMPTED_MARKER = "PREEMPTED"  # also left in --output_dir: launchers may not pass exit codes through
-STOP_FILE = "STOP"  # created in --output_dir (by slurm/train.sbatch, or by hand): checkpoint and stop
-
-
-def build_accelerator(cfg: TrainConfig):
-    from datetime import timedelta
-
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
-    launched_world = int(os.environ.get("WORLD_SIZE", "1"))
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    kwargs = {}
-    if launched_world > 1:
-        # A collective that waits longer than this fails, so one dead rank ends the job instead of hanging it.
-        group = {"timeout": timedelta(seconds=cfg.ddp_timeout)}
-        if not torch.cuda.is_available():
-            # CPU runs: NCCL needs a GPU. DeepSpeed needs gloo named explicitly (cpu=True would silently
-            # turn it off); DDP needs cpu=True, or every process quietly trains alone as rank 0.
-            if deepspeed:
-                group["backend"] = "gloo"
-            else:
-                kwargs["cpu"] = True
-        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(**group)]
-    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg), log_with=_trackers(cfg.report_to),
-                              project_dir=cfg.output_dir, **kwargs)
-    if accelerator.num_processes != launched_world:
-        raise ConfigError(f"the launcher started {launched_world} processes but they formed a group of "
-                          f"{accelerator.num_processes}: check the accelerate config (on CPU use --multi_gpu "
-                          "with ACCELERATE_USE_CPU=true, or torchrun).")
-    return accelerator
-
-
-def _trackers(report_to: str) -> list[str]:
-    """Accelerate trackers that are installed; a missing one is logged, never fatal."""
-    import importlib.util
-
-    wanted = {"none": [], "all": ["tensorboard", "wandb"]}.get(report_to, [t.strip() for t in report_to.split(",")])
-    modules = {"tensorboard": ("tensorboardX", "tensorboard"), "wandb": ("wandb",)}
-    found = []
-    for name in wanted:
-        if name not in modules:
-            raise ConfigError(f"--report_to {report_to}: unknown tracker '{name}'; use tensorboard, wandb, all or none.")
-        if any(importlib.util.find_spec(m) for m in modules[name]):
-            found.append(name)
-        elif report_to != "all":
-            logger.warning("--report_to %s: the package is not installed; metrics go to metrics.jsonl only.", name)
-    return found
-
-
-def _fill_deepspeed_config(accelerator, cfg: TrainConfig, per_device: int) -> None:
-    """Give DeepSpeed the recipe's numbers (the JSON says "auto"): we shard batches ourselves, so no
-    dataloader goes through `prepare` for Accelerate to read them from."""
-    ds = accelerator.state.deepspeed_plugin.deepspeed_config
-    for key, value in (("train_micro_batch_size_per_gpu", per_device),
-                       ("gradient_accumulation_steps", 1),
-                       ("train_batch_size", per_device * accelerator.num_processes),
-                       ("gradient_clipping", cfg.max_grad_norm)):
-        if ds.get(key, "auto") != "auto" and ds[key] != value:
-            raise ConfigError(f"the DeepSpeed config sets {key}={ds[key]} but the recipe implies {value}: "
-                              f"set it to \"auto\" in the JSON so the recipe stays the single source.")
-        ds[key] = value
-    if cfg.optimizer == "sgd":  # ZeRO partitions any torch optimizer; DeepSpeed asks to be told for untested ones
-        ds["zero_allow_untested_optimizer"] = True
-    if ds.get("zero_optimization", {}).get("stage", 0) == 3 and cfg.cache_chunk_size > 0:
-        raise ConfigError("--cache_chunk_size with ZeRO-3 is not supported: stage 3 gathers parameters per "
-                          "forward, and the cached re-encoding would gather them once per chunk. Use ZeRO-1/2.")
-
-
-def _setup_logging(is_main: bool) -> None:
-    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    if not is_main:
-        import datasets
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        datasets.logging.set_verbosity_error()
 
 
 def _check_inputs(cfg: TrainConfig) -> None:
@@ -155,60 +69,6 @@ def _check_data_tokenizer(cfg: TrainConfig, tokenizer) -> bool:
                           f"--model_name_or_path {cfg.model_name_or_path} ({len(tokenizer)} tokens). Re-run "
                           f"`python -m coco_accel.preprocess --tokenizer {cfg.model_name_or_path} ...`.")
     return bool(recorded)
-
-
-def _resume_from(cfg: TrainConfig, is_main: bool) -> Optional[Path]:
-    """The checkpoint to continue from, and the output-directory rule (never overwrite by accident)."""
-    from coco_accel.checkpoint import STATE_FILE, latest_checkpoint, list_checkpoints
-
-    if cfg.resume not in ("auto", "none"):
-        path = Path(cfg.resume)
-        if not (path / STATE_FILE).is_file():
-            raise ConfigError(f"--resume {cfg.resume}: not a complete checkpoint (no {STATE_FILE}).")
-        return path
-    found = latest_checkpoint(cfg.output_dir) if cfg.resume == "auto" else None
-    if found is not None:
-        return found
-    out = Path(cfg.output_dir)
-    if out.is_dir() and any(p.name not in (STOP_FILE, PREEMPTED_MARKER) for p in out.iterdir()):
-        if not cfg.overwrite_output_dir:
-            raise ConfigError(f"--output_dir {cfg.output_dir} is not empty and holds no checkpoint to resume: "
-                              "pass --overwrite_output_dir to write into it, or choose another folder.")
-        stale = list_checkpoints(cfg.output_dir)
-        if stale and is_main:
-            logger.info("Starting fresh (--resume none): removing %d old checkpoints from %s.", len(stale), out)
-            import shutil
-
-            for old in stale:
-                shutil.rmtree(old, ignore_errors=True)
-    return None
-
-
-class _StopRequest:
-    """SIGTERM / SIGUSR1 (what SLURM sends before preemption) only set a flag; the loop acts on it.
-
-    A file named STOP in --output_dir does the same: launchers between SLURM and the training
-    processes (torchrun's agent) do not forward SIGUSR1, a file reaches every node.
-    """
-
-    def __init__(self, stop_file: Optional[Path] = None):
-        import signal
-
-        self.signal_name: Optional[str] = None
-        self.stop_file = stop_file
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        import signal
-
-        self.signal_name = signal.Signals(signum).name
-
-    @property
-    def requested(self) -> bool:
-        if self.signal_name is None and self.stop_file is not None and self.stop_file.exists():
-            self.signal_name = f"{self.stop_file.name} file"
-        return self.signal_name is not None
 
 
 @dataclass
@@ -261,7 +121,7 @@ def _read_inputs(cfg: TrainConfig, accelerator) -> _Inputs:
     from coco_accel.model import load_condenser
     from coco_accel.optim import warmup_steps_for
 
-    resume = _resume_from(cfg, accelerator.is_main_process)
+    resume = resume_from(cfg, accelerator.is_main_process)
     _check_inputs(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
     model = load_condenser(cfg.model_name_or_path, n_head_layers=cfg.n_head_layers, skip_from=cfg.skip_from,
@@ -288,7 +148,7 @@ def _read_inputs(cfg: TrainConfig, accelerator) -> _Inputs:
                           "--dataloader_drop_last: lower the batch size or add data.")
     total_steps = plan.total_steps(cfg.num_train_epochs, cfg.max_steps)
     if accelerator.state.deepspeed_plugin is not None:
-        _check_deepspeed(accelerator, cfg, per_device, model, resume)
+        check_deepspeed(accelerator, cfg, per_device, model, resume)
     collator = SpanCollator(tokenizer, cfg.max_seq_length, cfg.mlm_probability, cfg.seed)
     heldout = {}
     if cfg.eval_steps:
@@ -301,10 +161,10 @@ def _read_inputs(cfg: TrainConfig, accelerator) -> _Inputs:
             logger.info("No held-out split in --train_dir: --eval_steps measures retrieval on --eval_data only.")
         else:
             heldout = heldout_batches(heldout_docs, collator, plan, cfg.eval_max_docs)
-    provenance = _provenance(cfg, accelerator, dataset, tokenizer, plan)
-    reseed = resume is not None and _check_resume(cfg, resume, read_state(resume), provenance)
+    made_from = provenance(cfg, accelerator, dataset, tokenizer, plan)
+    reseed = resume is not None and check_resume(cfg, resume, read_state(resume), made_from)
     return _Inputs(resume, reseed, tokenizer, model, dataset, plan, collator, heldout, _retrieval(cfg, accelerator),
-                   total_steps, warmup_steps_for(total_steps, cfg.warmup_steps, cfg.warmup_ratio), provenance)
+                   total_steps, warmup_steps_for(total_steps, cfg.warmup_steps, cfg.warmup_ratio), made_from)
 
 
 def _retrieval(cfg: TrainConfig, accelerator):
@@ -326,24 +186,6 @@ def _retrieval(cfg: TrainConfig, accelerator):
         raise ConfigError(str(err)) from None
 
 
-def _check_deepspeed(accelerator, cfg: TrainConfig, per_device: int, model, resume: Optional[Path]) -> None:
-    """Fill the DeepSpeed config from the recipe and refuse what DeepSpeed cannot do."""
-    from coco_accel.checkpoint import is_universal
-
-    _fill_deepspeed_config(accelerator, cfg, per_device)
-    if resume is not None and is_universal(resume):  # written by another process count, then converted
-        accelerator.state.deepspeed_plugin.deepspeed_config["checkpoint"] = {"load_universal": True}
-    if accelerator.state.deepspeed_plugin.zero_stage == 3 and model.length_bucket_width and not model.pack_length:
-        # ZeRO-3 gathers each module's parameters collectively at every call, so every process must
-        # call the encoder equally often; the number of length buckets differs between processes.
-        logger.info("ZeRO-3: length buckets off (--length_bucket_width 0); rows pad to the batch's longest.")
-        model.length_bucket_width = 0
-    if cfg.max_nonfinite_skips:
-        raise ConfigError("--max_nonfinite_skips is not available under DeepSpeed: it applies the update inside "
-                          "backward, before the loss can be checked (its fp16 loss scaler skips overflow steps "
-                          "itself). Drop the flag, or use DDP.")
-
-
 def build(cfg: TrainConfig) -> Run:
     from accelerate.utils import set_seed
 
@@ -353,7 +195,7 @@ def build(cfg: TrainConfig) -> Run:
     from coco_accel.optim import build_optimizer, linear_schedule
 
     accelerator = build_accelerator(cfg)
-    _setup_logging(accelerator.is_main_process)
+    setup_logging(accelerator.is_main_process)
     if accelerator.is_main_process:
         remove_partial(cfg.output_dir)  # a run killed while writing one; the previous checkpoint is the latest
     accelerator.wait_for_everyone()
@@ -368,7 +210,7 @@ def build(cfg: TrainConfig) -> Run:
                     disable_backbone_dropout(model))
     if cfg.torch_compile:
         model.compile_parts()
-    _growable_cuda_segments(accelerator.device)
+    growable_cuda_segments(accelerator.device)
     model.to(accelerator.device)  # first, so that the optimizer can be the fused CUDA one
     optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, cfg.optimizer)
     scheduler = linear_schedule(optimizer, inputs.warmup, inputs.total_steps)
@@ -423,85 +265,14 @@ def _log_run(cfg: TrainConfig, accelerator, plan, documents: int, total_steps: i
                 cfg.cache_chunk_size if cfg.cache_chunk_size > 0 else "off")
 
 
-def _provenance(cfg: TrainConfig, accelerator, dataset, tokenizer, plan) -> dict:
-    """What a checkpoint is made from, recorded in it and checked on resume."""
-    from coco_accel.wordpiece import vocab_sha256
-
-    plugin = accelerator.state.deepspeed_plugin
-    return {"seed": cfg.seed, "global_docs": plan.global_docs, "world_size": accelerator.num_processes,
-            "engine": f"deepspeed-zero{plugin.zero_stage}" if plugin is not None else "ddp",
-            "data": {"train_dir": os.path.abspath(cfg.train_dir), "documents": len(dataset),
-                     "fingerprint": getattr(dataset, "_fingerprint", None)},
-            "tokenizer": {"name_or_path": cfg.model_name_or_path, "size": len(tokenizer),
-                          "vocab_sha256": vocab_sha256(tokenizer.get_vocab())},
-            "recipe": to_dict(cfg)}
-
-
-def _check_resume(cfg: TrainConfig, path: Path, saved: dict, now: dict) -> bool:
-    """Refuse a checkpoint this run cannot continue; True when the process count changed (DDP only).
-
-    Checked before anything is loaded: a DeepSpeed checkpoint on another process count would end in a
-    traceback from deep inside DeepSpeed. Checkpoints written before a field was recorded skip its check.
-    """
-    from coco_accel.checkpoint import is_universal
-
-    if saved.get("global_docs") != now["global_docs"] or saved.get("seed") != now["seed"]:
-        raise ConfigError(f"{path} was written with global batch {saved.get('global_docs')} documents and "
-                          f"seed {saved.get('seed')}; this run has {now['global_docs']} and {now['seed']}. Resuming "
-                          "would not continue the same run: match them, or pass --resume none.")
-    override = " (or pass --resume_allow_changed_data if you mean to continue on it)"
-    data, was = now["data"], saved.get("data")
-    if was and (was["documents"], was["fingerprint"]) != (data["documents"], data["fingerprint"]):
-        if not cfg.resume_allow_changed_data:
-            raise ConfigError(f"{path} was made from --train_dir {was['train_dir']} ({was['documents']} documents, "
-                              f"fingerprint {was['fingerprint']}); this run's {data['train_dir']} has "
-                              f"{data['documents']} documents, fingerprint {data['fingerprint']}. Its position in the "
-                              f"epoch means nothing on other data: point --train_dir at the original{override}.")
-        logger.warning("Resuming %s on other data (--resume_allow_changed_data).", path)
-    tok, was = now["tokenizer"], saved.get("tokenizer")
-    if was and was["vocab_sha256"] != tok["vocab_sha256"]:
-        if not cfg.resume_allow_changed_data:
-            raise ConfigError(f"{path} was trained with the tokenizer of {was['name_or_path']} ({was['size']} tokens); "
-                              f"this run's {tok['name_or_path']} has another vocabulary ({tok['size']} tokens): the "
-                              f"embeddings would mean other tokens. Use the original --model_name_or_path{override}.")
-        logger.warning("Resuming %s with another tokenizer (--resume_allow_changed_data).", path)
-    engine, world = saved.get("engine"), saved.get("world_size")
-    if engine and engine != now["engine"]:
-        raise ConfigError(f"{path} was written under {engine}; this run uses {now['engine']}, which stores the model "
-                          f"and optimizer in another layout. Resume with the launch config it was written with.")
-    if world and world != now["world_size"]:
-        if now["engine"].startswith("deepspeed") and not is_universal(path):
-            raise ConfigError(f"{path} was written by {world} processes under {engine}, whose optimizer state is "
-                              f"partitioned {world} ways; this run has {now['world_size']}. Resume with {world} "
-                              "processes (the global batch, and so the run, stays the same), or convert it to "
-                              f"DeepSpeed's universal format first: `python -m coco_accel.checkpoint universal {path}`.")
-        logger.warning("Resuming %s, written by %d processes, on %d: the same global batches follow; dropout's "
-                       "random streams restart per process (keyed by seed, step and rank).", path, world,
-                       now["world_size"])
-        return True
-    return False
-
-
-def _growable_cuda_segments(device) -> None:
-    """Spans pack into a different number of rows every step, so the caching allocator's fixed-size
-    segments fragment until memory reserved but unusable makes a large batch run out of memory.
-    Growable segments avoid that. An allocator setting of the user's wins."""
-    import torch
-
-    if device.type != "cuda" or "PYTORCH_ALLOC_CONF" in os.environ or "PYTORCH_CUDA_ALLOC_CONF" in os.environ:
-        return
-    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
-    setter("expandable_segments:True")
-    logger.info("CUDA allocator: expandable segments (set PYTORCH_ALLOC_CONF to choose otherwise).")
-
-
 def train(cfg: TrainConfig) -> dict:
     """The whole run: build, loop, export. Returns the first and last logged records."""
     from coco_accel.data import make_loader
+    from coco_accel.tracking import TrainingLog
 
     run = build(cfg)
     stop = _prepare_output(run)
-    log = _Log(run)
+    log = TrainingLog(run)
     if log.evaluating and run.start_step == 0:
         log.evaluate(0)  # the baseline every later value is compared with
     run.model.train()
@@ -527,11 +298,11 @@ def train(cfg: TrainConfig) -> dict:
             _checkpoint(run, step)
     log.close()
     _export(run)
-    _finish(run.accelerator)
+    finish(run.accelerator)
     return {"first": log.first, "last": log.last, "steps": run.total_steps, "preempted": False}
 
 
-def _prepare_output(run: Run) -> "_StopRequest":
+def _prepare_output(run: Run) -> StopRequest:
     """The run folder (recipe, stale markers removed), trackers, and the stop request every process polls."""
     acc, cfg = run.accelerator, run.cfg
     out_dir = Path(cfg.output_dir)
@@ -542,10 +313,10 @@ def _prepare_output(run: Run) -> "_StopRequest":
         (out_dir / STOP_FILE).unlink(missing_ok=True)
     acc.init_trackers("coco-accel", config={k: v for k, v in to_dict(cfg).items() if v is not None})
     acc.wait_for_everyone()  # nobody looks for a STOP file before the main process removed a stale one
-    return _StopRequest(out_dir / STOP_FILE if acc.is_main_process else None)
+    return StopRequest(out_dir / STOP_FILE if acc.is_main_process else None)
 
 
-def _agree(run: Run, stop: "_StopRequest", parts) -> tuple[bool, bool]:
+def _agree(run: Run, stop: StopRequest, parts) -> tuple[bool, bool]:
     """(stop now, loss finite), the same on every process: one tiny all-reduce per step, the only host
     sync outside logging."""
     import torch
@@ -576,7 +347,7 @@ def _checkpoint(run: Run, step: int) -> None:
                                                                 **run.provenance}, run.cfg.save_total_limit)
 
 
-def _preempted(run: Run, log: "_Log", stop: "_StopRequest", step: int) -> dict:
+def _preempted(run: Run, log: TrainingLog, stop: StopRequest, step: int) -> dict:
     """A stop request (signal or STOP file) on any process: checkpoint, leave the marker, exit cleanly."""
     _checkpoint(run, step)
     if run.accelerator.is_main_process:
@@ -584,73 +355,8 @@ def _preempted(run: Run, log: "_Log", stop: "_StopRequest", step: int) -> dict:
     logger.warning("Stopped by %s at step %d; checkpoint written. Resume with the same command.",
                    stop.signal_name or "a signal on another process", step)
     log.bar.close()
-    _finish(run.accelerator)
+    finish(run.accelerator)
     return {"first": log.first, "last": log.last, "steps": step, "preempted": True}
-
-
-class _Log:
-    """What the loop reports: training records every --logging_steps, evaluations (held-out signal and
-    --eval_data retrieval) at step 0, every --eval_steps and at the end, to metrics.jsonl (main process),
-    the trackers and the progress bar."""
-
-    def __init__(self, run: Run):
-        from tqdm.auto import tqdm
-
-        from coco_accel.tracking import MetricsFile
-
-        self.run, acc = run, run.accelerator
-        self.metrics = (MetricsFile(Path(run.cfg.output_dir) / "metrics.jsonl", keep_until=run.start_step)
-                        if acc.is_main_process else None)
-        self.meter = _meter(run.cfg, acc, acc.unwrap_model(run.model).config)
-        self.bar = tqdm(total=run.total_steps, initial=run.start_step, desc="train", disable=not acc.is_main_process,
-                        dynamic_ncols=True)
-        self.evaluating = bool(run.heldout) or run.retrieval is not None
-        self.evaluated_at = run.start_step if run.start_step else None
-        self.first = self.last = None
-
-    def write(self, record: dict) -> None:
-        self.run.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
-        if self.metrics is not None:
-            self.metrics.write(record)
-
-    def evaluate(self, step: int) -> None:
-        """The held-out contrastive signal and retrieval on --eval_data, logged as one record."""
-        from coco_accel.heldout import heldout_signal
-
-        run, acc = self.run, self.run.accelerator
-        record = {"step": step}
-        if run.heldout:
-            record.update(heldout_signal(run.model, run.heldout, acc.device, run.cfg.temperature, run.cfg.normalize))
-        if run.retrieval is not None:
-            backbone = acc.unwrap_model(run.model).mlm.base_model  # what AutoModel loads from the export
-            record.update(run.retrieval(backbone, run.tokenizer, acc.process_index, acc.num_processes))
-            logger.info("Step %d: retrieval %s (%.1f s)", step, ", ".join(
-                f"{k[len('eval/'):]} {v:.4f}" for k, v in record.items() if k.endswith("/ndcg@10")),
-                record["eval/seconds"])
-        self.write(record)
-        self.evaluated_at = step
-
-    def step_done(self, step: int, lr: Optional[float], skipped: int) -> None:
-        cfg, acc = self.run.cfg, self.run.accelerator
-        self.bar.update(1)
-        if self.meter.steps and (step == 1 or step % cfg.logging_steps == 0 or step == self.run.total_steps):
-            self.last = self.meter.flush(step, lr, self.run.docs_seen, skipped,
-                                         loss_scale=acc.scaler.get_scale() if acc.scaler is not None else None)
-            self.first = self.first or self.last
-            self.bar.set_postfix(loss=f"{self.last['loss']:.3f}", acc=f"{self.last['contrastive_acc']:.2f}")
-            self.write(self.last)
-        if self.evaluating and cfg.eval_steps and step % cfg.eval_steps == 0:
-            self.evaluate(step)
-
-    def close(self) -> None:
-        """The end of the run: a last evaluation (what the export scores) and the loss summary."""
-        self.bar.close()
-        if self.evaluating and self.evaluated_at != self.run.total_steps:
-            self.evaluate(self.run.total_steps)
-        if self.first and self.last:
-            logger.info("Loss: first %.4f (step %d) -> last %.4f (step %d); contrastive accuracy %.3f -> %.3f",
-                        self.first["loss"], self.first["step"], self.last["loss"], self.last["step"],
-                        self.first["contrastive_acc"], self.last["contrastive_acc"])
 
 
 def _clip(acc, model, max_norm: float, deepspeed: bool):
@@ -662,28 +368,6 @@ def _clip(acc, model, max_norm: float, deepspeed: bool):
         return acc.clip_grad_norm_(model.parameters(), max_norm)
     acc.unscale_gradients()
     return clip_grad_norm(model.parameters(), max_norm)
-
-
-def _meter(cfg: TrainConfig, acc, model_config):
-    """The metrics meter, with the model's FLOPs per token and, where known, the GPU's peak (MFU)."""
-    from coco_accel.tracking import peak_tflops, useful_flops_per_token
-    from coco_accel.tracking import Meter
-
-    flops = lambda avg_len: useful_flops_per_token(model_config, cfg.n_head_layers, avg_len, cfg.mlm_probability,
-                                                   cfg.late_mlm)
-    sixteen_bit = acc.mixed_precision in ("bf16", "fp16")
-    return Meter(acc.device, flops, cfg.peak_tflops or (peak_tflops(acc.device) if sixteen_bit else None))
-
-
-def _finish(acc) -> None:
-    """Close the trackers once every process is done. Single-process: Accelerate's end_training. In a
-    process group, the group is left to `_exit`, which ends the process without C++ teardown."""
-    acc.wait_for_everyone()
-    if acc.num_processes > 1:
-        for tracker in acc.trackers:
-            tracker.finish()
-    else:
-        acc.end_training()
 
 
 def _nonfinite(cfg: TrainConfig, step: int, parts, skipped: int) -> int:

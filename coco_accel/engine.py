@@ -1,0 +1,141 @@
+"""The engine a run trains with, built from the recipe: the Accelerate process group (DDP or DeepSpeed),
+precision, trackers, DeepSpeed's numbers, the CUDA allocator and logging, and their orderly end."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+from coco_accel.checkpoint import is_universal
+from coco_accel.config import ConfigError, TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+def mixed_precision(cfg: TrainConfig) -> Optional[str]:
+    """--fp16/--bf16 (the reference's flags) must agree with the launch config, which owns precision."""
+    wanted = "fp16" if cfg.fp16 else "bf16" if cfg.bf16 else None
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if wanted and launched and launched not in ("no", wanted):
+        raise ConfigError(f"--{wanted} contradicts the accelerate config's mixed_precision: {launched}. "
+                          "Drop the flag or change the config.")
+    return wanted
+
+
+def build_accelerator(cfg: TrainConfig):
+    from datetime import timedelta
+
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    launched_world = int(os.environ.get("WORLD_SIZE", "1"))
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    kwargs = {}
+    if launched_world > 1:
+        # A collective that waits longer than this fails, so one dead rank ends the job instead of hanging it.
+        group = {"timeout": timedelta(seconds=cfg.ddp_timeout)}
+        if not torch.cuda.is_available():
+            # CPU runs: NCCL needs a GPU. DeepSpeed needs gloo named explicitly (cpu=True would silently
+            # turn it off); DDP needs cpu=True, or every process quietly trains alone as rank 0.
+            if deepspeed:
+                group["backend"] = "gloo"
+            else:
+                kwargs["cpu"] = True
+        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(**group)]
+    accelerator = Accelerator(mixed_precision=mixed_precision(cfg), log_with=trackers(cfg.report_to),
+                              project_dir=cfg.output_dir, **kwargs)
+    if accelerator.num_processes != launched_world:
+        raise ConfigError(f"the launcher started {launched_world} processes but they formed a group of "
+                          f"{accelerator.num_processes}: check the accelerate config (on CPU use --multi_gpu "
+                          "with ACCELERATE_USE_CPU=true, or torchrun).")
+    return accelerator
+
+
+def trackers(report_to: str) -> list[str]:
+    """Accelerate trackers that are installed; a missing one is logged, never fatal."""
+    import importlib.util
+
+    wanted = {"none": [], "all": ["tensorboard", "wandb"]}.get(report_to, [t.strip() for t in report_to.split(",")])
+    modules = {"tensorboard": ("tensorboardX", "tensorboard"), "wandb": ("wandb",)}
+    found = []
+    for name in wanted:
+        if name not in modules:
+            raise ConfigError(f"--report_to {report_to}: unknown tracker '{name}'; use tensorboard, wandb, all or none.")
+        if any(importlib.util.find_spec(m) for m in modules[name]):
+            found.append(name)
+        elif report_to != "all":
+            logger.warning("--report_to %s: the package is not installed; metrics go to metrics.jsonl only.", name)
+    return found
+
+
+def fill_deepspeed_config(accelerator, cfg: TrainConfig, per_device: int) -> None:
+    """Give DeepSpeed the recipe's numbers (the JSON says "auto"): we shard batches ourselves, so no
+    dataloader goes through `prepare` for Accelerate to read them from."""
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    for key, value in (("train_micro_batch_size_per_gpu", per_device),
+                       ("gradient_accumulation_steps", 1),
+                       ("train_batch_size", per_device * accelerator.num_processes),
+                       ("gradient_clipping", cfg.max_grad_norm)):
+        if ds.get(key, "auto") != "auto" and ds[key] != value:
+            raise ConfigError(f"the DeepSpeed config sets {key}={ds[key]} but the recipe implies {value}: "
+                              f"set it to \"auto\" in the JSON so the recipe stays the single source.")
+        ds[key] = value
+    if cfg.optimizer == "sgd":  # ZeRO partitions any torch optimizer; DeepSpeed asks to be told for untested ones
+        ds["zero_allow_untested_optimizer"] = True
+    if ds.get("zero_optimization", {}).get("stage", 0) == 3 and cfg.cache_chunk_size > 0:
+        raise ConfigError("--cache_chunk_size with ZeRO-3 is not supported: stage 3 gathers parameters per "
+                          "forward, and the cached re-encoding would gather them once per chunk. Use ZeRO-1/2.")
+
+
+def setup_logging(is_main: bool) -> None:
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    if not is_main:
+        import datasets
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        datasets.logging.set_verbosity_error()
+
+
+def check_deepspeed(accelerator, cfg: TrainConfig, per_device: int, model, resume: Optional[Path]) -> None:
+    """Fill the DeepSpeed config from the recipe and refuse what DeepSpeed cannot do."""
+    fill_deepspeed_config(accelerator, cfg, per_device)
+    if resume is not None and is_universal(resume):  # written by another process count, then converted
+        accelerator.state.deepspeed_plugin.deepspeed_config["checkpoint"] = {"load_universal": True}
+    if accelerator.state.deepspeed_plugin.zero_stage == 3 and model.length_bucket_width and not model.pack_length:
+        # ZeRO-3 gathers each module's parameters collectively at every call, so every process must
+        # call the encoder equally often; the number of length buckets differs between processes.
+        logger.info("ZeRO-3: length buckets off (--length_bucket_width 0); rows pad to the batch's longest.")
+        model.length_bucket_width = 0
+    if cfg.max_nonfinite_skips:
+        raise ConfigError("--max_nonfinite_skips is not available under DeepSpeed: it applies the update inside "
+                          "backward, before the loss can be checked (its fp16 loss scaler skips overflow steps "
+                          "itself). Drop the flag, or use DDP.")
+
+
+def growable_cuda_segments(device) -> None:
+    """Spans pack into a different number of rows every step, so the caching allocator's fixed-size
+    segments fragment until memory reserved but unusable makes a large batch run out of memory.
+    Growable segments avoid that. An allocator setting of the user's wins."""
+    import torch
+
+    if device.type != "cuda" or "PYTORCH_ALLOC_CONF" in os.environ or "PYTORCH_CUDA_ALLOC_CONF" in os.environ:
+        return
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
+    setter("expandable_segments:True")
+    logger.info("CUDA allocator: expandable segments (set PYTORCH_ALLOC_CONF to choose otherwise).")
+
+
+def finish(acc) -> None:
+    """Close the trackers once every process is done. Single-process: Accelerate's end_training. In a
+    process group, the group is left to `_exit`, which ends the process without C++ teardown."""
+    acc.wait_for_everyone()
+    if acc.num_processes > 1:
+        for tracker in acc.trackers:
+            tracker.finish()
+    else:
+        acc.end_training()
