@@ -27,7 +27,7 @@ class Meter:
 
     def __init__(self, device: torch.device, flops_per_token: Optional[Callable[[float], float]] = None,
                  peak_tflops: Optional[float] = None):
-        """flops_per_token(mean span length): model FLOPs per real token (`model.useful_flops_per_token`), for
+        """flops_per_token(mean span length): model FLOPs per real token (`useful_flops_per_token` below), for
         the logged TFLOP/s; peak_tflops: one device's peak, for the logged MFU."""
         self.device = device
         self.flops_per_token = flops_per_token
