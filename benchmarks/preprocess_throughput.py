@@ -34,7 +34,7 @@ def _ref_init(tokenizer_path: str) -> None:
     import nltk  # noqa: F401  (plainly, as the reference does: scipy included)
     from transformers import AutoTokenizer
 
-    from coco_accel.preprocess import forget_breaks, load_sentence_splitter
+    from coco_accel.breaks import forget_breaks, load_sentence_splitter
 
     _REF["tok"] = AutoTokenizer.from_pretrained(tokenizer_path)
     # the same Punkt model, with nltk's own break decisions (not coco_accel.breaks' remembered ones)

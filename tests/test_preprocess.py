@@ -165,7 +165,7 @@ def test_held_out_split_is_deterministic_and_disjoint(tmp_path, small_corpus, mi
 
 
 def test_corpus_recipe_reports_missing_corpora_by_name(tmp_path, minilm_path, caplog):
-    from coco_accel.preprocess import resolve_recipe
+    from coco_accel.corpora import resolve_recipe
 
     recipe = REPO_CONFIGS / "coco_corpora.yaml"
     root = tmp_path / "beir"
@@ -266,7 +266,8 @@ def test_span_cache_key_covers_every_setting(minilm_path, monkeypatch):
     """The spans' cache key (given to datasets.map) changes with the input, each span setting, the
     tokenizer, the Punkt parameters and the preprocessing code, and only with them."""
     from coco_accel import preprocess as preprocess_module
-    from coco_accel.preprocess import SpanBuilder, load_sentence_splitter
+    from coco_accel.breaks import load_sentence_splitter
+    from coco_accel.preprocess import SpanBuilder
     from coco_accel.wordpiece import load_backend_tokenizer
 
     tok = load_backend_tokenizer(minilm_path)

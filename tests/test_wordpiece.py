@@ -61,7 +61,7 @@ def test_other_tokenizers_use_rust_unchanged():
 
 @pytest.mark.skipif(not (SHARED_DATA / "cisi").is_dir(), reason="needs ../shared/data/cisi")
 def test_real_corpus_sentences_match_rust(tokenizer_path):
-    from coco_accel.preprocess import load_sentence_splitter
+    from coco_accel.breaks import load_sentence_splitter
 
     splitter, _ = load_sentence_splitter()
     sentences = []
