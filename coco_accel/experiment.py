@@ -229,7 +229,7 @@ def plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     targets = list(summary["targets"])
-    fig, ax = plt.subplots(figsize=(max(4, 2.5 * len(targets)), 3.6))
+    fig, ax = plt.subplots(figsize=(max(5, 2.5 * len(targets)), 3.6))
     width = 0.25
     for i, target in enumerate(targets):
         row = summary["targets"][target]["all queries"]
@@ -240,7 +240,7 @@ def plot(summary: dict, path: Path) -> None:
             ax.scatter([i + j * width] * len(row[arm]["per_seed_ndcg@10"]), row[arm]["per_seed_ndcg@10"], color="k",
                        s=8, zorder=3)
     ax.set_xticks(range(len(targets)), targets)
-    ax.set(ylabel="nDCG@10", title="zero-shot retrieval after continued pretraining")
+    ax.set(ylabel="nDCG@10 (zero-shot)", title="after continued pretraining")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
