@@ -1,7 +1,8 @@
 """What moves the COCO effect at CPU scale: one change at a time to a recipe, judged on the tuning queries.
 
 From the recipe (`--config`, e.g. configs/coco_small.yaml), each variant changes one setting (learning
-rate, steps, documents per step, warm-up, the backbone MLM loss, the masking rate) and pretrains on the
+rate, steps, documents per step, warm-up, the backbone MLM loss, the masking rate, the head's
+initialisation) and pretrains on the
 target's own corpus with one seed, through the same steps as `python -m coco_accel.experiment` (its
 preprocessed data, warm-start evaluation and finished runs in `--output_dir` are reused, so point it at
 the experiment's folder). Each model is evaluated with `coco_accel.evaluate`; the table gives nDCG@10 on
@@ -34,6 +35,8 @@ VARIANTS = {  # name: (folder name, flags added to the recipe's)
     "no warm-up": ("warmup0", ["--warmup_ratio", "0"]),
     "no backbone MLM (head MLM only)": ("no_late_mlm", ["--late_mlm", "false"]),
     "masking 30%": ("mask30", ["--mlm_probability", "0.3"]),
+    "64 documents per step": ("docs64", ["--per_device_train_batch_size", "64"]),
+    "head copied from the last backbone layers": ("head_copy", ["--head_init", "copy"]),
 }
 
 

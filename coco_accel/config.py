@@ -39,6 +39,9 @@ class TrainConfig:
     n_head_layers: int = _f(2, "Transformer layers in the Condenser head.", "model")
     skip_from: int = _f(6, "Backbone layer whose token states feed the head (0 = embeddings; 6 for BERT-base).", "model")
     strict_head: bool = _f(False, "Refuse to start when the warm start has no Condenser head (a random head harms continued pretraining).", "model")
+    head_init: str = _f("random", "How the head starts when the warm start has none: random (the backbone's own "
+                        "initialisation, as in the reference) or copy (of the backbone's last n_head_layers layers).",
+                        "model")
     reference_backbone_without_dropout: bool = _f(
         False, "Reproduce the reference's hidden lm.eval() in forward: no dropout in the backbone (the head keeps "
         "its own). Off by default: it was a defect, not a recipe choice.", "model")
@@ -127,6 +130,8 @@ class TrainConfig:
             raise ConfigError(f"--mlm_probability must be in (0, 1), got {self.mlm_probability}.")
         if not 0.0 <= self.warmup_ratio <= 1.0:
             raise ConfigError(f"--warmup_ratio must be in [0, 1], got {self.warmup_ratio}.")
+        if self.head_init not in ("random", "copy"):
+            raise ConfigError(f"--head_init must be random or copy, got {self.head_init!r}.")
         if self.optimizer not in ("adamw", "sgd"):
             raise ConfigError(f"--optimizer must be adamw or sgd, got {self.optimizer!r}.")
         if self.temperature <= 0:

@@ -389,13 +389,23 @@ def _read_head_weights(folder: Path) -> tuple[Optional[dict], Optional[str]]:
     return None, None
 
 
+def _copy_top_layers_into_head(model: Condenser, path: str) -> None:
+    layers = model.mlm.base_model.encoder.layer
+    if len(model.c_head) > len(layers):
+        raise ModelError(f"{path}: --head_init copy needs at least --n_head_layers {len(model.c_head)} backbone layers; "
+                         f"it has {len(layers)}. Use --head_init random or fewer head layers.")
+    for head_layer, layer in zip(model.c_head, layers[len(layers) - len(model.c_head):]):
+        head_layer.load_state_dict(layer.state_dict())
+
+
 def load_condenser(path: str, *, n_head_layers: int, skip_from: int, late_mlm: bool, strict_head: bool = False,
-                   length_bucket_width: int = 0, length_bucket_call_cost: int = -1,
+                   head_init: str = "random", length_bucket_width: int = 0, length_bucket_call_cost: int = -1,
                    pack_length: int = 0) -> Condenser:
     """Warm start from an HF MLM folder, one of our exports, or a reference Condenser folder.
 
     The head comes from condenser_head.safetensors (ours) or model.pt (the reference's c_head.* keys);
-    without either it starts fresh, which is logged (and refused with strict_head). Weights stored in
+    without either it starts fresh (head_init "random": the backbone's initialisation; "copy": the
+    backbone's last n_head_layers layers), which is logged (and refused with strict_head). Weights stored in
     16 bits are trained from fp32 master weights (autocast handles the 16-bit compute); fp32 and
     fp64 checkpoints keep their precision.
     """
@@ -416,8 +426,10 @@ def load_condenser(path: str, *, n_head_layers: int, skip_from: int, late_mlm: b
         if strict_head:
             raise ModelError(f"{path}: no Condenser head ({HEAD_FILE} or {REFERENCE_HEAD_FILE}) and --strict_head "
                              "is set. Warm-start from a Condenser checkpoint, or drop --strict_head.")
-        logger.info("No Condenser head in %s: the %d head layers start from the backbone's initialisation.",
-                    path, n_head_layers)
+        if head_init == "copy":
+            _copy_top_layers_into_head(model, path)
+        logger.info("No Condenser head in %s: the %d head layers start from %s.", path, n_head_layers,
+                    "copies of the backbone's last layers" if head_init == "copy" else "the backbone's initialisation")
         return model
     head = {k[len("c_head."):]: v for k, v in state.items()}
     missing, unexpected = model.c_head.load_state_dict(head, strict=False)

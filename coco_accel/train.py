@@ -125,7 +125,7 @@ def _read_inputs(cfg: TrainConfig, accelerator) -> _Inputs:
     _check_inputs(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
     model = load_condenser(cfg.model_name_or_path, n_head_layers=cfg.n_head_layers, skip_from=cfg.skip_from,
-                           late_mlm=cfg.late_mlm, strict_head=cfg.strict_head,
+                           late_mlm=cfg.late_mlm, strict_head=cfg.strict_head, head_init=cfg.head_init,
                            length_bucket_width=cfg.length_bucket_width,
                            length_bucket_call_cost=cfg.length_bucket_call_cost, pack_length=cfg.pack_length)
     cfg.validate_against_model(model.config.num_hidden_layers, model.config.model_type, model.max_positions)

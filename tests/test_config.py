@@ -49,6 +49,7 @@ def test_yaml_sets_fields_and_the_command_line_wins(tmp_path):
     (["--mlm_probability", "1.5"], "mlm_probability"),
     (["--per_device_train_batch_size", "0"], "per_device_train_batch_size"),
     (["--cache_chunk_size", "0"], "cache_chunk_size"),
+    (["--head_init", "backbone"], "--head_init must be random or copy"),
 ])
 def test_bad_flags_name_the_flag_and_the_fix(argv, match):
     with pytest.raises(ConfigError, match=match):

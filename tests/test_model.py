@@ -116,6 +116,24 @@ def test_plain_mlm_checkpoint_gets_a_fresh_head_unless_strict(tmp_path, caplog):
         load_condenser(str(tmp_path / "missing"), n_head_layers=2, skip_from=2, late_mlm=False)
 
 
+def test_head_init_copy_starts_the_head_from_the_backbones_last_layers(tmp_path, caplog):
+    mlm = _tiny()
+    mlm.save_pretrained(tmp_path)
+    layers = mlm.base_model.encoder.layer
+    with caplog.at_level("INFO"):
+        model = load_condenser(str(tmp_path), n_head_layers=2, skip_from=2, late_mlm=False, head_init="copy")
+    assert "copies of the backbone's last layers" in caplog.text
+    for head_layer, layer in zip(model.c_head, layers[len(layers) - 2:]):
+        names = [name for name, _ in head_layer.named_parameters()]
+        assert names == [name for name, _ in layer.named_parameters()]
+        for a, b in zip(head_layer.parameters(), layer.parameters()):
+            assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()  # equal values, not shared tensors
+    random = load_condenser(str(tmp_path), n_head_layers=2, skip_from=2, late_mlm=False)
+    assert not torch.equal(next(random.c_head.parameters()), next(model.c_head.parameters()))
+    with pytest.raises(ModelError, match="--head_init copy needs at least"):
+        load_condenser(str(tmp_path), n_head_layers=len(layers) + 1, skip_from=2, late_mlm=False, head_init="copy")
+
+
 @pytest.mark.parametrize("width", [1, 4, 16, 1000])
 def test_length_buckets_give_the_padded_result(width):
     """Rows grouped by length, each group cut to its longest row == the whole batch padded to its longest."""
