@@ -58,7 +58,7 @@ def _before_after(initial: str, trained: str, data: list[str], out: Path) -> Non
 
 def _input_problem(out: Path, eval_data: Sequence[str]) -> Optional[str]:
     """What is wrong with the demo's inputs, found before anything runs (None when nothing is)."""
-    from coco_accel.evaluate import EvalError, check_beir_folder
+    from coco_accel.beir import EvalError, check_beir_folder
     from coco_accel.files import output_folder_problem
 
     problem = output_folder_problem("--output_dir", str(out))

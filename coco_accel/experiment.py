@@ -248,7 +248,7 @@ def plot(summary: dict, path: Path) -> None:
 
 
 def _check(args) -> None:
-    from coco_accel.evaluate import EvalError, check_beir_folder
+    from coco_accel.beir import EvalError, check_beir_folder
     from coco_accel.wordpiece import tokenizer_folder_problem
 
     problem = tokenizer_folder_problem(args.model)

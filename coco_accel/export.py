@@ -8,7 +8,8 @@ import json
 import os
 from typing import Optional
 
-from coco_accel.model import HEAD_FILE, Condenser
+from coco_accel.model import Condenser
+from coco_accel.warm_start import HEAD_FILE
 
 # sentence-transformers' own file names and module types
 ST_MODULES = "modules.json"

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from coco_accel import dist
-from coco_accel.data import BatchPlan, SpanCollator, fetch_spans
+from coco_accel.data import BatchPlan, SpanCollator
+from coco_accel.span_store import fetch_spans
 from coco_accel.losses import span_contrastive_loss
 
 

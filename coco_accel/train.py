@@ -118,7 +118,7 @@ def _read_inputs(cfg: TrainConfig, accelerator) -> _Inputs:
     from coco_accel.checkpoint import read_state
     from coco_accel.data import BatchPlan, DataError, SpanCollator, check_token_range, load_train_data
     from coco_accel.heldout import heldout_batches
-    from coco_accel.model import load_condenser
+    from coco_accel.warm_start import load_condenser
     from coco_accel.optim import warmup_steps_for
 
     resume = resume_from(cfg, accelerator.is_main_process)
@@ -169,7 +169,8 @@ def _read_inputs(cfg: TrainConfig, accelerator) -> _Inputs:
 
 def _retrieval(cfg: TrainConfig, accelerator):
     """--eval_data read and checked (every folder before the first step), or None."""
-    from coco_accel.evaluate import EvalError, TrainingEvaluation
+    from coco_accel.beir import EvalError
+    from coco_accel.evaluate import TrainingEvaluation
 
     if not cfg.eval_data:
         return None

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from coco_accel.data import BatchPlan, SpanCollator, TrainBatches, fetch_spans, load_train_data
+from coco_accel.data import BatchPlan, SpanCollator, TrainBatches, load_train_data
+from coco_accel.span_store import fetch_spans
 
 
 def test_plan_slices_cover_the_global_batch_for_any_world_size():
@@ -162,7 +163,7 @@ def test_the_span_store_reads_what_the_rows_hold(tmp_path, token_type):
     (several shards, record batches of 7 rows), sliced (a nonzero offset into the buffers) and concatenated."""
     import datasets
 
-    from coco_accel.data import SpanStore
+    from coco_accel.span_store import SpanStore
 
     rng = np.random.default_rng(0)
     rows = [[rng.integers(0, 30000, rng.integers(1, 9)).tolist() for _ in range(rng.integers(2, 6))] for _ in range(300)]
@@ -188,7 +189,7 @@ def test_the_span_store_reads_what_the_rows_hold(tmp_path, token_type):
 
 def test_the_span_store_falls_back_where_it_cannot_address_the_buffers():
     """An indices mapping (a shuffled, unflattened dataset) goes through datasets' own gather, same result."""
-    from coco_accel.data import SpanStore
+    from coco_accel.span_store import SpanStore
 
     dataset = _spans_dataset([[[i, i + 1], [i + 2]] for i in range(50)]).shuffle(seed=0)
     assert dataset._indices is not None
@@ -203,7 +204,7 @@ def test_the_span_store_is_rebuilt_in_a_new_process(span_data):
     """Pickled into a spawned loader worker, the store carries no addresses: the worker builds its own."""
     import pickle
 
-    from coco_accel.data import SpanStore
+    from coco_accel.span_store import SpanStore
 
     store = SpanStore(load_train_data(str(span_data)).with_format("arrow"))
     docs = np.array([0, 5, 2])

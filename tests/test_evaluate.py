@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from coco_accel.evaluate import Encoder, EvalError, evaluate, exact_search, load_beir, main, trec_metrics
+from coco_accel.beir import EvalError, load_beir
+from coco_accel.evaluate import Encoder, evaluate, exact_search, main, trec_metrics
 
 from conftest import SHARED_DATA
 
@@ -181,8 +182,6 @@ def test_report_renders_png_and_markdown(tmp_path):
     ("corpus.jsonl", '{"_id": "d9", "text": ', "corpus.jsonl:2: malformed JSON"),
 ])
 def test_a_line_that_cannot_be_read_is_an_error_naming_it(tmp_path, name, line, match):
-    from coco_accel.evaluate import EvalError, load_beir
-
     (tmp_path / "qrels").mkdir()
     (tmp_path / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
     files = {"corpus.jsonl": '{"_id": "d1", "title": "", "text": "a document"}\n',

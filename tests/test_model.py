@@ -7,7 +7,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from conftest import span_batch
 from coco_accel.export import save_export
-from coco_accel.model import HEAD_FILE, Condenser, ModelError, load_condenser
+from coco_accel.model import Condenser, ModelError
+from coco_accel.warm_start import HEAD_FILE, load_condenser
 
 
 def _tiny(vocab=120, layers=4):

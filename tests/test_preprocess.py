@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from coco_accel.corpora import InputError
-from coco_accel.preprocess import drop_reason, group_spans, main, preprocess
+from coco_accel.preprocess import main, preprocess
+from coco_accel.spans import drop_reason, group_spans
 
 from conftest import REPO, SHARED_DATA
 
@@ -265,9 +266,8 @@ def test_rerun_on_unchanged_input_reuses_the_cache(tmp_path, small_corpus, minil
 def test_span_cache_key_covers_every_setting(minilm_path, monkeypatch):
     """The spans' cache key (given to datasets.map) changes with the input, each span setting, the
     tokenizer, the Punkt parameters and the preprocessing code, and only with them."""
-    from coco_accel import preprocess as preprocess_module
+    from coco_accel import spans as spans_module
     from coco_accel.breaks import load_sentence_splitter
-    from coco_accel.preprocess import SpanBuilder
     from coco_accel.wordpiece import load_backend_tokenizer
 
     tok = load_backend_tokenizer(minilm_path)
@@ -275,7 +275,7 @@ def test_span_cache_key_covers_every_setting(minilm_path, monkeypatch):
 
     def key(dataset="d0", features="f", tokenizer=tok, **changes):
         settings = dict(max_span_tokens=30, seed=42, eval_fraction=0.0, id_type="uint16") | changes
-        return SpanBuilder(tokenizer, splitter, **settings).fingerprint(dataset, features)
+        return spans_module.SpanBuilder(tokenizer, splitter, **settings).fingerprint(dataset, features)
 
     base = key()
     assert key() == base  # stable within a run, and computed from values alone
@@ -289,7 +289,7 @@ def test_span_cache_key_covers_every_setting(minilm_path, monkeypatch):
         assert key() != base
     finally:
         splitter._params.abbrev_types.discard("zzq")
-    package = Path(preprocess_module.__file__).parent
-    assert all((package / name).is_file() for name in preprocess_module.PIPELINE_SOURCES)
-    monkeypatch.setattr(preprocess_module, "pipeline_key", lambda: "code changed")
+    package = Path(spans_module.__file__).parent
+    assert all((package / name).is_file() for name in spans_module.PIPELINE_SOURCES)
+    monkeypatch.setattr(spans_module, "pipeline_key", lambda: "code changed")
     assert key() != base

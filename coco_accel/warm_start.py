@@ -1,0 +1,83 @@
+"""Warm start: a Condenser from an HF masked-LM folder, one of our exports, or a reference Condenser folder."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from coco_accel.model import Condenser, ModelError
+
+logger = logging.getLogger(__name__)
+
+HEAD_FILE = "condenser_head.safetensors"  # ours, beside the export
+REFERENCE_HEAD_FILE = "model.pt"  # luyug/Condenser and OpenMatch/COCO-DR: c_head.* keys
+
+
+def _read_head_weights(folder: Path) -> tuple[Optional[dict], Optional[str]]:
+    ours = folder / HEAD_FILE
+    if ours.is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(ours)), str(ours)
+    ref = folder / REFERENCE_HEAD_FILE
+    if ref.is_file():
+        state = torch.load(str(ref), map_location="cpu", weights_only=True)
+        return {k: v for k, v in state.items() if k.startswith("c_head.")}, str(ref)
+    return None, None
+
+
+def _copy_top_layers_into_head(model: Condenser, path: str) -> None:
+    layers = model.mlm.base_model.encoder.layer
+    if len(model.c_head) > len(layers):
+        raise ModelError(f"{path}: --head_init copy needs at least --n_head_layers {len(model.c_head)} backbone layers; "
+                         f"it has {len(layers)}. Use --head_init random or fewer head layers.")
+    for head_layer, layer in zip(model.c_head, layers[len(layers) - len(model.c_head):]):
+        head_layer.load_state_dict(layer.state_dict())
+
+
+def load_condenser(path: str, *, n_head_layers: int, skip_from: int, late_mlm: bool, strict_head: bool = False,
+                   head_init: str = "random", length_bucket_width: int = 0, length_bucket_call_cost: int = -1,
+                   pack_length: int = 0) -> Condenser:
+    """Warm start from an HF MLM folder, one of our exports, or a reference Condenser folder.
+
+    The head comes from condenser_head.safetensors (ours) or model.pt (the reference's c_head.* keys);
+    without either it starts fresh (head_init "random": the backbone's initialisation; "copy": the
+    backbone's last n_head_layers layers), which is logged (and refused with strict_head). Weights stored in
+    16 bits are trained from fp32 master weights (autocast handles the 16-bit compute); fp32 and
+    fp64 checkpoints keep their precision.
+    """
+    from transformers import AutoModelForMaskedLM
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"{path}: no config.json. --model_name_or_path must be a local HF model folder "
+                         "(nothing is downloaded).")
+    mlm = AutoModelForMaskedLM.from_pretrained(str(folder), dtype="auto")
+    if mlm.dtype in (torch.float16, torch.bfloat16):
+        mlm = mlm.float()
+    model = Condenser(mlm, n_head_layers=n_head_layers, skip_from=skip_from, late_mlm=late_mlm,
+                      length_bucket_width=length_bucket_width, bucket_call_cost=length_bucket_call_cost,
+                      pack_length=pack_length)
+    state, source = _read_head_weights(folder)
+    if state is None:
+        if strict_head:
+            raise ModelError(f"{path}: no Condenser head ({HEAD_FILE} or {REFERENCE_HEAD_FILE}) and --strict_head "
+                             "is set. Warm-start from a Condenser checkpoint, or drop --strict_head.")
+        if head_init == "copy":
+            _copy_top_layers_into_head(model, path)
+        logger.info("No Condenser head in %s: the %d head layers start from %s.", path, n_head_layers,
+                    "copies of the backbone's last layers" if head_init == "copy" else "the backbone's initialisation")
+        return model
+    head = {k[len("c_head."):]: v for k, v in state.items()}
+    missing, unexpected = model.c_head.load_state_dict(head, strict=False)
+    if missing or unexpected:
+        msg = f"{source}: head keys missing {sorted(missing)[:8]}{'...' if len(missing) > 8 else ''}, " \
+              f"unexpected {sorted(unexpected)[:8]}{'...' if len(unexpected) > 8 else ''}"
+        if strict_head:
+            raise ModelError(msg + ". Check --n_head_layers against the checkpoint, or drop --strict_head.")
+        logger.warning(msg)
+    logger.info("Condenser head loaded from %s.", source)
+    return model
