@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from coco_accel.experiment import Experiment, paired_randomisation, query_split
+from coco_accel.experiment import Experiment, build_parser, paired_randomisation, query_split
 
 VARIANTS = {  # name: (folder name, flags added to the recipe's)
     "recipe": ("", []),
@@ -53,9 +53,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     name = Path(args.target).name
-    base = argparse.Namespace(model=args.model, targets=[args.target], control=None, config=args.config,
-                              seeds=[args.seed], output_dir=args.output_dir, split=args.split,
-                              report_fraction=args.report_fraction, num_proc=2, launcher="", train_args=[])
+    base = build_parser().parse_args(["--model", args.model, "--targets", args.target, "--control", "none",
+                                      "--config", args.config, "--seeds", str(args.seed), "--output_dir",
+                                      args.output_dir, "--split", args.split,
+                                      "--report_fraction", str(args.report_fraction)])
+    base.control = None  # no control arm: every variant pretrains on the target
     warm = Experiment(base).evaluate("warm_start", args.model)
     all_q = sorted(warm["datasets"][name]["per_query"])
     tuning, _ = query_split(all_q, args.report_fraction)

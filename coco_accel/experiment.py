@@ -273,8 +273,7 @@ def _check(args) -> None:
         raise ExperimentError(f"--report_fraction must be in [0, 1), got {args.report_fraction}.")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m coco_accel.experiment", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="The warm start (HF model folder with its tokenizer).")
@@ -291,7 +290,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--launcher", default="", help="Command prefix for training runs, e.g. 'accelerate launch "
                    "--config_file accelerate_configs/ddp.yaml' (default: one process, python -m coco_accel.train).")
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="After --: extra flags for every training run.")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
     if args.train_args and args.train_args[0] == "--":
         args.train_args = args.train_args[1:]
     try:

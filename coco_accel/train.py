@@ -6,8 +6,9 @@ import os
 import sys
 
 if __name__ == "__main__" and not __package__:
-    # Run as a script (accelerate launch coco_accel/train.py): keep this folder off sys.path so our
-    # module names can never shadow installed packages.
+    # Run as a script (accelerate launch coco_accel/train.py, the reference's way to launch), Python puts
+    # this folder first on sys.path, where our beir.py, evaluate.py and config.py would shadow the PyPI
+    # packages of those names for every library that imports them. `-m coco_accel.train` needs none of this.
     _here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
 
