@@ -79,5 +79,6 @@ def load_condenser(path: str, *, n_head_layers: int, skip_from: int, late_mlm: b
         if strict_head:
             raise ModelError(msg + ". Check --n_head_layers against the checkpoint, or drop --strict_head.")
         logger.warning(msg)
-    logger.info("Condenser head loaded from %s.", source)
+    logger.info("Condenser head loaded from %s%s.", source,
+                " (--head_init copy applies only to a warm start without a head)" if head_init == "copy" else "")
     return model
