@@ -119,7 +119,7 @@ def reference_loss(model: Condenser, batch: dict, autocast_dtype) -> torch.Tenso
         n_masked = max(int((labels != -100).sum()), 1)
         mlm = ce(head(hidden).flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum") / n_masked
         mlm = mlm + ce(head(last).flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum") / n_masked
-        con, _ = span_contrastive_loss(last[:, 0], last[:, 0], 0, last.shape[0])
+        con, _ = span_contrastive_loss(last[:, 0], last[:, 0], row_offset=0, normalizer=last.shape[0])
     return mlm + con
 
 
@@ -130,7 +130,7 @@ def same_loss(preset: str, docs: int, max_len: int, width: int, device, layout: 
     with torch.no_grad():
         a = float(reference_loss(ref, on(device, make_batch(docs, max_len, True, 0)), None))
         host = make_batch(docs, max_len, False, 0)
-        b = float(plain_step(ours, on(device, host), lambda loss, last: None, StepSettings(), host).loss)
+        b = float(plain_step(ours, on(device, host), lambda loss, last: None, StepSettings(), host=host).loss)
     return {"reference_loss": a, "ours_loss": b, "abs_diff": abs(a - b)}
 
 
@@ -142,9 +142,9 @@ def our_step(model: Condenser, batch: dict, host: dict, optimizer, autocast_dtyp
     compute = lambda: torch.autocast(batch["input_ids"].device.type, dtype=autocast_dtype,
                                      enabled=autocast_dtype is not None)
     if cache_chunk > 0:
-        parts = cached_step(model, batch, backward, settings, cache_chunk, host=host, compute=compute)
+        parts = cached_step(model, batch, backward, settings, chunk_size=cache_chunk, host=host, compute=compute)
     else:
-        parts = plain_step(model, batch, backward, settings, host, compute)
+        parts = plain_step(model, batch, backward, settings, host=host, compute=compute)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return parts.computed_tokens
@@ -220,8 +220,9 @@ def main(argv=None) -> int:
             return
         real = int(batch["attention_mask"].sum())
         padded = computed if computed is not None else batch["attention_mask"].numel()
-        flops = useful_flops_per_token(model.config, len(model.c_head), real / batch["input_ids"].shape[0], 0.15,
-                                       model.late_mlm) * real / secs
+        flops = useful_flops_per_token(model.config, n_head_layers=len(model.c_head),
+                                       avg_len=real / batch["input_ids"].shape[0], mlm_fraction=0.15,
+                                       late_mlm=model.late_mlm) * real / secs
         rows.append({"style": label, "docs": docs, "layout": layout, "step_ms": secs * 1e3,
                      "real_tok_s": real / secs, "padded_tok_s": padded / secs, "peak_gib": mem,
                      "mfu": flops / (peak * 1e12) if peak else None})

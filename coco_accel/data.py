@@ -238,8 +238,8 @@ class SpanCollator:
         if mask:
             masked, labels = whole_word_mask(ids, special, self.is_continuation,
                                              (np.full(rows, self.seed), np.full(rows, epoch), row_docs, slot),
-                                             self.mlm_probability, self.mask_id, self.vocab_size,
-                                             real_at=(row_of, within + 1), in_place=True)
+                                             mlm_probability=self.mlm_probability, mask_token_id=self.mask_id,
+                                             vocab_size=self.vocab_size, real_at=(row_of, within + 1), in_place=True)
         else:
             masked, labels = ids, np.full_like(ids, -100)
         return {"input_ids": torch.from_numpy(masked), "attention_mask": torch.from_numpy(attention.astype(np.int64)),

@@ -32,7 +32,7 @@ METRICS = ("ndcg@10", "recall@100", "mrr@10")
 class Encoder:
     """An HF encoder folder -> pooled vectors, batched, on the GPU when there is one."""
 
-    def __init__(self, model_dir: str, pooling: str = "cls", device: Optional[str] = None, batch_size: int = 128,
+    def __init__(self, model_dir: str, *, pooling: str = "cls", device: Optional[str] = None, batch_size: int = 128,
                  bf16: bool = False):
         from transformers import AutoModel, AutoTokenizer
 
@@ -171,7 +171,7 @@ def trec_metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, floa
     return out
 
 
-def evaluate_dataset(encoder: Encoder, folder: str, split: str = "test", query_max_len: int = 64,
+def evaluate_dataset(encoder: Encoder, folder: str, *, split: str = "test", query_max_len: int = 64,
                      doc_max_len: int = 128, score: str = "dot", chunk_docs: int = 50_000,
                      keep_identical_ids: bool = False) -> dict:
     queries, corpus, qrels, left_out = load_beir(folder, split)
@@ -228,7 +228,7 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def evaluate(model: str, data: Sequence[str], split: str = "test", query_max_len: int = 64, doc_max_len: int = 128,
+def evaluate(model: str, data: Sequence[str], *, split: str = "test", query_max_len: int = 64, doc_max_len: int = 128,
              pooling: str = "cls", score: str = "dot", batch_size: int = 128, chunk_docs: int = 50_000,
              keep_identical_ids: bool = False, bf16: bool = False) -> dict:
     for folder in data:  # every folder before the model loads: not a missing one after an hour of encoding
@@ -242,8 +242,9 @@ def evaluate(model: str, data: Sequence[str], split: str = "test", query_max_len
     for folder in data:
         name = Path(folder).name
         logger.info("Evaluating %s on %s (%s split)", model, name, split)
-        datasets[name] = evaluate_dataset(encoder, folder, split, query_max_len, doc_max_len, score, chunk_docs,
-                                          keep_identical_ids)
+        datasets[name] = evaluate_dataset(encoder, folder, split=split, query_max_len=query_max_len,
+                                          doc_max_len=doc_max_len, score=score, chunk_docs=chunk_docs,
+                                          keep_identical_ids=keep_identical_ids)
     average = {m: sum(d[m] for d in datasets.values()) / len(datasets) for m in METRICS}
     return {"model": str(model), "split": split,
             "protocol": {"query_max_len": query_max_len, "doc_max_len": doc_max_len, "pooling": pooling,
@@ -283,8 +284,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     try:
         _check_arguments(args)
-        results = evaluate(args.model, args.data, args.split, args.query_max_len, args.doc_max_len, args.pooling,
-                           args.score, args.batch_size, args.chunk_docs, args.keep_identical_ids, args.bf16)
+        results = evaluate(args.model, args.data, split=args.split, query_max_len=args.query_max_len,
+                           doc_max_len=args.doc_max_len, pooling=args.pooling, score=args.score,
+                           batch_size=args.batch_size, chunk_docs=args.chunk_docs,
+                           keep_identical_ids=args.keep_identical_ids, bf16=args.bf16)
     except EvalError as err:
         logger.error("%s", err)
         return 2

@@ -36,7 +36,7 @@ def heldout_batches(dataset, collator: SpanCollator, plan: BatchPlan, max_docs: 
 
 
 @torch.no_grad()
-def heldout_signal(model, batches: dict[str, list[dict]], device, temperature: float = 1.0,
+def heldout_signal(model, batches: dict[str, list[dict]], device, *, temperature: float = 1.0,
                    normalize: bool = False) -> dict[str, float]:
     """{'heldout/<corpus>/contrastive': mean loss, '.../contrastive_acc': accuracy} over each corpus."""
     was_training = model.training
@@ -49,7 +49,8 @@ def heldout_signal(model, batches: dict[str, list[dict]], device, temperature: f
             cls = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"],
                         cls_only=True).cls
             columns, offset = dist.gather_with_grad(cls)
-            loss, correct = span_contrastive_loss(cls, columns, offset, 1.0, temperature, normalize)
+            loss, correct = span_contrastive_loss(cls, columns, row_offset=offset, normalizer=1.0,
+                                                  temperature=temperature, normalize=normalize)
             sums += torch.stack([loss.double(), correct.double(), torch.tensor(cls.shape[0], device=device).double()])
         total = dist.all_reduce_sum(sums).tolist()
         record[f"heldout/{corpus}/contrastive"] = total[0] / max(total[2], 1)

@@ -113,6 +113,7 @@ def sibling_index(index: torch.Tensor) -> torch.Tensor:
 def span_contrastive_loss(
     rows: torch.Tensor,
     columns: torch.Tensor,
+    *,
     row_offset: int,
     normalizer: float,
     temperature: float = 1.0,

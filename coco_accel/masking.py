@@ -124,6 +124,7 @@ def whole_word_mask(
     special: np.ndarray,
     is_continuation: np.ndarray,
     row_keys: Sequence[np.ndarray],
+    *,
     mlm_probability: float,
     mask_token_id: int,
     vocab_size: int,

@@ -137,7 +137,7 @@ def fuse_qkv(module: nn.Module) -> int:
 
 
 class Condenser(nn.Module):
-    def __init__(self, mlm: nn.Module, n_head_layers: int, skip_from: int, late_mlm: bool,
+    def __init__(self, mlm: nn.Module, *, n_head_layers: int, skip_from: int, late_mlm: bool,
                  length_bucket_width: int = 0, bucket_call_cost: int = -1, pack_length: int = 0,
                  fused_qkv: bool = True):
         super().__init__()

@@ -54,7 +54,8 @@ def preprocess(
     splitter, split_source = breaks.load_sentence_splitter()
     logger.info("Sentence splitter: %s", split_source)
     id_type = "uint16" if tokenizer.get_vocab_size(with_added_tokens=True) <= np.iinfo(np.uint16).max else "int32"
-    builder = SpanBuilder(tokenizer, splitter, max_span_tokens, seed, eval_fraction, id_type)
+    builder = SpanBuilder(tokenizer, splitter, max_span_tokens=max_span_tokens, seed=seed, eval_fraction=eval_fraction,
+                          id_type=id_type)
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -76,7 +76,7 @@ def drop_reason(spans: list[list[int]]) -> str:
 class SpanBuilder:
     """The `datasets.map` function: a batch of documents -> spans, drop reason, id key, held-out flag."""
 
-    def __init__(self, tokenizer, splitter, max_span_tokens: int, seed: int, eval_fraction: float = 0.0,
+    def __init__(self, tokenizer, splitter, *, max_span_tokens: int, seed: int, eval_fraction: float = 0.0,
                  id_type: str = "int32"):
         self.id_type = id_type  # the Arrow value type of the spans' token ids
         self.splitter = splitter

@@ -73,7 +73,7 @@ Backward = Callable[[torch.Tensor, bool], None]  # (loss, is the step's last bac
 Compute = Callable[[], ContextManager]  # what the forward and the losses run in: the trainer's autocast
 
 
-def plain_step(model, batch: dict, backward: Backward, settings: StepSettings,
+def plain_step(model, batch: dict, backward: Backward, settings: StepSettings, *,
                host: Optional[dict] = None, compute: Compute = nullcontext,
                row_counts: Optional[Sequence[int]] = None) -> StepParts:
     """Encode the whole local batch with graph, score against the gathered global batch, backward once.
@@ -92,8 +92,8 @@ def plain_step(model, batch: dict, backward: Backward, settings: StepSettings,
                     layout=layout)
         head, backbone = _mlm_terms(out, mlm_norm)
         columns, offset = dist.gather_with_grad(out.cls, row_counts)
-        contrastive, correct = span_contrastive_loss(out.cls, columns, offset, span_norm,
-                                                     settings.temperature, settings.normalize)
+        contrastive, correct = span_contrastive_loss(out.cls, columns, row_offset=offset, normalizer=span_norm,
+                                                     temperature=settings.temperature, normalize=settings.normalize)
     backward(head + backbone + contrastive, True)
     return StepParts(head.detach(), backbone.detach(), contrastive.detach(), correct, layout.shape[0],
                      int(layout[:, 0].sum()), out.computed_tokens)
@@ -150,7 +150,7 @@ def _chunks(batch: dict, sizes: Sequence[int], layout: np.ndarray) -> list[tuple
     return out
 
 
-def cached_step(model, batch: dict, backward: Backward, settings: StepSettings, chunk_size: int,
+def cached_step(model, batch: dict, backward: Backward, settings: StepSettings, *, chunk_size: int,
                 no_sync: Optional[Callable] = None, host: Optional[dict] = None,
                 compute: Compute = nullcontext, row_counts: Optional[Sequence[int]] = None) -> StepParts:
     """Gradient cache (Gao et al., 2021): the contrastive loss of the full global batch in bounded memory.
@@ -179,8 +179,8 @@ def cached_step(model, batch: dict, backward: Backward, settings: StepSettings, 
                               labels=part["labels"], layout=rows, cls_only=True).cls)
     local = at_least_fp32(torch.cat(reps)).requires_grad_(True)
     columns, offset = dist.gather_with_grad(local, row_counts)
-    contrastive, correct = span_contrastive_loss(local, columns, offset, span_norm,
-                                                 settings.temperature, settings.normalize)
+    contrastive, correct = span_contrastive_loss(local, columns, row_offset=offset, normalizer=span_norm,
+                                                 temperature=settings.temperature, normalize=settings.normalize)
     (rep_grad,) = torch.autograd.grad(contrastive, local)
     head_total = backbone_total = None  # sums in the losses' own dtype (fp64 runs report fp64 parts)
     start = computed = 0

@@ -54,7 +54,7 @@ class Meter:
         self.steps += 1
         self.overflows += int(overflow)
 
-    def flush(self, step: int, lr: float, docs_seen: int, skipped_steps: int = 0,
+    def flush(self, step: int, *, lr: float, docs_seen: int, skipped_steps: int = 0,
               loss_scale: Optional[float] = None) -> dict:
         """Global means over the steps since the last flush (all processes must call it together)."""
         counts = torch.tensor(self.counts, dtype=torch.float64).to(self.device)
@@ -111,7 +111,7 @@ class MetricsFile:
 # FLOP accounting: the model TFLOP/s and MFU logged per step
 
 
-def useful_flops_per_token(config, n_head_layers: int, avg_len: float, mlm_fraction: float, late_mlm: bool) -> float:
+def useful_flops_per_token(config, *, n_head_layers: int, avg_len: float, mlm_fraction: float, late_mlm: bool) -> float:
     """Forward + backward FLOPs per real token of the Condenser's computation as defined, padding and
     shortcuts aside: 6 x (the layers' matmul weights, attention (QK^T and AV) over spans of `avg_len`
     tokens, and the MLM transform and vocabulary projection at the masked fraction, head and backbone).
@@ -168,7 +168,8 @@ class TrainingLog:
         run, acc = self.run, self.run.accelerator
         record = {"step": step}
         if run.heldout:
-            record.update(heldout_signal(run.model, run.heldout, acc.device, run.cfg.temperature, run.cfg.normalize))
+            record.update(heldout_signal(run.model, run.heldout, acc.device, temperature=run.cfg.temperature,
+                                         normalize=run.cfg.normalize))
         if run.retrieval is not None:
             backbone = acc.unwrap_model(run.model).mlm.base_model  # what AutoModel loads from the export
             record.update(run.retrieval(backbone, run.tokenizer, acc.process_index, acc.num_processes))
@@ -182,7 +183,7 @@ class TrainingLog:
         cfg, acc = self.run.cfg, self.run.accelerator
         self.bar.update(1)
         if self.meter.steps and (step == 1 or step % cfg.logging_steps == 0 or step == self.run.total_steps):
-            self.last = self.meter.flush(step, lr, self.run.docs_seen, skipped,
+            self.last = self.meter.flush(step, lr=lr, docs_seen=self.run.docs_seen, skipped_steps=skipped,
                                          loss_scale=acc.scaler.get_scale() if acc.scaler is not None else None)
             self.first = self.first or self.last
             self.bar.set_postfix(loss=f"{self.last['loss']:.3f}", acc=f"{self.last['contrastive_acc']:.2f}")
@@ -203,7 +204,7 @@ class TrainingLog:
 
 def make_meter(cfg: TrainConfig, acc, model_config):
     """The metrics meter, with the model's FLOPs per token and, where known, the GPU's peak (MFU)."""
-    flops = lambda avg_len: useful_flops_per_token(model_config, cfg.n_head_layers, avg_len, cfg.mlm_probability,
-                                                   cfg.late_mlm)
+    flops = lambda avg_len: useful_flops_per_token(model_config, n_head_layers=cfg.n_head_layers, avg_len=avg_len,
+                                                   mlm_fraction=cfg.mlm_probability, late_mlm=cfg.late_mlm)
     sixteen_bit = acc.mixed_precision in ("bf16", "fp16")
     return Meter(acc.device, flops, cfg.peak_tflops or (peak_tflops(acc.device) if sixteen_bit else None))

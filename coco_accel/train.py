@@ -247,9 +247,10 @@ def _step_function(cfg: TrainConfig, accelerator, model, deepspeed: bool) -> Cal
 
     def step(batch, host, row_counts):
         if cfg.cache_chunk_size > 0:
-            return cached_step(model, batch, backward, settings, cfg.cache_chunk_size, no_sync, host,
-                               accelerator.autocast, row_counts)
-        return plain_step(model, batch, backward, settings, host, accelerator.autocast, row_counts)
+            return cached_step(model, batch, backward, settings, chunk_size=cfg.cache_chunk_size, no_sync=no_sync,
+                               host=host, compute=accelerator.autocast, row_counts=row_counts)
+        return plain_step(model, batch, backward, settings, host=host, compute=accelerator.autocast,
+                          row_counts=row_counts)
 
     return step
 

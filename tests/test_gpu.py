@@ -57,7 +57,7 @@ def test_step_planned_from_the_host_never_waits_for_the_device(chunk):
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
                      intermediate_size=64)
-    model = Condenser(BertForMaskedLM(cfg), 2, 2, late_mlm=True, pack_length=24).cuda()
+    model = Condenser(BertForMaskedLM(cfg), n_head_layers=2, skip_from=2, late_mlm=True, pack_length=24).cuda()
     ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20, 9, 4])
     host = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     batch = {k: v.cuda() for k, v in host.items()}
@@ -67,10 +67,10 @@ def test_step_planned_from_the_host_never_waits_for_the_device(chunk):
     try:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             if chunk:  # its first pass needs no backward; the replay's backward is the no-op below
-                parts = cached_step(model, batch, lambda loss, last: losses.append(loss), StepSettings(), chunk,
-                                    host=host)
+                parts = cached_step(model, batch, lambda loss, last: losses.append(loss), StepSettings(),
+                                    chunk_size=chunk, host=host)
             else:
-                parts = plain_step(model, batch, lambda loss, last: losses.append(loss), StepSettings(), host)
+                parts = plain_step(model, batch, lambda loss, last: losses.append(loss), StepSettings(), host=host)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert losses and math.isfinite(float(parts.loss))
@@ -87,7 +87,7 @@ def test_gradient_cache_replays_the_first_pass_dropout_on_the_gpu(compiled, monk
 
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)
-    model = Condenser(BertForMaskedLM(cfg), 2, 2, late_mlm=True, pack_length=24).cuda().train()
+    model = Condenser(BertForMaskedLM(cfg), n_head_layers=2, skip_from=2, late_mlm=True, pack_length=24).cuda().train()
     if compiled:
         model.compile_parts()
     ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20, 9, 4])
@@ -95,7 +95,7 @@ def test_gradient_cache_replays_the_first_pass_dropout_on_the_gpu(compiled, monk
     batch = {k: v.cuda() for k, v in host.items()}
     seen = record_cls(monkeypatch)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        cached_step(model, batch, lambda loss, last: loss.backward(), StepSettings(), 3, host=host)
+        cached_step(model, batch, lambda loss, last: loss.backward(), StepSettings(), chunk_size=3, host=host)
     assert len(seen) == 6
     for a, b in zip(seen[:3], seen[3:]):
         assert torch.equal(a, b)

@@ -49,7 +49,7 @@ def test_contrastive_loss_matches_hand_computation():
 
 def test_self_is_never_a_candidate_and_siblings_can_win():
     x = torch.tensor([[5.0, 0.0], [5.0, 0.1], [0.0, 5.0], [0.1, 5.0]])
-    loss, correct = span_contrastive_loss(x, x, 0, 4)
+    loss, correct = span_contrastive_loss(x, x, row_offset=0, normalizer=4)
     assert correct.item() == 4
     assert loss.item() < 1e-3  # self-similarity (25) would dominate if it were not masked
 
@@ -57,29 +57,31 @@ def test_self_is_never_a_candidate_and_siblings_can_win():
 def test_process_shares_add_up_to_the_global_mean():
     """Rows split over 'processes' with their offsets: the shares (normaliser N / world) average to the full loss."""
     x = torch.randn(8, 3, dtype=torch.float64)
-    full, full_correct = span_contrastive_loss(x, x, 0, 8)
+    full, full_correct = span_contrastive_loss(x, x, row_offset=0, normalizer=8)
     world = 2
-    shares = [span_contrastive_loss(x[r * 4:(r + 1) * 4], x, r * 4, 8 / world) for r in range(world)]
+    shares = [span_contrastive_loss(x[r * 4:(r + 1) * 4], x, row_offset=r * 4, normalizer=8 / world)
+              for r in range(world)]
     assert sum(s[0] for s in shares).item() / world == pytest.approx(full.item(), rel=1e-12)
     assert sum(int(s[1]) for s in shares) == int(full_correct)
 
 
 def test_temperature_and_normalisation():
     x = torch.tensor(X, dtype=torch.float64)
-    plain, _ = span_contrastive_loss(x, x, 0, 4)
-    hot, _ = span_contrastive_loss(x * 0.5, x * 0.5, 0, 4, temperature=0.25)  # (x/2)(x/2)/0.25 = x x
+    plain, _ = span_contrastive_loss(x, x, row_offset=0, normalizer=4)
+    # (x/2)(x/2)/0.25 = x x
+    hot, _ = span_contrastive_loss(x * 0.5, x * 0.5, row_offset=0, normalizer=4, temperature=0.25)
     assert hot.item() == pytest.approx(plain.item())
-    cos, _ = span_contrastive_loss(x * 7.0, x, 0, 4, normalize=True)
+    cos, _ = span_contrastive_loss(x * 7.0, x, row_offset=0, normalizer=4, normalize=True)
     unit = torch.nn.functional.normalize(x, dim=-1)
-    ref, _ = span_contrastive_loss(unit, unit, 0, 4)
+    ref, _ = span_contrastive_loss(unit, unit, row_offset=0, normalizer=4)
     assert cos.item() == pytest.approx(ref.item())
 
 
 def test_similarity_is_fp32_under_bf16_autocast():
     x = torch.randn(6, 16) * 10
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, _ = span_contrastive_loss(x, x, 0, 6)
-    ref, _ = span_contrastive_loss(x, x, 0, 6)
+        loss, _ = span_contrastive_loss(x, x, row_offset=0, normalizer=6)
+    ref, _ = span_contrastive_loss(x, x, row_offset=0, normalizer=6)
     assert loss.dtype == torch.float32
     assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
 
@@ -187,7 +189,7 @@ def test_a_step_planned_from_the_host_batch_equals_one_planned_from_the_device(c
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=120, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = Condenser(BertForMaskedLM(cfg), 2, 2, late_mlm=True, pack_length=24).double()
+    model = Condenser(BertForMaskedLM(cfg), n_head_layers=2, skip_from=2, late_mlm=True, pack_length=24).double()
     ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20, 9, 4])
     host = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     device_batch = {k: v.clone() for k, v in host.items()}  # stands for the copy on the device
@@ -208,9 +210,9 @@ def test_a_step_planned_from_the_host_batch_equals_one_planned_from_the_device(c
         monkeypatch.setattr(model_module, "host_layout", no_reads if given is not None else real)
         backward = lambda loss, last: loss.backward()
         if chunk:
-            parts = cached_step(model, device_batch, backward, StepSettings(), chunk, host=given)
+            parts = cached_step(model, device_batch, backward, StepSettings(), chunk_size=chunk, host=given)
         else:
-            parts = plain_step(model, device_batch, backward, StepSettings(), given)
+            parts = plain_step(model, device_batch, backward, StepSettings(), host=given)
         results.append((parts, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     assert seen and all(seen)
     (a, ga), (b, gb) = results
@@ -237,7 +239,7 @@ def test_the_trainers_autocast_reaches_the_vocabulary_projection(monkeypatch):
     monkeypatch.setattr(losses._DecoderCrossEntropy, "apply", lambda *a: seen.append(a[4]) or real(*a))
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=120, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32)
-    model = Condenser(BertForMaskedLM(cfg), 2, 2, late_mlm=True, pack_length=24)
+    model = Condenser(BertForMaskedLM(cfg), n_head_layers=2, skip_from=2, late_mlm=True, pack_length=24)
     mask = (torch.arange(20)[None, :] < torch.tensor([20, 3, 7, 12])[:, None]).long()
     ids = torch.where(mask.bool(), torch.randint(5, 120, (4, 20)), 0)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.where(mask.bool(), ids, -100)}
@@ -245,7 +247,7 @@ def test_the_trainers_autocast_reaches_the_vocabulary_projection(monkeypatch):
     try:
         for compute in (accelerator.autocast, None):
             extra = {"compute": compute} if compute else {}
-            plain_step(model, batch, lambda loss, last: loss.backward(), StepSettings(), batch, **extra)
+            plain_step(model, batch, lambda loss, last: loss.backward(), StepSettings(), host=batch, **extra)
     finally:
         AcceleratorState._reset_state(True)
     assert seen == [torch.bfloat16, torch.bfloat16, torch.float32, torch.float32]  # head and backbone, twice
@@ -266,13 +268,13 @@ def test_gradient_cache_replays_the_first_pass_dropout(pack, compiled, monkeypat
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=120, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
                      hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
-    model = Condenser(BertForMaskedLM(cfg), 2, 2, late_mlm=True, pack_length=pack).train()
+    model = Condenser(BertForMaskedLM(cfg), n_head_layers=2, skip_from=2, late_mlm=True, pack_length=pack).train()
     if compiled:
         model.compile_parts()
     ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20, 9, 4])
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     seen = record_cls(monkeypatch)
-    cached_step(model, batch, lambda loss, last: loss.backward(), StepSettings(), 3, host=batch)
+    cached_step(model, batch, lambda loss, last: loss.backward(), StepSettings(), chunk_size=3, host=batch)
     first, replay = seen[:3], seen[3:]
     assert len(first) == len(replay) == 3  # chunks of 3, 3 and 2 spans
     for a, b in zip(first, replay):
@@ -293,10 +295,10 @@ def _two_process_step(rank: int, port: int, out_dir: str) -> None:
         torch.manual_seed(rank)
         cfg = BertConfig(vocab_size=120, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=32)
-        model = Condenser(BertForMaskedLM(cfg), 1, 1, late_mlm=True, pack_length=24)
+        model = Condenser(BertForMaskedLM(cfg), n_head_layers=1, skip_from=1, late_mlm=True, pack_length=24)
         ids, mask, labels = span_batch([20, 3, 7, 12])
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-        parts = plain_step(model, batch, lambda loss, last: loss.backward(), StepSettings(), batch)
+        parts = plain_step(model, batch, lambda loss, last: loss.backward(), StepSettings(), host=batch)
         dtypes = {str(t.dtype) for t in (parts.mlm_head, parts.mlm_backbone, parts.contrastive)}
         (Path(out_dir) / f"rank{rank}").write_text(",".join(sorted(dtypes)))
     finally:
@@ -329,11 +331,12 @@ def test_step_parts_keep_the_losses_dtype_and_the_cache_equals_the_plain_step(la
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=120, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = Condenser(BertForMaskedLM(cfg), 2, 2, late_mlm=late_mlm, pack_length=24).double().train()
+    model = Condenser(BertForMaskedLM(cfg), n_head_layers=2, skip_from=2, late_mlm=late_mlm,
+                      pack_length=24).double().train()
     ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20, 9, 4])
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    plain = plain_step(model, batch, lambda loss, last: None, StepSettings(), batch)
-    cached = cached_step(model, batch, lambda loss, last: None, StepSettings(), 3, host=batch)
+    plain = plain_step(model, batch, lambda loss, last: None, StepSettings(), host=batch)
+    cached = cached_step(model, batch, lambda loss, last: None, StepSettings(), chunk_size=3, host=batch)
     for name in ("mlm_head", "mlm_backbone", "contrastive"):
         a, b = getattr(plain, name), getattr(cached, name)
         assert a.dtype == b.dtype == torch.float64, name

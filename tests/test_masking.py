@@ -34,7 +34,9 @@ def test_whole_words_are_masked_together(tokenizer):
     n = len(TEXTS)
     for seed in range(20):
         keys = (np.full(n, seed), np.zeros(n), np.arange(n), np.zeros(n))
-        out, labels = whole_word_mask(ids, special, table, keys, 0.15, tokenizer.mask_token_id, len(tokenizer))
+        out, labels = whole_word_mask(ids, special, table, keys,
+                                      mlm_probability=0.15, mask_token_id=tokenizer.mask_token_id,
+                                      vocab_size=len(tokenizer))
         masked = labels != -100
         assert not (masked & special).any()
         np.testing.assert_array_equal(labels[masked], ids[masked])
@@ -51,7 +53,9 @@ def test_mask_rate_and_replacement_split(tokenizer):
     ids, special = _batch(tokenizer, ["word " * 100] * 64)
     n = ids.shape[0]
     keys = (np.full(n, 1), np.zeros(n), np.arange(n), np.zeros(n))
-    out, labels = whole_word_mask(ids, special, table, keys, 0.15, tokenizer.mask_token_id, len(tokenizer))
+    out, labels = whole_word_mask(ids, special, table, keys,
+                                  mlm_probability=0.15, mask_token_id=tokenizer.mask_token_id,
+                                  vocab_size=len(tokenizer))
     masked = labels != -100
     assert masked.sum() / (~special).sum() == pytest.approx(0.15, abs=0.01)
     became_mask = (out == tokenizer.mask_token_id) & masked
@@ -64,10 +68,12 @@ def test_a_row_is_masked_the_same_whatever_batch_it_is_in(tokenizer):
     table = continuation_table(tokenizer)
     ids, special = _batch(tokenizer, TEXTS)
     keys = (np.full(2, 5), np.full(2, 1), np.array([10, 11]), np.zeros(2))
-    _, both = whole_word_mask(ids, special, table, keys, 0.15, tokenizer.mask_token_id, len(tokenizer))
+    _, both = whole_word_mask(ids, special, table, keys,
+                              mlm_probability=0.15, mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer))
     ids1, special1 = _batch(tokenizer, TEXTS[1:])
     keys1 = tuple(k[1:] for k in keys)
-    _, alone = whole_word_mask(ids1, special1, table, keys1, 0.15, tokenizer.mask_token_id, len(tokenizer))
+    _, alone = whole_word_mask(ids1, special1, table, keys1,
+                               mlm_probability=0.15, mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer))
     width = ids1.shape[1]
     np.testing.assert_array_equal(both[1, :width], alone[0])
 
@@ -81,7 +87,8 @@ def test_replacements_are_the_keyed_draws_of_their_positions(tokenizer):
     ids, special = _batch(tokenizer, TEXTS * 8)
     n = ids.shape[0]
     keys = (np.full(n, 5), np.full(n, 2), np.arange(n) // 2 + 100, np.arange(n) % 2)
-    out, labels = whole_word_mask(ids, special, continuation_table(tokenizer), keys, 0.3, 103, 30522)
+    out, labels = whole_word_mask(ids, special, continuation_table(tokenizer), keys,
+                                  mlm_probability=0.3, mask_token_id=103, vocab_size=30522)
     grid = [np.asarray(k)[:, None] for k in keys] + [np.arange(ids.shape[1])[None, :]]
     action = keyed_uniform(*grid, MASK_ACTION)
     drawn = (keyed_uniform(*grid, RANDOM_TOKEN) * 30522).astype(np.int64)
@@ -103,7 +110,8 @@ def test_a_word_that_would_overflow_is_skipped_and_later_words_still_fill_the_bu
     assert (~special).sum(axis=1)[0] == 7
     n = ids.shape[0]
     keys = (np.full(n, 3), np.zeros(n), np.arange(n), np.zeros(n))
-    _, labels = whole_word_mask(ids, special, table, keys, 0.3, tokenizer.mask_token_id, len(tokenizer))
+    _, labels = whole_word_mask(ids, special, table, keys,
+                                mlm_probability=0.3, mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer))
     masked = labels != -100
     assert (masked.sum(axis=1) == 2).all()
     long_word = np.isin(ids, tokenizer.convert_tokens_to_ids(["photos", "##yn", "##thesis"]))
@@ -130,6 +138,7 @@ def test_mask_rate_on_multi_piece_words_reaches_the_budget(tokenizer):
     assert ((~special).sum(axis=1) == 25).all()
     n = ids.shape[0]
     keys = (np.full(n, 1), np.zeros(n), np.arange(n), np.zeros(n))
-    _, labels = whole_word_mask(ids, special, table, keys, 0.15, tokenizer.mask_token_id, len(tokenizer))
+    _, labels = whole_word_mask(ids, special, table, keys,
+                                mlm_probability=0.15, mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer))
     share = (labels != -100).sum() / (~special).sum()
     assert share == pytest.approx(4 / 25, abs=0.004)

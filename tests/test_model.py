@@ -43,7 +43,7 @@ def test_head_reads_last_layer_cls_and_skip_from_tokens():
 
 
 def test_logits_only_at_masked_positions():
-    model = Condenser(_tiny(), 2, 2, late_mlm=True)
+    model = Condenser(_tiny(), n_head_layers=2, skip_from=2, late_mlm=True)
     ids, mask, labels = _inputs()
     out = model(ids, mask, labels)
     assert out.head_logits.shape == (4, 120) and out.backbone_logits.shape == (4, 120)
@@ -51,12 +51,12 @@ def test_logits_only_at_masked_positions():
     # The backbone logits are the backbone's own MLM head on its last layer.
     full = model.mlm(input_ids=ids, attention_mask=mask).logits
     assert torch.allclose(out.backbone_logits, full[labels != -100], atol=1e-5)
-    assert Condenser(_tiny(), 2, 2, late_mlm=False)(ids, mask, labels).backbone_logits is None
+    assert Condenser(_tiny(), n_head_layers=2, skip_from=2, late_mlm=False)(ids, mask, labels).backbone_logits is None
 
 
 def test_head_is_the_backbones_layer_class_with_its_init():
     mlm = _tiny()
-    model = Condenser(mlm, 3, 1, False)
+    model = Condenser(mlm, n_head_layers=3, skip_from=1, late_mlm=False)
     assert len(model.c_head) == 3
     assert all(type(layer) is type(mlm.bert.encoder.layer[0]) for layer in model.c_head)
     w = model.c_head[0].attention.self.query.weight
@@ -65,7 +65,7 @@ def test_head_is_the_backbones_layer_class_with_its_init():
 
 def test_skip_from_outside_the_layers_is_refused():
     with pytest.raises(ModelError, match="skip_from 5"):
-        Condenser(_tiny(layers=4), 2, 5, False)
+        Condenser(_tiny(layers=4), n_head_layers=2, skip_from=5, late_mlm=False)
 
 
 def test_backbone_dropout_stays_on_in_training():
@@ -73,7 +73,7 @@ def test_backbone_dropout_stays_on_in_training():
 
     mlm = BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                                      intermediate_size=32, hidden_dropout_prob=0.5))
-    model = Condenser(mlm, 1, 1, False).train()
+    model = Condenser(mlm, n_head_layers=1, skip_from=1, late_mlm=False).train()
     ids, mask, labels = _inputs(vocab=50)
     assert not torch.allclose(model(ids, mask, labels).cls, model(ids, mask, labels).cls)
 
@@ -81,7 +81,7 @@ def test_backbone_dropout_stays_on_in_training():
 def test_export_reloads_with_automodel_and_head_round_trips(tmp_path, tokenizer):
     from transformers import AutoModel, AutoTokenizer
 
-    model = Condenser(_tiny(vocab=len(tokenizer)), 2, 2, True)
+    model = Condenser(_tiny(vocab=len(tokenizer)), n_head_layers=2, skip_from=2, late_mlm=True)
     save_export(model, tokenizer, str(tmp_path))
     assert (tmp_path / HEAD_FILE).is_file()
     auto = AutoModel.from_pretrained(str(tmp_path))
@@ -96,7 +96,7 @@ def test_export_reloads_with_automodel_and_head_round_trips(tmp_path, tokenizer)
 
 def test_reference_condenser_checkpoint_with_model_pt(tmp_path):
     """The reference wrote HF weights plus model.pt holding the head as c_head.* keys."""
-    model = Condenser(_tiny(), 2, 2, True)
+    model = Condenser(_tiny(), n_head_layers=2, skip_from=2, late_mlm=True)
     model.mlm.save_pretrained(tmp_path)
     torch.save({f"c_head.{k}": v for k, v in model.c_head.state_dict().items()}, tmp_path / "model.pt")
     loaded = load_condenser(str(tmp_path), n_head_layers=2, skip_from=2, late_mlm=True, strict_head=True)
@@ -139,8 +139,8 @@ def test_head_init_copy_starts_the_head_from_the_backbones_last_layers(tmp_path,
 def test_length_buckets_give_the_padded_result(width):
     """Rows grouped by length, each group cut to its longest row == the whole batch padded to its longest."""
     torch.manual_seed(1)
-    plain = Condenser(_tiny(), 2, 2, late_mlm=True)
-    bucketed = Condenser(_tiny(), 2, 2, late_mlm=True, length_bucket_width=width)
+    plain = Condenser(_tiny(), n_head_layers=2, skip_from=2, late_mlm=True)
+    bucketed = Condenser(_tiny(), n_head_layers=2, skip_from=2, late_mlm=True, length_bucket_width=width)
     bucketed.load_state_dict(plain.state_dict())
     n, length = 9, 20
     lengths = torch.tensor([20, 3, 7, 12, 5, 20, 9, 4, 16])
@@ -188,8 +188,9 @@ def test_length_groups_merge_only_where_cheaper():
 @pytest.mark.parametrize("call_cost", [0, 40, 10**6])
 def test_merged_length_groups_give_the_padded_result(call_cost):
     torch.manual_seed(1)
-    plain = Condenser(_tiny(), 2, 2, late_mlm=True)
-    grouped = Condenser(_tiny(), 2, 2, late_mlm=True, length_bucket_width=2, bucket_call_cost=call_cost)
+    plain = Condenser(_tiny(), n_head_layers=2, skip_from=2, late_mlm=True)
+    grouped = Condenser(_tiny(), n_head_layers=2, skip_from=2, late_mlm=True, length_bucket_width=2,
+                        bucket_call_cost=call_cost)
     grouped.load_state_dict(plain.state_dict())
     lengths = torch.tensor([20, 3, 7, 12, 5, 20, 9, 4, 16])
     ids = torch.randint(5, 120, (9, 20)) * (torch.arange(20)[None, :] < lengths[:, None])
@@ -238,8 +239,8 @@ def test_packed_rows_give_the_padded_result(family, attn, pack):
     """Spans packed into shared rows (block-diagonal attention, per-span positions) == each span padded alone:
     CLS vectors, MLM losses and the gradients they produce."""
     torch.manual_seed(1)
-    plain = Condenser(_bert_or_roberta(family, attn), 2, 2, late_mlm=True)
-    packed = Condenser(_bert_or_roberta(family, attn), 2, 2, late_mlm=True, pack_length=pack)
+    plain = Condenser(_bert_or_roberta(family, attn), n_head_layers=2, skip_from=2, late_mlm=True)
+    packed = Condenser(_bert_or_roberta(family, attn), n_head_layers=2, skip_from=2, late_mlm=True, pack_length=pack)
     packed.load_state_dict(plain.state_dict())
     ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20, 9, 4, 16], pad_id=0 if family == "bert" else 1,
                                    label_rate=0.3)
@@ -267,8 +268,10 @@ def test_compiled_parts_give_the_eager_result():
     unchanged parameter names. float64, so that the fused kernels' different summation order stays far
     below the tolerance."""
     torch.manual_seed(1)
-    eager = Condenser(_bert_or_roberta("bert", "sdpa"), 2, 2, late_mlm=True, pack_length=24).double()
-    compiled = Condenser(_bert_or_roberta("bert", "sdpa"), 2, 2, late_mlm=True, pack_length=24).double()
+    eager = Condenser(_bert_or_roberta("bert", "sdpa"), n_head_layers=2, skip_from=2, late_mlm=True,
+                      pack_length=24).double()
+    compiled = Condenser(_bert_or_roberta("bert", "sdpa"), n_head_layers=2, skip_from=2, late_mlm=True,
+                         pack_length=24).double()
     compiled.load_state_dict(eager.state_dict())
     names = [name for name, _ in compiled.named_parameters()]
     compiled.compile_parts()
@@ -301,7 +304,7 @@ def test_packing_refuses_attention_without_masks():
     mlm = _bert_or_roberta("bert", "sdpa")
     mlm.config._attn_implementation = "flash_attention_2"
     with pytest.raises(ModelError, match="--pack_length 0"):
-        Condenser(mlm, 2, 2, late_mlm=True, pack_length=64)
+        Condenser(mlm, n_head_layers=2, skip_from=2, late_mlm=True, pack_length=64)
 
 
 def test_roberta_backbone_dispatches_on_model_type():
@@ -311,7 +314,7 @@ def test_roberta_backbone_dispatches_on_model_type():
     mlm = RobertaForMaskedLM(RobertaConfig(vocab_size=120, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
                                            intermediate_size=32, max_position_embeddings=40, pad_token_id=1,
                                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
-    model = Condenser(mlm, 2, 1, late_mlm=True, length_bucket_width=4)
+    model = Condenser(mlm, n_head_layers=2, skip_from=1, late_mlm=True, length_bucket_width=4)
     assert type(model.c_head[0]) is type(mlm.roberta.encoder.layer[0])
     ids, mask, labels = _inputs()
     out = model(ids, mask, labels)
@@ -330,7 +333,7 @@ def test_reference_backbone_without_dropout_keeps_head_dropout():
 
     mlm = BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                                      intermediate_size=32, hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.5))
-    model = Condenser(mlm, 1, 1, False).train()
+    model = Condenser(mlm, n_head_layers=1, skip_from=1, late_mlm=False).train()
     assert disable_backbone_dropout(model) > 0
     ids, mask, labels = _inputs(vocab=50)
     assert torch.allclose(model(ids, mask, labels).cls, model(ids, mask, labels).cls)  # backbone deterministic
@@ -347,7 +350,8 @@ def test_chunked_decoder_loss_gives_the_full_logits_gradients(family, monkeypatc
 
     monkeypatch.setattr(losses, "DECODER_CHUNK_ELEMENTS", 5 * 120)  # 5 rows per chunk
     torch.manual_seed(1)
-    model = Condenser(_bert_or_roberta(family, "sdpa"), 2, 2, late_mlm=True, pack_length=24).double()
+    model = Condenser(_bert_or_roberta(family, "sdpa"), n_head_layers=2, skip_from=2, late_mlm=True,
+                      pack_length=24).double()
     ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20], pad_id=0 if family == "bert" else 1)
     grads = []
     for chunked in (True, False):
@@ -375,7 +379,7 @@ def test_a_layout_from_the_host_plans_without_reading_the_device(layout_kind, mo
 
     torch.manual_seed(1)
     extra = dict(pack_length=24) if layout_kind == "pack" else dict(length_bucket_width=4, bucket_call_cost=0)
-    model = Condenser(_bert_or_roberta("bert", "sdpa"), 2, 2, late_mlm=True, **extra).double()
+    model = Condenser(_bert_or_roberta("bert", "sdpa"), n_head_layers=2, skip_from=2, late_mlm=True, **extra).double()
     ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20, 9, 4])
     read = model(ids, mask, labels)
     layout = model_module.host_layout(mask, labels)
@@ -401,9 +405,10 @@ def test_fused_qkv_projections_give_the_separate_result(family, monkeypatch):
     real = FusedQKV.query
     monkeypatch.setattr(FusedQKV, "query", lambda self, x: calls.append(1) or real(self, x))
     torch.manual_seed(1)
-    separate = Condenser(_bert_or_roberta(family, "sdpa"), 2, 2, late_mlm=True, pack_length=24,
+    separate = Condenser(_bert_or_roberta(family, "sdpa"), n_head_layers=2, skip_from=2, late_mlm=True, pack_length=24,
                          fused_qkv=False).double()
-    fused = Condenser(_bert_or_roberta(family, "sdpa"), 2, 2, late_mlm=True, pack_length=24).double()
+    fused = Condenser(_bert_or_roberta(family, "sdpa"), n_head_layers=2, skip_from=2, late_mlm=True,
+                      pack_length=24).double()
     fused.load_state_dict(separate.state_dict())
     assert [n for n, _ in fused.named_parameters()] == [n for n, _ in separate.named_parameters()]
     ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20, 9, 4], pad_id=0 if family == "bert" else 1)
@@ -449,8 +454,9 @@ def test_packed_rows_with_partial_last_layers_give_the_padded_result(n_head, ski
     masked slots == the full layers: for any head depth, skip_from (3 = the last layer, read everywhere,
     computed in full) and late_mlm; also without gradient and labels."""
     torch.manual_seed(2)
-    plain = Condenser(_bert_or_roberta("bert", "sdpa"), n_head, skip_from, late_mlm=late_mlm).double()
-    packed = Condenser(_bert_or_roberta("bert", "sdpa"), n_head, skip_from, late_mlm=late_mlm,
+    plain = Condenser(_bert_or_roberta("bert", "sdpa"), n_head_layers=n_head, skip_from=skip_from,
+                      late_mlm=late_mlm).double()
+    packed = Condenser(_bert_or_roberta("bert", "sdpa"), n_head_layers=n_head, skip_from=skip_from, late_mlm=late_mlm,
                        pack_length=32).double()
     packed.load_state_dict(plain.state_dict())
     ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20, 9, 4, 16, 2], label_rate=0.3)
@@ -473,7 +479,8 @@ def test_cls_only_skips_the_head_and_gives_the_full_forwards_cls(layout):
     """cls_only (the gradient cache's first pass, the held-out signal): CLS equals the full forward's, the
     head layers never run, the MLM outputs are empty; with or without gradient."""
     torch.manual_seed(4)
-    model = Condenser(_bert_or_roberta("bert", "sdpa"), 2, 2, late_mlm=True, pack_length=32 if layout == "pack" else 0,
+    model = Condenser(_bert_or_roberta("bert", "sdpa"), n_head_layers=2, skip_from=2, late_mlm=True,
+                      pack_length=32 if layout == "pack" else 0,
                       length_bucket_width=4 if layout == "groups" else 0).double()
     ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20, 9, 4, 16, 2], label_rate=0.3)
     full = model(ids, mask, labels)
@@ -522,7 +529,7 @@ def test_export_loads_in_sentence_transformers_with_the_evaluation_protocol(tmp_
     st = pytest.importorskip("sentence_transformers", reason="needs sentence-transformers (make install)")
     from coco_accel.evaluate import Encoder
 
-    model = Condenser(_tiny(vocab=len(tokenizer)), 2, 2, True)
+    model = Condenser(_tiny(vocab=len(tokenizer)), n_head_layers=2, skip_from=2, late_mlm=True)
     save_export(model, tokenizer, str(tmp_path))
     texts = ["a cat sleeps on the mat", "dense retrieval with contrastive pretraining", "x",
              "the quick brown fox jumps over the lazy dog " * 4]

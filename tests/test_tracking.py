@@ -15,8 +15,10 @@ def test_useful_flops_count_by_hand():
     dense = 5 * (4 * 64 + 2 * 8 * 32)  # 3 backbone + 2 head layers
     attention = 5 * 2 * 8 * 10.0  # spans of 10 tokens
     mlm = 2 * 0.15 * (64 + 8 * 100)  # transform + projection at 15% of the tokens, head and backbone
-    assert useful_flops_per_token(cfg, 2, 10.0, 0.15, True) == pytest.approx(6 * (dense + attention + mlm))
-    assert useful_flops_per_token(cfg, 2, 10.0, 0.15, False) == pytest.approx(6 * (dense + attention + mlm / 2))
+    assert useful_flops_per_token(cfg, n_head_layers=2, avg_len=10.0, mlm_fraction=0.15,
+                                  late_mlm=True) == pytest.approx(6 * (dense + attention + mlm))
+    assert useful_flops_per_token(cfg, n_head_layers=2, avg_len=10.0, mlm_fraction=0.15,
+                                  late_mlm=False) == pytest.approx(6 * (dense + attention + mlm / 2))
 
 
 def test_meter_means_throughput_and_mfu():
