@@ -140,7 +140,8 @@ def _open(path: str):
     return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
-def _row(src: Source, line: int, doc_id: str, title: str, text: str, reject: str = "", detail: str = "") -> dict:
+def _row(src: Source, line: int, doc_id: str, *, title: str = "", text: str = "", reject: str = "",
+         detail: str = "") -> dict:
     return {"corpus": src.corpus, "doc_id": doc_id, "title": title, "text": text,
             "file": src.path, "line": line, "reject": reject, "detail": detail}
 
@@ -149,9 +150,9 @@ def _parse_jsonl(src: Source, line_no: int, line: str) -> dict:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as err:
-        return _row(src, line_no, "", "", "", "malformed_json", str(err))
+        return _row(src, line_no, "", reject="malformed_json", detail=str(err))
     if not isinstance(obj, dict):
-        return _row(src, line_no, "", "", "", "not_an_object", f"a JSON {type(obj).__name__}")
+        return _row(src, line_no, "", reject="not_an_object", detail=f"a JSON {type(obj).__name__}")
     raw_id = obj.get("_id", obj.get("id", obj.get("doc_id")))
     doc_id = src.id_prefix + (str(raw_id) if raw_id is not None else f"line{line_no}")
     if "text" in obj:
@@ -159,20 +160,20 @@ def _parse_jsonl(src: Source, line_no: int, line: str) -> dict:
     elif isinstance(obj.get("spans"), str):  # the reference's raw-text input format
         text = obj["spans"]
     else:
-        return _row(src, line_no, doc_id, "", "", "missing_text", "no 'text' field")
+        return _row(src, line_no, doc_id, reject="missing_text", detail="no 'text' field")
     if not isinstance(text, str):
-        return _row(src, line_no, doc_id, "", "", "non_string_text", f"'text' is a {type(text).__name__}")
+        return _row(src, line_no, doc_id, reject="non_string_text", detail=f"'text' is a {type(text).__name__}")
     title = obj.get("title") or ""
     if not isinstance(title, str):
-        return _row(src, line_no, doc_id, "", "", "non_string_title", f"'title' is a {type(title).__name__}")
-    return _row(src, line_no, doc_id, title, text)
+        return _row(src, line_no, doc_id, reject="non_string_title", detail=f"'title' is a {type(title).__name__}")
+    return _row(src, line_no, doc_id, title=title, text=text)
 
 
 def _parse_tsv(src: Source, line_no: int, line: str) -> dict:
     doc_id, sep, text = line.partition("\t")
     if not sep:
-        return _row(src, line_no, "", "", "", "malformed_tsv", "no TAB between id and text")
-    return _row(src, line_no, src.id_prefix + doc_id, "", text)
+        return _row(src, line_no, "", reject="malformed_tsv", detail="no TAB between id and text")
+    return _row(src, line_no, src.id_prefix + doc_id, text=text)
 
 
 def read_rows(src: Source, start: int = 0, end: int = -1, first_line: int = 1) -> Iterator[dict]:
@@ -192,12 +193,12 @@ def read_rows(src: Source, start: int = 0, end: int = -1, first_line: int = 1) -
             if not raw.strip():
                 continue  # blank lines hold no document
             if b"\x00" in raw:
-                yield _row(src, line_no, "", "", "", "nul_byte", "raw NUL byte in the line (corrupt file?)")
+                yield _row(src, line_no, "", reject="nul_byte", detail="raw NUL byte in the line (corrupt file?)")
                 continue
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                yield _row(src, line_no, "", "", "", "invalid_utf8", str(err))
+                yield _row(src, line_no, "", reject="invalid_utf8", detail=str(err))
                 continue
             row = parse(src, line_no, line)
             if not row["reject"]:

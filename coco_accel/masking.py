@@ -157,7 +157,7 @@ def whole_word_mask(
     labels = np.full(ids.shape, -100, dtype=ids.dtype)
     labels[at_row, at_pos] = tokens[token_masked]
     out = ids if in_place else ids.copy()
-    _replace(out, at_row, at_pos, row_hash[at_row], mask_token_id, vocab_size)
+    _replace(out, at_row, at_pos, row_hash[at_row], mask_token_id=mask_token_id, vocab_size=vocab_size)
     return out, labels
 
 
@@ -189,7 +189,7 @@ def _choose_words(word_row: np.ndarray, word_len: np.ndarray, budget: np.ndarray
     return chosen
 
 
-def _replace(out: np.ndarray, at_row: np.ndarray, at_pos: np.ndarray, at_hash: np.ndarray, mask_token_id: int,
+def _replace(out: np.ndarray, at_row: np.ndarray, at_pos: np.ndarray, at_hash: np.ndarray, *, mask_token_id: int,
              vocab_size: int) -> None:
     """BERT's replacement at the masked positions, in `out`: [MASK] 80%, a random token 10%, unchanged
     10%. Drawn at the masked positions only (a seventh of the tokens), keyed as every draw."""

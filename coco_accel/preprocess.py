@@ -65,7 +65,8 @@ def preprocess(
     with open(out / "rejects.jsonl", "w", encoding="utf-8") as rejects_file:
         for corpus in dict.fromkeys(s.corpus for s in sources):
             group = [s for s in sources if s.corpus == corpus]
-            built, outcome = _spans_of_corpus(corpus, group, builder, num_proc, cache_dir, min_shard_bytes)
+            built, outcome = _spans_of_corpus(corpus, group, builder, num_proc=num_proc, cache_dir=cache_dir,
+                                              min_shard_bytes=min_shard_bytes)
             stats["corpora"][corpus] = outcome.counts
             add_counts(total, outcome.counts)
             write_rejects(built, outcome, rejects_file)
@@ -85,7 +86,7 @@ def preprocess(
     return stats
 
 
-def _spans_of_corpus(corpus: str, group: list, builder: SpanBuilder, num_proc: int, cache_dir: Optional[str],
+def _spans_of_corpus(corpus: str, group: list, builder: SpanBuilder, *, num_proc: int, cache_dir: Optional[str],
                      min_shard_bytes: int):
     """One corpus's files read (cached) and mapped to spans: (the mapped dataset, its outcomes)."""
     import datasets

@@ -228,7 +228,8 @@ def build(cfg: TrainConfig) -> Run:
         if inputs.reseed:  # another process count: per-process random streams cannot carry over one to one
             set_seed(cfg.seed + 1_000_003 * run.start_step + accelerator.process_index)
         logger.info("Resumed from %s at step %d.", inputs.resume, run.start_step)
-    _log_run(cfg, accelerator, plan, len(inputs.dataset), inputs.total_steps, inputs.warmup, deepspeed)
+    _log_run(cfg, accelerator, plan, documents=len(inputs.dataset), total_steps=inputs.total_steps,
+             warmup=inputs.warmup, deepspeed=deepspeed)
     return run
 
 
@@ -255,7 +256,7 @@ def _step_function(cfg: TrainConfig, accelerator, model, deepspeed: bool) -> Cal
     return step
 
 
-def _log_run(cfg: TrainConfig, accelerator, plan, documents: int, total_steps: int, warmup: int,
+def _log_run(cfg: TrainConfig, accelerator, plan, *, documents: int, total_steps: int, warmup: int,
              deepspeed: bool) -> None:
     world = accelerator.num_processes
     nodes = world // int(os.environ.get("LOCAL_WORLD_SIZE", world))
