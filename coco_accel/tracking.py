@@ -143,7 +143,7 @@ class TrainingLog:
     --eval_data retrieval) at step 0, every --eval_steps and at the end, to metrics.jsonl (main process),
     the trackers and the progress bar."""
 
-    def __init__(self, run):  # a train.Run
+    def __init__(self, run):  # a build.Run
         from tqdm.auto import tqdm
 
         self.run, acc = run, run.accelerator

@@ -1,0 +1,258 @@
+"""A training run assembled from the recipe: every input checked and read on each process (before any
+collective), then the engine, the model, the optimizer, the batches and the step function, resumed
+from a checkpoint where there is one. `train.py` runs the loop over what `build` returns."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from coco_accel.checkpoint import check_resume, provenance, resume_from
+from coco_accel.config import ConfigError, TrainConfig
+from coco_accel.engine import build_accelerator, check_deepspeed, growable_cuda_segments, setup_logging
+
+logger = logging.getLogger("coco_accel.train")  # what it logs is the start of the training run
+
+
+def _check_inputs(cfg: TrainConfig) -> None:
+    """The folders a run needs, checked before anything loads: each problem named with its flag and fix."""
+    from coco_accel.files import output_folder_problem
+    from coco_accel.wordpiece import tokenizer_folder_problem
+
+    model = Path(cfg.model_name_or_path)
+    if not model.is_dir():
+        raise ConfigError(f"--model_name_or_path {cfg.model_name_or_path}: {'a file' if model.exists() else 'no such folder'}"
+                          "; give a folder holding a model (config.json and weights) and its tokenizer (runs are "
+                          "offline: hub names are not fetched).")
+    if not (model / "config.json").is_file():
+        raise ConfigError(f"--model_name_or_path {cfg.model_name_or_path}: no config.json, so not a model folder "
+                          "(an HF masked-LM folder, one of our exports, or a reference Condenser folder).")
+    problem = tokenizer_folder_problem(cfg.model_name_or_path)
+    if problem:
+        raise ConfigError(f"--model_name_or_path {cfg.model_name_or_path}: {problem}; the trainer reads the "
+                          "tokenizer from the model folder: save it there (tokenizer.save_pretrained).")
+    problem = output_folder_problem("--output_dir", cfg.output_dir)
+    if problem:
+        raise ConfigError(problem)
+
+
+def _check_data_tokenizer(cfg: TrainConfig, tokenizer) -> bool:
+    """The training data must have been tokenized with the model's tokenizer: another vocabulary trains
+    silently on wrong ids, or fails on the device hours in. Preprocessing records its tokenizer's hash;
+    False when the data records none (the reference's format), to be checked token by token instead."""
+    from coco_accel.wordpiece import vocab_sha256
+
+    stats_file = Path(cfg.train_dir) / "stats.json"
+    try:
+        stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
+    except (OSError, ValueError):
+        stats = {}
+    recorded = stats.get("tokenizer_vocab_sha256")
+    if recorded and recorded != vocab_sha256(tokenizer.get_vocab()):
+        raise ConfigError(f"--train_dir {cfg.train_dir} was tokenized with {stats.get('tokenizer')} "
+                          f"({stats.get('tokenizer_vocab_size')} tokens), whose vocabulary is not the one of "
+                          f"--model_name_or_path {cfg.model_name_or_path} ({len(tokenizer)} tokens). Re-run "
+                          f"`python -m coco_accel.preprocess --tokenizer {cfg.model_name_or_path} ...`.")
+    return bool(recorded)
+
+
+@dataclass(kw_only=True)
+class Run:
+    """Everything a training loop touches, built once."""
+
+    cfg: TrainConfig
+    accelerator: Any
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    tokenizer: Any
+    plan: Any
+    batches: Any
+    total_steps: int
+    step_fn: Callable
+    heldout: dict
+    provenance: dict
+    deepspeed: bool = False
+    retrieval: Any = None
+    start_step: int = 0
+    docs_seen: int = 0
+
+
+@dataclass(kw_only=True)
+class _Inputs:
+    """What a run reads before its first collective: every input loaded and checked."""
+
+    resume: Optional[Path]
+    reseed: bool  # resuming on another process count: per-process random streams restart
+    tokenizer: Any
+    model: Any
+    dataset: Any
+    plan: Any
+    collator: Any
+    heldout: dict
+    retrieval: Any  # evaluate.TrainingEvaluation over --eval_data, or None
+    total_steps: int
+    warmup: int
+    provenance: dict
+
+
+def _read_inputs(cfg: TrainConfig, accelerator) -> _Inputs:
+    """Load and check every input on this process, running no collective (see dist.fail_together)."""
+    from transformers import AutoTokenizer
+
+    from coco_accel.checkpoint import read_state
+    from coco_accel.data import BatchPlan, DataError, SpanCollator, check_token_range, load_train_data
+    from coco_accel.heldout import heldout_batches
+    from coco_accel.warm_start import load_condenser
+    from coco_accel.optim import warmup_steps_for
+
+    resume = resume_from(cfg, accelerator.is_main_process)
+    _check_inputs(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
+    model = load_condenser(cfg.model_name_or_path, n_head_layers=cfg.n_head_layers, skip_from=cfg.skip_from,
+                           late_mlm=cfg.late_mlm, strict_head=cfg.strict_head, head_init=cfg.head_init,
+                           length_bucket_width=cfg.length_bucket_width,
+                           length_bucket_call_cost=cfg.length_bucket_call_cost, pack_length=cfg.pack_length)
+    cfg.validate_against_model(model.config.num_hidden_layers, model.config.model_type, model.max_positions)
+    dataset = load_train_data(cfg.train_dir)
+    world = accelerator.num_processes
+    per_device = cfg.per_device_docs(world)
+    plan = BatchPlan(num_docs=len(dataset), global_docs=per_device * world, seed=cfg.seed,
+                     drop_last=cfg.dataloader_drop_last, world_size=world, rank=accelerator.process_index)
+    if len(tokenizer) > model.config.vocab_size:
+        raise ConfigError(f"--model_name_or_path {cfg.model_name_or_path}: its tokenizer has {len(tokenizer)} tokens "
+                          f"but the model's embeddings only {model.config.vocab_size} (config.json vocab_size): "
+                          "resize the embeddings (model.resize_token_embeddings) and save the model again.")
+    if not _check_data_tokenizer(cfg, tokenizer):
+        check_token_range(dataset, len(tokenizer), cfg.train_dir)
+    if plan.steps_per_epoch == 0:
+        if len(dataset) < world:
+            raise ConfigError(f"--train_dir {cfg.train_dir} holds {len(dataset)} documents, fewer than the {world} "
+                              "processes: every process needs at least one per step. Add data or use fewer processes.")
+        raise ConfigError(f"{len(dataset)} documents cannot fill one global batch of {plan.global_docs} with "
+                          "--dataloader_drop_last: lower the batch size or add data.")
+    total_steps = plan.total_steps(cfg.num_train_epochs, cfg.max_steps)
+    if accelerator.state.deepspeed_plugin is not None:
+        check_deepspeed(accelerator, cfg, per_device, model, resume)
+    collator = SpanCollator(tokenizer, cfg.max_seq_length, cfg.mlm_probability, cfg.seed)
+    heldout = {}
+    if cfg.eval_steps:
+        try:
+            heldout_docs = load_train_data(cfg.train_dir, split="eval")
+        except DataError as err:
+            if not cfg.eval_data:
+                raise ConfigError(f"--eval_steps {cfg.eval_steps} needs a held-out split (preprocess with "
+                                  f"--eval_fraction > 0) or --eval_data ({err})") from None
+            logger.info("No held-out split in --train_dir: --eval_steps measures retrieval on --eval_data only.")
+        else:
+            heldout = heldout_batches(heldout_docs, collator, plan, cfg.eval_max_docs)
+    made_from = provenance(cfg, accelerator, dataset, tokenizer, plan)
+    reseed = resume is not None and check_resume(cfg, resume, read_state(resume), made_from)
+    return _Inputs(resume=resume, reseed=reseed, tokenizer=tokenizer, model=model, dataset=dataset, plan=plan,
+                   collator=collator, heldout=heldout, retrieval=_retrieval(cfg, accelerator), total_steps=total_steps,
+                   warmup=warmup_steps_for(total_steps, cfg.warmup_steps, cfg.warmup_ratio), provenance=made_from)
+
+
+def _retrieval(cfg: TrainConfig, accelerator):
+    """--eval_data read and checked (every folder before the first step), or None."""
+    from coco_accel.beir import EvalError
+    from coco_accel.evaluate import TrainingEvaluation
+
+    if not cfg.eval_data:
+        return None
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and plugin.zero_stage == 3:
+        raise ConfigError("--eval_data is not available under ZeRO-3: its parameters are gathered per module call, "
+                          "and the processes encode different numbers of batches. Use ZeRO-1/2, or evaluate "
+                          "the export with `python -m coco_accel.evaluate`.")
+    try:
+        return TrainingEvaluation(cfg.eval_data, cfg.eval_split, query_max_len=cfg.eval_query_max_len,
+                                  doc_max_len=cfg.eval_doc_max_len, pooling=cfg.eval_pooling, score=cfg.eval_score,
+                                  batch_size=cfg.eval_batch_size)
+    except EvalError as err:
+        raise ConfigError(str(err)) from None
+
+
+def build(cfg: TrainConfig) -> Run:
+    from accelerate.utils import set_seed
+
+    from coco_accel import dist
+    from coco_accel.checkpoint import load_checkpoint, remove_partial
+    from coco_accel.data import TrainBatches
+    from coco_accel.optim import build_optimizer, linear_schedule
+
+    accelerator = build_accelerator(cfg)
+    setup_logging(accelerator.is_main_process)
+    if accelerator.is_main_process:
+        remove_partial(cfg.output_dir)  # a run killed while writing one; the previous checkpoint is the latest
+    accelerator.wait_for_everyone()
+    set_seed(cfg.seed)
+    with dist.fail_together():  # a bad input seen by one process (a folder missing on its node) stops them all
+        inputs = _read_inputs(cfg, accelerator)
+    model, plan, deepspeed = inputs.model, inputs.plan, accelerator.state.deepspeed_plugin is not None
+    if cfg.reference_backbone_without_dropout:
+        from coco_accel.model import disable_backbone_dropout
+
+        logger.info("Backbone dropout off in %d modules (--reference_backbone_without_dropout).",
+                    disable_backbone_dropout(model))
+    if cfg.torch_compile:
+        model.compile_parts()
+    growable_cuda_segments(accelerator.device)
+    model.to(accelerator.device)  # first, so that the optimizer can be the fused CUDA one
+    optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, cfg.optimizer)
+    scheduler = linear_schedule(optimizer, inputs.warmup, inputs.total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)  # stepped by us once per optimizer step
+    run = Run(cfg=cfg, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
+              tokenizer=inputs.tokenizer, plan=plan, batches=TrainBatches(inputs.dataset, plan, inputs.collator),
+              total_steps=inputs.total_steps, step_fn=_step_function(cfg, accelerator, model, deepspeed),
+              heldout=inputs.heldout, provenance=inputs.provenance, deepspeed=deepspeed, retrieval=inputs.retrieval)
+    if inputs.resume is not None:
+        state = load_checkpoint(accelerator, inputs.resume)
+        run.start_step, run.docs_seen = state["step"], state["docs_seen"]
+        if inputs.reseed:  # another process count: per-process random streams cannot carry over one to one
+            set_seed(cfg.seed + 1_000_003 * run.start_step + accelerator.process_index)
+        logger.info("Resumed from %s at step %d.", inputs.resume, run.start_step)
+    _log_run(cfg, accelerator, plan, documents=len(inputs.dataset), total_steps=inputs.total_steps,
+             warmup=inputs.warmup, deepspeed=deepspeed)
+    return run
+
+
+def _step_function(cfg: TrainConfig, accelerator, model, deepspeed: bool) -> Callable:
+    """step(batch on the device, batch on the host, rows per process) -> loss parts, gradients accumulated."""
+    from coco_accel.step import StepSettings, cached_step, plain_step
+
+    def backward(loss, last: bool):
+        if deepspeed:  # DeepSpeed owns the accumulation boundary and steps inside backward at the last one
+            accelerator.deepspeed_engine_wrapped.backward(loss, sync_gradients=last)
+        else:
+            accelerator.backward(loss)
+
+    settings = StepSettings(cfg.temperature, cfg.normalize)
+    no_sync = (lambda: accelerator.no_sync(model)) if (accelerator.num_processes > 1 and not deepspeed) else None
+
+    def step(batch, host, row_counts):
+        if cfg.cache_chunk_size > 0:
+            return cached_step(model, batch, backward, settings, chunk_size=cfg.cache_chunk_size, no_sync=no_sync,
+                               host=host, compute=accelerator.autocast, row_counts=row_counts)
+        return plain_step(model, batch, backward, settings, host=host, compute=accelerator.autocast,
+                          row_counts=row_counts)
+
+    return step
+
+
+def _log_run(cfg: TrainConfig, accelerator, plan, *, documents: int, total_steps: int, warmup: int,
+             deepspeed: bool) -> None:
+    world = accelerator.num_processes
+    nodes = world // int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    engine = (f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}" if deepspeed
+              else "DDP" if world > 1 else "single process")
+    logger.info("World size %d on %d node(s) | global batch %d documents (%d spans), %d per process | %d documents, "
+                "%d steps per epoch | %d steps (%d warm-up) | precision %s | %s | gradient cache %s", world,
+                nodes, plan.global_docs, 2 * plan.global_docs, plan.global_docs // world, documents,
+                plan.steps_per_epoch, total_steps, warmup, accelerator.mixed_precision, engine,
+                cfg.cache_chunk_size if cfg.cache_chunk_size > 0 else "off")
