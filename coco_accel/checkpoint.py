@@ -63,7 +63,8 @@ def latest_checkpoint(output_dir: str) -> Optional[Path]:
     return ckpts[-1] if ckpts else None
 
 
-def save_checkpoint(accelerator, output_dir: str, step: int, state: dict, total_limit: Optional[int] = None) -> Path:
+def save_checkpoint(accelerator, output_dir: str, step: int, state: dict, *,
+                    total_limit: Optional[int] = None) -> Path:
     """Model, optimizer, scheduler, scaler and RNG through `accelerator.save_state`, plus our counters.
 
     Written into a hidden temporary folder and renamed into place, so a crash mid-write never leaves

@@ -107,8 +107,8 @@ def _update(run: Run, parts, meter) -> float:
 def _checkpoint(run: Run, step: int) -> None:
     from coco_accel.checkpoint import save_checkpoint
 
-    save_checkpoint(run.accelerator, run.cfg.output_dir, step, {"step": step, "docs_seen": run.docs_seen,
-                                                                **run.provenance}, run.cfg.save_total_limit)
+    state = {"step": step, "docs_seen": run.docs_seen, **run.provenance}
+    save_checkpoint(run.accelerator, run.cfg.output_dir, step, state, total_limit=run.cfg.save_total_limit)
 
 
 def _preempted(run: Run, log: TrainingLog, stop: StopRequest, step: int) -> dict:
