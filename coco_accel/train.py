@@ -6,11 +6,13 @@ import os
 import sys
 
 if __name__ == "__main__" and not __package__:
-    # Run as a script (accelerate launch coco_accel/train.py, the reference's way to launch), Python puts
-    # this folder first on sys.path, where our beir.py, evaluate.py and config.py would shadow the PyPI
-    # packages of those names for every library that imports them. `-m coco_accel.train` needs none of this.
-    _here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    # Run as a file (accelerate launch coco_accel/train.py, the reference's way to launch), Python puts
+    # this folder first on the import path, where our beir.py, evaluate.py and config.py would shadow the
+    # PyPI packages of those names for every library in the process. The same process (pid, environment,
+    # interpreter flags, arguments) becomes `python -m coco_accel.train`, which imports the package the
+    # one way it is meant to be imported.
+    _flags = sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)]
+    os.execv(sys.executable, [sys.executable, *_flags, "-m", "coco_accel.train", *sys.argv[1:]])
 
 import json
 import logging

@@ -1,5 +1,7 @@
 """The recipe: reference flags, YAML, and errors that name the field and the fix."""
 
+import json
+import os
 import subprocess
 import sys
 
@@ -31,6 +33,26 @@ def test_help_lists_every_reference_flag():
                  "--dataloader_num_workers --n_head_layers --skip_from --max_seq_length --train_dir --weight_decay "
                  "--late_mlm --mlm_probability --seed --logging_steps --max_grad_norm --cache_chunk_size").split():
         assert flag in out, flag
+
+
+def test_run_as_a_file_it_imports_as_the_package_with_its_flags_and_arguments(tmp_path):
+    # Run as a file, this folder would come first on the import path, and coco_accel/evaluate.py would be
+    # what `import evaluate` finds for every library. A startup hook records, at the process's exit, the
+    # command it ended as and what a top-level `evaluate` resolves to.
+    (tmp_path / "sitecustomize.py").write_text(
+        "import atexit, importlib.util, json, os, sys\n"
+        "def _record():\n"
+        "    spec = importlib.util.find_spec('evaluate')\n"
+        "    with open(os.environ['RECORD'], 'w') as fh:\n"
+        "        json.dump({'argv': sys.orig_argv, 'evaluate': spec and spec.origin}, fh)\n"
+        "atexit.register(_record)\n")
+    record = tmp_path / "record.json"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "RECORD": str(record)}
+    subprocess.run([sys.executable, "-W", "ignore::UserWarning", "coco_accel/train.py", "--help"], env=env,
+                   capture_output=True, check=True)
+    seen = json.loads(record.read_text())
+    assert seen["argv"][1:] == ["-W", "ignore::UserWarning", "-m", "coco_accel.train", "--help"]
+    assert seen["evaluate"] is None or "coco_accel" not in seen["evaluate"], seen
 
 
 def test_yaml_sets_fields_and_the_command_line_wins(tmp_path):
