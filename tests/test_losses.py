@@ -308,14 +308,10 @@ def _two_process_step(rank: int, port: int, out_dir: str) -> None:
 def test_losses_stay_float32_with_several_processes(tmp_path):
     """With two processes the normalisers are all-reduced on the device and divide the losses there: in
     float32, so the losses keep the dtype they have in one process."""
-    import socket
-
     import torch.multiprocessing as mp
+    from conftest import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_two_process_step, args=(port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_two_process_step, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["torch.float32", "torch.float32"]
 
 
