@@ -233,17 +233,19 @@ def plot(summary: dict, path: Path) -> None:
     width = 0.25
     for i, target in enumerate(targets):
         row = summary["targets"][target]["all queries"]
-        ax.bar(i - width, row["warm start"]["ndcg@10"], width, color="0.6", label="warm start" if i == 0 else None)
+        bars = ax.bar(i - width, row["warm start"]["ndcg@10"], width, color="0.6",
+                      label="warm start" if i == 0 else None)
+        ax.bar_label(bars, fmt="%.3f", fontsize=7, label_type="center")
         for j, (arm, colour) in enumerate((("target", "C0"), ("control", "C1"))):
-            ax.bar(i + j * width, row[arm]["ndcg@10"]["mean"], width, yerr=row[arm]["ndcg@10"]["std"], color=colour,
-                   capsize=3, label=f"pretrained on {arm}" if i == 0 else None)
+            bars = ax.bar(i + j * width, row[arm]["ndcg@10"]["mean"], width, yerr=row[arm]["ndcg@10"]["std"],
+                          color=colour, capsize=3, label=f"pretrained on {arm}" if i == 0 else None)
+            ax.bar_label(bars, fmt="%.3f", fontsize=7, label_type="center")
             ax.scatter([i + j * width] * len(row[arm]["per_seed_ndcg@10"]), row[arm]["per_seed_ndcg@10"], color="k",
                        s=8, zorder=3)
     ax.set_xticks(range(len(targets)), targets)
     ax.set(ylabel="nDCG@10 (zero-shot)", title="after continued pretraining")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False)  # off the bars
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
