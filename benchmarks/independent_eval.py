@@ -69,7 +69,6 @@ def evaluate(model_dir: str, corpus: dict, queries: dict, qrels: dict) -> dict[s
     pooling = models.Pooling(backbone.get_word_embedding_dimension(), pooling_mode="cls")
     model = SentenceTransformer(modules=[backbone, pooling], device="cpu")
     doc_ids, query_ids = list(corpus), list(queries)
-    model.max_seq_length = DOC_TOKENS
     docs = model.encode([corpus[d] for d in doc_ids], batch_size=64, convert_to_tensor=True)
     model.max_seq_length = QUERY_TOKENS
     qvecs = model.encode([queries[q] for q in query_ids], batch_size=64, convert_to_tensor=True)
@@ -105,13 +104,12 @@ def main(argv: list[str] | None = None) -> None:
         assert set(theirs) == set(ours["per_query"]), "the two evaluators count different queries"
         for metric in ("ndcg@10", "recall@100", "mrr@10"):
             mean = float(np.mean([m[metric] for m in theirs.values()]))
-            differ = [q for q in theirs if abs(theirs[q][metric] - ours["per_query"][q][metric]) > 1e-9]
+            differing = [q for q in theirs if abs(theirs[q][metric] - ours["per_query"][q][metric]) > 1e-9]
             notes += [f"{label} {q} {metric}: coco_accel {ours['per_query'][q][metric]:.4f}, independent "
-                      f"{theirs[q][metric]:.4f}; scores of its top 3 here: {theirs[q]['top3']}" for q in differ]
-            differ = len(differ)
-            print(f"| {label} | {metric} | {ours[metric]:.4f} | {mean:.4f} | {differ} of {len(theirs)} |")
+                      f"{theirs[q][metric]:.4f}; scores of its top 3 here: {theirs[q]['top3']}" for q in differing]
+            print(f"| {label} | {metric} | {ours[metric]:.4f} | {mean:.4f} | {len(differing)} of {len(theirs)} |")
             summary.append({"evaluation": label, "metric": metric, "ours": ours[metric], "independent": mean,
-                            "queries_differing": differ})
+                            "queries_differing": len(differing)})
     for line in notes:
         print(line)
     print(json.dumps(summary))
