@@ -20,12 +20,14 @@ from collections import defaultdict
 
 import torch
 
-from step_throughput import make_batch, make_model, on, our_step, reference_step
+from step_throughput import PRESETS, environment, make_batch, make_model, on, our_step, reference_step
 
-# First match wins. Kernel names from cuBLAS (nvjet, sm90_xmma, cutlass), PyTorch and Triton; CPU op names.
+# First match wins, so attention comes before matmul: the memory-efficient attention kernels are CUTLASS
+# templates (fmha_cutlassF/B...), and cuDNN's fused attention kernels carry "sdpa" in their names.
+# Then the matmul kernels of cuBLAS (nvjet, sm90_xmma, cutlass gemms), PyTorch and Triton; CPU op names.
 KINDS = [
+    ("attention", r"fmha|flash|attention|attn|sdpa|\bmha"),
     ("matmul", r"gemm|nvjet|xmma|cutlass|cublas|addmm|\bmm\b|aten::mm|aten::bmm|aten::linear|matmul"),
-    ("attention", r"fmha|flash|attention|attn"),
     ("optimizer", r"multi_tensor|fused_adam|_fused_adamw|adam"),
     ("compiled fusion", r"triton"),
     ("layer norm", r"layer_norm|layernorm"),
@@ -127,20 +129,23 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--docs", type=int, default=None, help="documents per step (default 2048 GPU / 16 CPU)")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="default: bert-base on GPU, minilm on CPU")
     p.add_argument("--layout", default="pack128", help="packN or bucketC, as in step_throughput.py")
     p.add_argument("--steps", type=int, default=None, help="profiled steps after 3 warm-up steps (default 3 GPU / 1 CPU)")
     p.add_argument("--compile", action="store_true", help="also profile with torch.compile (Condenser.compile_parts)")
-    p.add_argument("--reference", action="store_true", help="also profile the reference style at 128 (CPU: 16) docs")
+    p.add_argument("--reference", action="store_true", help="also profile the reference style")
+    p.add_argument("--ref_docs", type=int, default=None, help="the reference style's documents (default 128 GPU / 16 CPU)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
-    preset = "bert-base" if gpu else "minilm"
+    preset = args.preset or ("bert-base" if gpu else "minilm")
     docs = args.docs or (2048 if gpu else 16)
     steps = args.steps or (3 if gpu else 1)
     our_dtype = torch.bfloat16 if gpu else None
     results = {}
     if args.reference:
-        ref_docs = 128 if gpu else 16
+        ref_docs = args.ref_docs or (128 if gpu else 16)
         model = make_model(preset, "eager", 0, device, fused_qkv=False)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
         batch = on(device, make_batch(ref_docs, 128, True, 0))
@@ -157,11 +162,11 @@ def main(argv=None) -> int:
     if args.compile:
         model.compile_parts()
         results[f"ours + torch.compile, {docs} docs, {args.layout}"] = profile(step, steps, gpu)
-    name = torch.cuda.get_device_name() if gpu else "CPU"
-    print(f"device: {name} | model: {preset} + 2-layer head | torch {torch.__version__}")
+    env = environment(device, None)
+    print(f"device: {env['gpu']} | model: {preset} + 2-layer head | torch {env['torch']} | commit {env['commit']}")
     for label, r in results.items():
         report(label, r)
-    print(json.dumps({"device": name, "profiles": {k: {f: v for f, v in r.items() if f != "top"}
+    print(json.dumps({**env, "device": env["gpu"], "profiles": {k: {f: v for f, v in r.items() if f != "top"}
                                                    for k, r in results.items()}}))
     return 0
 

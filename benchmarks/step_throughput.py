@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,6 +40,7 @@ from coco_accel.tracking import peak_tflops, useful_flops_per_token
 from coco_accel.step import StepSettings, cached_step, plain_step
 
 PRESETS = {  # (layers, hidden, heads, intermediate)
+    "tiny": (2, 64, 2, 128),  # the GPU checks' CPU dry run
     "minilm": (6, 384, 12, 1536),
     "bert-base": (12, 768, 12, 3072),
 }
@@ -167,6 +171,49 @@ def measure(fn, steps: int, device) -> tuple[float, float, object]:
     return secs, peak, result
 
 
+def executed_flops(fn) -> int:
+    """FLOPs of the matrix products and attention that one call of `fn` runs (forward and backward, padding
+    and partial layers as computed), by torch's FlopCounterMode. CUDA's attention kernels are in its table;
+    the CPU's fused SDPA kernels are added here with the same formulas."""
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    cpu_sdpa = {
+        aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda q, k, v, *_, out_shape=None, **__: fc.sdpa_flop_count(q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda grad, q, k, v, *_, out_shape=None, **__: fc.sdpa_backward_flop_count(grad, q, k, v),
+    }
+    with fc.FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def environment(device, commit: str | None) -> dict:
+    """What a result must name to be compared later: the device, its driver, the libraries, the commit."""
+    import transformers
+
+    gpu = device.type == "cuda"
+    driver = None
+    if gpu:
+        try:
+            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                    capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.SubprocessError):
+            driver = None
+    commit = commit or os.environ.get("COCO_ACCEL_COMMIT")  # a copied tree need not carry .git
+    if commit is None:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                    timeout=30).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            commit = None
+    return {"gpu": torch.cuda.get_device_name() if gpu else f"CPU ({platform.processor() or platform.machine()}, "
+                                                            f"{os.cpu_count()} cores)",
+            "driver": driver, "cuda": torch.version.cuda if gpu else None, "torch": torch.__version__,
+            "transformers": transformers.__version__, "commit": commit}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -188,6 +235,7 @@ def main(argv=None) -> int:
     p.add_argument("--unfused_row", action="store_true", help="add a row with separate query/key/value projections "
                    "at the largest batch on CPU too (always on GPU)")
     p.add_argument("--peak_tflops", type=float, default=None, help="for MFU (default: 989 on H100/H200, 312 on A100, none on CPU)")
+    p.add_argument("--commit", default=None, help="the commit measured (default: $COCO_ACCEL_COMMIT, else `git rev-parse HEAD`)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -197,116 +245,149 @@ def main(argv=None) -> int:
     ref_docs = args.ref_docs or (128 if gpu else 16)
     our_docs = [int(x) for x in (args.our_docs or ("128,256,512,1024,2048" if gpu else "16")).split(",")]
     peak = args.peak_tflops or peak_tflops(device)
-    name = torch.cuda.get_device_name() if gpu else "CPU"
+    env = environment(device, args.commit)
     ref_dtype = torch.float16 if gpu else None
     our_dtype = torch.bfloat16 if gpu else None
     scaler = torch.amp.GradScaler(enabled=gpu)
-    rows = []
-    check = same_loss(preset, min(ref_docs, 16), args.max_seq_length, args.bucket_width, device,
-                      args.layouts.split(",")[0])
+    costs = args.layouts.split(",")
+    rows: list[dict] = []
+    eager_flops: dict[tuple[int, str], int] = {}  # our step's executed FLOPs by (docs, layout), for compiled rows
+    print(f"device: {env['gpu']} | driver {env['driver']} | torch {env['torch']} | transformers "
+          f"{env['transformers']} | commit {env['commit']} | model: {preset} + 2-layer head | {steps} timed steps "
+          f"per row", flush=True)
+    check = same_loss(preset, min(ref_docs, 16), args.max_seq_length, args.bucket_width, device, costs[0])
+    print(f"same spans, same weights, fp32, no dropout: reference loss {check['reference_loss']:.6f}, "
+          f"ours {check['ours_loss']:.6f} (|diff| {check['abs_diff']:.1e})")
+    print("| style | docs/step | layout | step ms | real tok/s | computed tok/s | peak GiB | MFU (executed) | "
+          "vs reference |")
+    print("|---|---|---|---|---|---|---|---|---|", flush=True)
 
-    def record(label, docs, fn, batch, model, layout=None, optional=False):
-        """optional: a row whose failure (torch.compile's) is reported in the table instead of ending the run."""
+    def record(label, docs, fn, batch, model, layout=None, optional=False, flops=None):
+        """One row, printed as soon as it is measured. optional: a row whose failure (torch.compile's) is
+        reported in the table instead of ending the run. flops: the step's executed FLOPs when known."""
         try:
             secs, mem, computed = measure(fn, steps, device)
+            executed = flops if flops is not None else executed_flops(fn)
         except Exception as err:  # noqa: BLE001 - out of memory, or an optional row's failure, becomes a row
             if not (isinstance(err, torch.OutOfMemoryError) or optional):
                 raise
             failure = "out of memory" if isinstance(err, torch.OutOfMemoryError) else \
                 f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
             rows.append({"style": label, "docs": docs, "layout": layout, "failed": failure})
+            print_row(rows[-1], rows)
             if gpu:
                 torch.cuda.empty_cache()
             return
         real = int(batch["attention_mask"].sum())
         padded = computed if computed is not None else batch["attention_mask"].numel()
-        flops = useful_flops_per_token(model.config, n_head_layers=len(model.c_head),
-                                       avg_len=real / batch["input_ids"].shape[0], mlm_fraction=0.15,
-                                       late_mlm=model.late_mlm) * real / secs
+        useful = useful_flops_per_token(model.config, n_head_layers=len(model.c_head),
+                                        avg_len=real / batch["input_ids"].shape[0], mlm_fraction=0.15,
+                                        late_mlm=model.late_mlm) * real
+        if label == "ours":
+            eager_flops[(docs, layout)] = executed
         rows.append({"style": label, "docs": docs, "layout": layout, "step_ms": secs * 1e3,
                      "real_tok_s": real / secs, "padded_tok_s": padded / secs, "peak_gib": mem,
-                     "mfu": flops / (peak * 1e12) if peak else None})
+                     "executed_tflop": executed / 1e12, "executed_tflops_per_s": executed / secs / 1e12,
+                     "mfu": executed / secs / (peak * 1e12) if peak else None,
+                     "model_mfu": useful / secs / (peak * 1e12) if peak else None})
+        print_row(rows[-1], rows)
 
-    model = make_model(preset, "eager", 0, device, fused_qkv=False)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    batch = on(device, make_batch(ref_docs, args.max_seq_length, True, 0))
-    record("reference", ref_docs, lambda: reference_step(model, batch, opt, ref_dtype, scaler), batch, model)
-    del model, opt
-    costs = args.layouts.split(",")
-    for cost in costs:
-        model = make_model(preset, "sdpa", args.bucket_width, device, cost)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=gpu or None)
-        for docs in sorted(set(our_docs + [ref_docs])):
+    try:
+        model = make_model(preset, "eager", 0, device, fused_qkv=False)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        batch = on(device, make_batch(ref_docs, args.max_seq_length, True, 0))
+        record("reference", ref_docs, lambda: reference_step(model, batch, opt, ref_dtype, scaler), batch, model)
+        del model, opt
+        for cost in costs:
+            measure_layout(record, eager_flops, args, cost, cost == costs[0], preset, device, our_docs, ref_docs,
+                           our_dtype, compile_rows)
+    finally:  # what was measured is reported even when a later row ends the run
+        result = summarize(rows, costs[0], ref_docs, max(our_docs), env, preset, check)
+        print(json.dumps(result), flush=True)
+    return 0
+
+
+def measure_layout(record, eager_flops, args, cost, first, preset, device, our_docs, ref_docs, our_dtype,
+                   compile_rows) -> None:
+    """Our rows for one row layout: every batch size, and for the first layout the gradient cache at the
+    largest, torch.compile at every size (largest first) and separate Q/K/V projections."""
+    gpu = device.type == "cuda"
+    model = make_model(preset, "sdpa", args.bucket_width, device, cost)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=gpu or None)
+    for docs in sorted(set(our_docs + [ref_docs])):
+        host = make_batch(docs, args.max_seq_length, False, 0)
+        batch = on(device, host)
+        record("ours", docs, lambda: our_step(model, batch, host, opt, our_dtype, 0), batch, model, cost)
+        if (gpu or args.cache_row) and docs == max(our_docs) and first:
+            for chunk in (int(x) for x in (args.cache_chunk or ("1024,2048" if gpu else "512")).split(",")):
+                record(f"ours + gradient cache ({chunk} spans/chunk)", docs,
+                       lambda: our_step(model, batch, host, opt, our_dtype, chunk), batch, model, cost)
+        if gpu:
+            torch.cuda.empty_cache()
+    if compile_rows and first:
+        model.compile_parts()  # dynamic shapes: compiled once, for every batch size
+        for docs in sorted(set(our_docs + [ref_docs]), reverse=True):
             host = make_batch(docs, args.max_seq_length, False, 0)
             batch = on(device, host)
-            record("ours", docs, lambda: our_step(model, batch, host, opt, our_dtype, 0), batch, model, cost)
-            if (gpu or args.cache_row) and docs == max(our_docs) and cost == costs[0]:
-                for chunk in (int(x) for x in (args.cache_chunk or ("1024,2048" if gpu else "512")).split(",")):
-                    record(f"ours + gradient cache ({chunk} spans/chunk)", docs,
-                           lambda: our_step(model, batch, host, opt, our_dtype, chunk), batch, model, cost)
+            record("ours + torch.compile", docs, lambda: our_step(model, batch, host, opt, our_dtype, 0), batch,
+                   model, cost, optional=True, flops=eager_flops.get((docs, cost)))
             if gpu:
                 torch.cuda.empty_cache()
-        if compile_rows and cost == costs[0]:
-            model.compile_parts()  # dynamic shapes: compiled once, for every batch size
-            for docs in sorted(set(our_docs + [ref_docs]), reverse=True):
-                host = make_batch(docs, args.max_seq_length, False, 0)
-                batch = on(device, host)
-                record("ours + torch.compile", docs, lambda: our_step(model, batch, host, opt, our_dtype, 0), batch,
-                       model, cost, optional=True)
-                if gpu:
-                    torch.cuda.empty_cache()
+    del model, opt
+    if gpu:
+        torch.cuda.empty_cache()
+    if (gpu or args.unfused_row) and first:  # what fusing the Q/K/V projections is worth
+        model = make_model(preset, "sdpa", args.bucket_width, device, cost, fused_qkv=False)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=gpu or None)
+        host = make_batch(max(our_docs), args.max_seq_length, False, 0)
+        batch = on(device, host)
+        record("ours, separate Q/K/V projections", max(our_docs),
+               lambda: our_step(model, batch, host, opt, our_dtype, 0), batch, model, cost)
         del model, opt
         if gpu:
             torch.cuda.empty_cache()
-        if (gpu or args.unfused_row) and cost == costs[0]:  # what fusing the Q/K/V projections is worth
-            model = make_model(preset, "sdpa", args.bucket_width, device, cost, fused_qkv=False)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=gpu or None)
-            host = make_batch(max(our_docs), args.max_seq_length, False, 0)
-            batch = on(device, host)
-            record("ours, separate Q/K/V projections", max(our_docs),
-                   lambda: our_step(model, batch, host, opt, our_dtype, 0), batch, model, cost)
-            del model, opt
-            if gpu:
-                torch.cuda.empty_cache()
 
-    ref = rows[0]
+
+def print_row(r: dict, rows: list[dict]) -> None:
+    ref = rows[0] if rows and rows[0]["style"] == "reference" and not rows[0].get("failed") else None
+    cost = r["layout"] or ""
+    if r.get("failed"):
+        print(f"| {r['style']} | {r['docs']} | {cost} | {r['failed']} | | | | | |", flush=True)
+        return
+    mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+    ratio = f"{r['real_tok_s'] / ref['real_tok_s']:.2f}x" if ref else "n/a"
+    mem = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "n/a"
+    print(f"| {r['style']} | {r['docs']} | {cost} | {r['step_ms']:.0f} | {r['real_tok_s']:,.0f} | "
+          f"{r['padded_tok_s']:,.0f} | {mem} | {mfu} | {ratio} |", flush=True)
+
+
+def summarize(rows: list[dict], layout: str, ref_docs: int, max_docs: int, env: dict, preset: str,
+              check: dict) -> dict:
+    """The JSON line: the environment, every row, and the ratios of the first layout's rows to the reference's
+    (None where a row they need was not measured)."""
     done = [r for r in rows if not r.get("failed")]
-    first = [r for r in done if r["layout"] == costs[0]]  # the configuration the JSON speaks of
+    ref = next((r for r in done if r["style"] == "reference"), None)
+    first = [r for r in done if r["layout"] == layout]  # the configuration the JSON speaks of
     ours = [r for r in first if r["style"] in ("ours", "ours + torch.compile")]  # with or without compile
-    best = max(ours, key=lambda r: r["real_tok_s"])
-    same = max((r for r in ours if r["docs"] == ref_docs), key=lambda r: r["real_tok_s"])
+    best = max(ours, key=lambda r: r["real_tok_s"], default=None)
+    same = max((r for r in ours if r["docs"] == ref_docs), key=lambda r: r["real_tok_s"], default=None)
     eager = [r for r in ours if r["style"] == "ours"]
-    print(f"device: {name} | model: {preset} + 2-layer head | {steps} timed steps per row")
-    print(f"same spans, same weights, fp32, no dropout: reference loss {check['reference_loss']:.6f}, "
-          f"ours {check['ours_loss']:.6f} (|diff| {check['abs_diff']:.1e})")
-    print("| style | docs/step | layout | step ms | real tok/s | computed tok/s | peak GiB | MFU | vs reference |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        cost = r["layout"] or ""
-        if r.get("failed"):
-            print(f"| {r['style']} | {r['docs']} | {cost} | {r['failed']} | | | | | |")
-            continue
-        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-        ratio = r["real_tok_s"] / ref["real_tok_s"]
-        mem = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "n/a"
-        print(f"| {r['style']} | {r['docs']} | {cost} | {r['step_ms']:.0f} | {r['real_tok_s']:,.0f} | {r['padded_tok_s']:,.0f} | "
-              f"{mem} | {mfu} | {ratio:.2f}x |")
+    ratio = lambda r: r["real_tok_s"] / ref["real_tok_s"] if r and ref else None
+    result = {**env, "device": env["gpu"], "preset": preset, "loss_check": check, "rows": rows, "layout": layout,
+              "reference_real_tok_s": ref and ref["real_tok_s"],
+              "ours_best_real_tok_s": best and best["real_tok_s"], "ours_best_docs": best and best["docs"],
+              "ours_best_style": best and best["style"], "ours_best_mfu": best and best["mfu"],
+              "speedup_same_batch": ratio(same),
+              "speedup_without_compile": ratio(max(eager, key=lambda r: r["real_tok_s"], default=None)),
+              "speedup": ratio(best), "cache_over_plain_step_time": None, "fused_qkv_speedup": None}
     cached = min((r for r in first if "gradient cache" in r["style"]), key=lambda r: r["step_ms"], default=None)
-    plain_at_max = next((r for r in first if r["style"] == "ours" and r["docs"] == max(our_docs)), None)
-    result = {"device": name, "preset": preset, "loss_check": check, "rows": rows, "layout": costs[0],
-              "reference_real_tok_s": ref.get("real_tok_s"),
-              "ours_best_real_tok_s": best["real_tok_s"], "ours_best_docs": best["docs"],
-              "ours_best_style": best["style"],
-              "speedup_same_batch": same["real_tok_s"] / ref["real_tok_s"],
-              "speedup_without_compile": max(r["real_tok_s"] for r in eager) / ref["real_tok_s"],
-              "speedup": best["real_tok_s"] / ref["real_tok_s"]}
+    plain_at_max = next((r for r in first if r["style"] == "ours" and r["docs"] == max_docs), None)
     if cached and plain_at_max:
         result["cache_over_plain_step_time"] = cached["step_ms"] / plain_at_max["step_ms"]
     unfused = next((r for r in first if r["style"] == "ours, separate Q/K/V projections"), None)
     if unfused and plain_at_max:
         result["fused_qkv_speedup"] = plain_at_max["real_tok_s"] / unfused["real_tok_s"]
-    print(json.dumps(result))
-    return 0
+    return result
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -37,6 +38,23 @@ def build_optimizer(model: nn.Module, learning_rate: float, weight_decay: float,
     # Fused AdamW is one kernel for all parameters on CUDA; on CPU the foreach path is the fast one.
     return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8,
                              fused=True if on_cuda else None)
+
+
+def step_counting_overflow(optimizer, scaler) -> Optional[torch.Tensor]:
+    """Step the (Accelerate-wrapped) optimizer; with an fp16 loss scaler, return a 0-dim tensor that is 1
+    when the scaler found inf/NaN gradients and the update was skipped, else 0 (None without a scaler).
+
+    The scaler halves its scale exactly on such a step (backoff_factor < 1), so comparing the scale before and
+    after tells, on the device and without a host sync. Accelerate's `step_was_skipped` cannot: it notes
+    whether the optimizer's step was called, and a fused optimizer's always is (it is handed `found_inf` and
+    skips the update inside its kernel)."""
+    scale = getattr(scaler, "_scale", None) if scaler is not None else None
+    if scale is None:  # no scaler, or one that has not scaled a loss yet (nothing to skip)
+        optimizer.step()
+        return None
+    before = scale.clone()
+    optimizer.step()
+    return (scaler._scale < before).to(torch.int64)
 
 
 def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:

@@ -43,7 +43,9 @@ class Meter:
         self.overflows = 0
         self.started = time.perf_counter()
 
-    def add(self, parts: StepParts, grad_norm: Optional[torch.Tensor], overflow: bool = False) -> None:
+    def add(self, parts: StepParts, grad_norm: Optional[torch.Tensor],
+            overflow: Optional[torch.Tensor] = None) -> None:
+        """overflow: 1 when the fp16 loss scaler skipped this step (a device tensor, read at the next flush)."""
         self.sums += torch.stack([parts.mlm_head.double(), parts.mlm_backbone.double(), parts.contrastive.double(),
                                   parts.correct.double()])
         for i, n in enumerate((parts.spans, parts.real_tokens, parts.computed_tokens)):
@@ -52,7 +54,8 @@ class Meter:
             self.grad_norm_sum = self.grad_norm_sum + torch.as_tensor(grad_norm).detach().double()  # DeepSpeed: a float
             self.grad_norms += 1
         self.steps += 1
-        self.overflows += int(overflow)
+        if overflow is not None:
+            self.overflows = self.overflows + overflow
 
     def flush(self, step: int, *, lr: float, docs_seen: int, skipped_steps: int = 0,
               loss_scale: Optional[float] = None) -> dict:
@@ -79,7 +82,7 @@ class Meter:
         record["skipped_steps"] = skipped_steps
         if loss_scale is not None:  # fp16: dynamic loss scaling, and steps it skipped on overflow
             record["loss_scale"] = loss_scale
-            record["overflow_steps"] = self.overflows
+            record["overflow_steps"] = int(self.overflows)
         record["seconds_per_step"] = elapsed / n
         if self.device.type == "cuda":  # this process's peak since the last flush
             record["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30

@@ -97,12 +97,14 @@ def _agree(run: Run, stop: StopRequest, parts) -> tuple[bool, bool]:
 
 def _update(run: Run, parts, meter) -> float:
     """Clip, step the optimizer, count the step; returns the learning rate the step used."""
+    from coco_accel.optim import step_counting_overflow
+
     acc, cfg = run.accelerator, run.cfg
     grad_norm = _clip(acc, run.model, cfg.max_grad_norm, deepspeed=run.deepspeed) if cfg.max_grad_norm > 0 else None
     lr = run.scheduler.get_last_lr()[0]
-    run.optimizer.step()
+    overflow = step_counting_overflow(run.optimizer, acc.scaler)
     run.optimizer.zero_grad(set_to_none=True)
-    meter.add(parts, grad_norm, overflow=acc.scaler is not None and run.optimizer.step_was_skipped)
+    meter.add(parts, grad_norm, overflow=overflow)
     return lr
 
 

@@ -21,28 +21,9 @@ def test_collator_benchmark_runs(minilm_path):
     assert result["spans"] == 512 and result["speedup"] > 0
 
 
-def test_step_benchmark_runs_every_row_kind(minilm_path):
-    result = _last_json(["benchmarks/step_throughput.py", "--ref_docs", "2", "--our_docs", "2,4", "--steps", "1",
-                         "--cache_row", "--cache_chunk", "4", "--unfused_row", "--layouts=pack64,bucket-1"])
-    styles = [(r["style"], r["layout"]) for r in result["rows"]]
-    assert styles == [("reference", None), ("ours", "pack64"), ("ours", "pack64"),
-                      ("ours + gradient cache (4 spans/chunk)", "pack64"), ("ours, separate Q/K/V projections", "pack64"),
-                      ("ours", "bucket-1"), ("ours", "bucket-1")]
-    assert result["speedup"] > 0 and "cache_over_plain_step_time" in result and result["fused_qkv_speedup"] > 0
-    assert result["loss_check"]["abs_diff"] < 1e-3  # both styles compute the same loss
-
-
 def test_preprocess_benchmark_runs(minilm_path):
     result = _last_json(["benchmarks/preprocess_throughput.py", "--repeat", "2", "--mix", "--unicode"])
     assert result["docs"] > 0 and result["mixed"] and result["unicode"] and result["speedup"] > 0
-
-
-def test_step_profile_runs_and_accounts_the_time(minilm_path):
-    result = _last_json(["benchmarks/step_profile.py", "--docs", "4"])
-    (profile,) = result["profiles"].values()
-    assert profile["kinds_ms"]["matmul"] > 0 and 0 < profile["busy_ms"] <= profile["wall_ms"]
-    assert sum(profile["kinds_ms"].values()) == pytest.approx(profile["busy_ms"])
-    assert profile["matmul_tflop"] > 0 and profile["matmul_tflops_per_s"] > 0
 
 
 def test_data_scale_benchmark_runs_and_cleans_up(minilm_path, tmp_path):
@@ -109,3 +90,70 @@ def test_the_independent_evaluator_agrees_with_ours(tmp_path, minilm_path):
     assert n > 10 and [r["metric"] for r in rows] == ["ndcg@10", "recall@100", "mrr@10"]
     for row in rows:
         assert row["queries_differing"] <= 1 and abs(row["ours"] - row["independent"]) <= 1 / n + 1e-12, row
+
+
+@pytest.mark.parametrize("name,kind", [
+    ("fmha_cutlassF_bf16_aligned_64x128_rf_sm80(PyTorchMemEffAttention::AttentionKernel<...>::Params)", "attention"),
+    ("fmha_cutlassB_bf16_aligned_64x64_k64_sm80(PyTorchMemEffAttention::AttentionBackwardKernel<...>)", "attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x128_4x1x1_kernel0_0", "attention"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4, false, false>>", "attention"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+    ("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNT", "matmul"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_kernel__5x_cublas",
+     "matmul"),
+    ("cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_32x6_tn_align8", "matmul"),
+    ("aten::addmm", "matmul"),
+    ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>", "layer norm"),
+])
+def test_step_profile_sorts_kernels_by_what_they_compute(name, kind, monkeypatch):
+    """Attention kernels built from CUTLASS templates, and cuDNN's, are attention, not matmul or "other"."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from step_profile import kind_of
+
+    assert kind_of(name) == kind
+
+
+def test_gpu_scripts_dry_run_end_to_end(tmp_path, minilm_path):
+    """benchmarks/gpu_prepare.sh and gpu_checks.sh with DRY_RUN=1: the same path as on a GPU machine (every
+    part, the trainer through accelerate launch), on the CPU with a tiny BERT. The device run leaves at most
+    4 files, and its JSON line names what a result must name. The step benchmark runs every kind of row it
+    has and both styles compute the same loss; the profile accounts for the whole step."""
+    import tarfile
+
+    env = {**__import__("os").environ, "DRY_RUN": "1", "PYTHON": sys.executable}
+    subprocess.run(["bash", "benchmarks/gpu_prepare.sh", str(tmp_path / "prep")], cwd=REPO, env=env, check=True,
+                   timeout=300, capture_output=True)
+    assert (tmp_path / "prep" / "commit.txt").read_text().strip()
+    done = subprocess.run(["bash", "benchmarks/gpu_checks.sh", str(tmp_path / "prep"), str(tmp_path / "out")],
+                          cwd=REPO, env=env, timeout=600, capture_output=True, text=True)
+    log = (tmp_path / "out" / "gpu_checks.log").read_text()
+    assert done.returncode == 0, log[-4000:]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu_checks.log", "results.tar.gz",
+                                                                    "step_throughput.json"]
+    assert "requirements: all met" in log and "attention kernels: " in log
+    for name in ("gpu_tests", "step_throughput", "train_plain", "train_cached", "step_profile"):
+        assert f"== {name}: exit 0" in log
+    assert log.count("trainer train_") == 2 and "of the benchmark's" in log
+    result = json.loads((tmp_path / "out" / "step_throughput.json").read_text())
+    for field in ("gpu", "driver", "torch", "transformers", "commit", "rows", "speedup", "speedup_same_batch",
+                  "ours_best_mfu", "cache_over_plain_step_time"):
+        assert field in result
+    assert result["commit"] == (tmp_path / "prep" / "commit.txt").read_text().strip()
+    styles = [(r["style"], r["docs"], r["layout"]) for r in result["rows"]]
+    assert styles == [("reference", 2, None), ("ours", 2, "pack128"), ("ours", 16, "pack128"),
+                      ("ours + gradient cache (8 spans/chunk)", 16, "pack128"),
+                      ("ours, separate Q/K/V projections", 16, "pack128"), ("ours", 2, "bucket-1"),
+                      ("ours", 16, "bucket-1")]
+    assert result["loss_check"]["abs_diff"] < 1e-3 * result["loss_check"]["reference_loss"]  # fp32, ~10 terms
+    # the reference computes logits at every padded position, ours at masked ones: more FLOPs per real token
+    ref, ours = result["rows"][0], result["rows"][1]
+    assert ref["executed_tflop"] / ref["real_tok_s"] > ours["executed_tflop"] / ours["real_tok_s"] > 0
+    with tarfile.open(tmp_path / "out" / "results.tar.gz") as tar:
+        assert "results/train_plain.metrics.jsonl" in tar.getnames()
+        profile_out = tar.extractfile("results/step_profile.txt").read().decode()
+    profiles = json.loads(profile_out.strip().splitlines()[-1])["profiles"]
+    assert len(profiles) == 2  # the reference style's and ours
+    for profile in profiles.values():
+        assert profile["kinds_ms"]["matmul"] > 0 and 0 < profile["busy_ms"] <= profile["wall_ms"]
+        assert sum(profile["kinds_ms"].values()) == pytest.approx(profile["busy_ms"])
+        assert profile["matmul_tflop"] > 0

@@ -99,3 +99,83 @@ def test_gradient_cache_replays_the_first_pass_dropout_on_the_gpu(compiled, monk
     assert len(seen) == 6
     for a, b in zip(seen[:3], seen[3:]):
         assert torch.equal(a, b)
+
+
+def test_partial_last_layer_is_as_exact_as_the_full_layer_in_bf16_at_bert_base_size():
+    """At BERT-base size in bf16 on the GPU, the last layer computed only at the wanted slots (CLS and masked
+    ones) is as close to the fp64 layer as the full bf16 layer is: it is the same computation in smaller
+    matmuls, so its error may differ from the full layer's by rounding order only (bound: twice the full
+    layer's own worst error). Negative control: the wanted slots shifted by one are off by far more."""
+    import copy
+
+    import numpy as np
+    from transformers import BertConfig, BertForMaskedLM
+
+    from coco_accel.model import layer_at
+    from coco_accel.packing import query_layout
+
+    torch.manual_seed(0)
+    layer64 = BertForMaskedLM(BertConfig(attn_implementation="sdpa")).bert.encoder.layer[0].double().cuda().eval()
+    layer16 = copy.deepcopy(layer64).to(torch.bfloat16)
+    rows, capacity = 64, 128
+    rng = np.random.default_rng(0)
+    segment = np.full((rows, capacity), -1)
+    starts, n = [], 0
+    for r in range(rows):  # spans of the reference's lengths (8-30 tokens, a tenth up to 126) packed into rows
+        at = 0
+        while True:
+            length = int(rng.integers(31, 127) if rng.random() < 0.1 else rng.integers(8, 31)) + 2
+            if at + length > capacity:
+                break
+            segment[r, at:at + length] = n
+            starts.append(r * capacity + at)
+            at, n = at + length, n + 1
+    masked = np.flatnonzero((segment.reshape(-1) >= 0) & (rng.random(rows * capacity) < 0.15))
+    want = np.unique(np.concatenate([starts, masked]))
+    segment = torch.from_numpy(segment).cuda()
+    hidden64 = torch.randn(rows, capacity, 768, dtype=torch.float64, device="cuda")
+
+    def partial(layer, hidden, slots):
+        queries, take, q = query_layout(slots, rows, capacity)
+        queries, take, slots_t = (torch.from_numpy(x).cuda() for x in (queries, take, slots))
+        mask = segment.reshape(-1)[queries].view(rows, 1, q, 1) == segment[:, None, None, :]
+        return layer_at(layer, hidden, mask, queries, take, slots_t)
+
+    same = segment[:, None, :, None] == segment[:, None, None, :]
+    with torch.no_grad():
+        truth = layer64(hidden64, same)
+        truth = (truth[0] if isinstance(truth, tuple) else truth).reshape(rows * capacity, -1)[torch.from_numpy(want).cuda()]
+        full = layer16(hidden64.bfloat16(), same)
+        full = (full[0] if isinstance(full, tuple) else full).reshape(rows * capacity, -1)[torch.from_numpy(want).cuda()]
+        part = partial(layer16, hidden64.bfloat16(), want)
+        shifted = partial(layer16, hidden64.bfloat16(), np.minimum(want + 1, rows * capacity - 1))
+    err_full = (full.double() - truth).abs().max().item()
+    err_part = (part.double() - truth).abs().max().item()
+    assert 0 < err_full < 0.25 and err_part <= 2 * err_full, (err_full, err_part)
+    assert (shifted.double() - truth).abs().max().item() > 10 * err_full
+
+
+def test_gradient_cache_replays_the_first_pass_dropout_at_bert_base_size(monkeypatch):
+    """BERT-base (dropout 0.1, SDPA's fused dropout in the packed attention) in bf16 on the GPU: each chunk's
+    replay computes bit for bit the CLS vectors of its first pass, over 4 chunks of 64 spans of the
+    reference's lengths."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from coco_accel.model import Condenser
+    from coco_accel.step import StepSettings, cached_step
+
+    torch.manual_seed(0)
+    model = Condenser(BertForMaskedLM(BertConfig()), n_head_layers=2, skip_from=6, late_mlm=True,
+                      pack_length=128).cuda().train()
+    lengths = torch.randint(10, 33, (256,))
+    lengths[::10] = torch.randint(33, 128, lengths[::10].shape)
+    ids, mask, labels = span_batch(lengths.tolist(), width=128, vocab=30000, label_rate=0.15)
+    host = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = {k: v.cuda() for k, v in host.items()}
+    seen = record_cls(monkeypatch)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        cached_step(model, batch, lambda loss, last: loss.backward(), StepSettings(), chunk_size=64, host=host)
+    assert len(seen) == 8
+    for a, b in zip(seen[:4], seen[4:]):
+        assert torch.equal(a, b)
+    assert not torch.equal(seen[0], seen[1][: len(seen[0])])  # different spans, different vectors

@@ -39,3 +39,38 @@ def test_meter_means_throughput_and_mfu():
                           real_tokens=20, computed_tokens=32), grad_norm=None)
     record = no_peak.flush(step=1, lr=1e-4, docs_seen=1)
     assert record["model_tflops_per_s"] > 0 and "mfu" not in record
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fp16_overflow_steps_are_counted_and_leave_the_weights(fused):
+    """A step whose scaled gradients overflow is skipped by the loss scaler: the weights stay as they were and
+    the meter counts it, also with fused AdamW, which takes found_inf into its kernel and whose step Accelerate
+    therefore sees called (its step_was_skipped says False). The next, finite step updates and is not counted."""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from coco_accel.optim import step_counting_overflow
+
+    Accelerator(cpu=True)  # the state AcceleratedOptimizer reads (Accelerate builds no fp16 scaler on the CPU)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    opt = AcceleratedOptimizer(torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused), device_placement=False,
+                               scaler=scaler)
+    meter = Meter(torch.device("cpu"))
+    x = torch.randn(3, 4)
+    parts = StepParts(torch.tensor(1.0), torch.tensor(1.0), torch.tensor(1.0), torch.tensor(0), spans=2,
+                      real_tokens=20, computed_tokens=32)
+    for factor, overflows in ((1e36, 1), (1.0, 0)):  # 1e36 x the scale 2^16 is past float32's 3.4e38
+        before = [p.detach().clone() for p in model.parameters()]
+        scaler.scale(model(x).sum() * factor).backward()
+        overflow = step_counting_overflow(opt, scaler)
+        opt.zero_grad(set_to_none=True)
+        meter.add(parts, grad_norm=None, overflow=overflow)
+        unchanged = all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        assert int(overflow) == overflows and unchanged == bool(overflows)
+        if overflows:
+            assert opt.step_was_skipped != fused  # what Accelerate alone would have logged
+    assert scaler.get_scale() == 2.0**15  # halved once, on the overflow
+    assert meter.flush(step=2, lr=0.1, docs_seen=4, loss_scale=scaler.get_scale())["overflow_steps"] == 1
+    assert step_counting_overflow(torch.optim.SGD(model.parameters(), lr=0.1), None) is None  # bf16, fp32
