@@ -59,6 +59,13 @@ if [ "$dry" != 1 ]; then
     # built with this environment's torch, without build isolation: its ops compile on first use, none here
     "$py" -m pip wheel -q --no-deps --no-build-isolation -w "$dir/wheels" "$(grep '^deepspeed==' "$dir/packages.txt")" \
         2> >(grep -v "^WARNING: Location" >&2)
+    # the set installs for the target as gpu_checks.sh installs it (one version of each, every file a wheel
+    # for Python 3.12 on x86-64 Linux)
+    probe=$(mktemp -d)
+    # shellcheck disable=SC2086
+    "$py" -m pip install -q --no-index --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        $platforms --target "$probe" "$dir"/wheels/*.whl 2> >(grep -v "^WARNING: Location" >&2)
+    rm -rf "$probe"
     echo "gpu_prepare: wheels: $(cd "$dir/wheels" && ls | tr '\n' ' ')"
 fi
 
