@@ -100,16 +100,20 @@ def record_cls(monkeypatch) -> list:
     return seen
 
 
-def write_docstring_corpus(path: Path, n: int) -> Path:
-    """n real English documents (standard-library docstrings) as a BEIR corpus.jsonl."""
-    from coco_accel.docstrings import docstring_documents
+TEST_CORPUS = REPO / "tests" / "assets" / "corpus" / "docstrings.jsonl"
 
+
+def corpus_documents(n: int) -> list[dict]:
+    """The first n of the checked-in test corpus's 120 real documents (tests/assets/corpus/README.md)."""
+    docs = [json.loads(line) for line in TEST_CORPUS.read_text(encoding="utf-8").splitlines()[:n]]
+    assert len(docs) == n, f"the test corpus holds {len(docs)} documents, {n} asked for"
+    return docs
+
+
+def write_docstring_corpus(path: Path, n: int) -> Path:
+    """n real English documents of the test corpus as a BEIR corpus.jsonl."""
     path.mkdir(parents=True, exist_ok=True)
-    with open(path / "corpus.jsonl", "w", encoding="utf-8") as fh:
-        for i, doc in enumerate(docstring_documents()):
-            if i >= n:
-                break
-            fh.write(json.dumps(doc) + "\n")
+    (path / "corpus.jsonl").write_text("".join(json.dumps(doc) + "\n" for doc in corpus_documents(n)), encoding="utf-8")
     return path
 
 
@@ -204,14 +208,10 @@ def write_docstring_beir(path: Path, n_docs: int = 120, n_queries: int = 24) -> 
     `n_queries` documents as a query judged relevant to its own document (the sentence is removed from it)."""
     import re
 
-    from coco_accel.docstrings import docstring_documents
-
     path.mkdir(parents=True, exist_ok=True)
     (path / "qrels").mkdir(exist_ok=True)
     docs, queries = [], []
-    for i, doc in enumerate(docstring_documents()):
-        if i >= n_docs:
-            break
+    for i, doc in enumerate(corpus_documents(n_docs)):
         sentences = re.split(r"(?<=[.!?])\s+", doc["text"])
         if i < n_queries and len(sentences) > 2:
             queries.append({"_id": f"q{i}", "text": sentences[-1], "doc": doc["_id"]})
