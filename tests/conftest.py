@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -153,6 +154,42 @@ def train_env(**extra) -> dict:
                           "ACCELERATE_USE_CPU": "true", **extra})
 
 
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(self.format(record))
+
+
+@pytest.fixture
+def command(monkeypatch):
+    """command(module, *args): coco_accel.<module>.main(args) run in this process, in the environment of the
+    tests' training subprocesses (offline, on the CPU); returns .returncode and .stderr (what the package
+    logged). For what a process of its own would only slow down: refusals at start-up, short runs. The
+    trainer resets the root logger's handlers (basicConfig(force=True)): lines come from the package's."""
+    import importlib
+    from types import SimpleNamespace
+
+    from accelerate.state import AcceleratorState
+
+    for name, value in train_env().items():
+        monkeypatch.setenv(name, value)
+    package = logging.getLogger("coco_accel")
+
+    def run(module, *args):
+        lines = _Lines()
+        package.addHandler(lines)
+        try:
+            code = importlib.import_module(f"coco_accel.{module}").main([str(a) for a in args])
+        finally:
+            package.removeHandler(lines)
+            AcceleratorState._reset_state(True)  # the next run builds its own Accelerator
+        return SimpleNamespace(returncode=code, stderr="\n".join(lines.lines))
+    return run
+
+
 def train_args(model, data, out, *extra: str, **flags) -> list[str]:
     """Arguments of coco_accel/train.py: the model, data and output folders, --skip_from 2 (the tiny
     models' middle layer), then `flags` (name=value, True for a switch) and `extra` (later wins)."""
@@ -170,14 +207,13 @@ def torchrun(nproc: int, nnodes: int = 1, node_rank: int = 0, port: int = 0) -> 
             f"--node_rank={node_rank}", "--master_addr=127.0.0.1", f"--master_port={port or free_port()}"]
 
 
-def wait_for_logged_lines(proc, out: Path, n: int, timeout: float) -> None:
-    """Until the run in `out` has logged n lines of metrics.jsonl (or ended, or the time is up)."""
+def wait_for_logged_lines(proc, out: Path, n: int) -> None:
+    """Until the run in `out` has logged n lines of metrics.jsonl, or ended. The file is read twenty times a
+    second; between reads the test sleeps."""
     import time
 
     path = out / "metrics.jsonl"
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None and not (
-            path.exists() and len(path.read_text().splitlines()) >= n):
+    while proc.poll() is None and not (path.exists() and len(path.read_text().splitlines()) >= n):
         time.sleep(0.05)
 
 

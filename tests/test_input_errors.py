@@ -5,50 +5,14 @@ other than the refusal would fail the test as a traceback would). tests/test_end
 through `coco_accel/train.py` as a file, and the cases below that need several processes launch them."""
 
 import json
-import logging
 import subprocess
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from conftest import REPO, train_env
 
 pytestmark = pytest.mark.slow
-
-
-class _Lines(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(self.format(record))
-
-
-@pytest.fixture
-def command(monkeypatch):
-    """command(module, *args): run coco_accel.<module>.main(args) here, as the CPU tests' subprocesses would
-    (offline, on the CPU); returns its exit code and what the package logged. The trainer resets the root
-    logger's handlers (logging.basicConfig(force=True)), so the lines are taken from the package's logger."""
-    import importlib
-
-    from accelerate.state import AcceleratorState
-
-    for name, value in train_env().items():
-        monkeypatch.setenv(name, value)
-    package = logging.getLogger("coco_accel")
-
-    def run(module, *args):
-        lines = _Lines()
-        package.addHandler(lines)
-        try:
-            code = importlib.import_module(f"coco_accel.{module}").main([str(a) for a in args])
-        finally:
-            package.removeHandler(lines)
-            AcceleratorState._reset_state(True)  # the next run builds its own Accelerator
-        return SimpleNamespace(returncode=code, stderr="\n".join(lines.lines))
-    return run
 
 
 @pytest.fixture

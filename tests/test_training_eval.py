@@ -73,7 +73,7 @@ def test_resume_keeps_the_evaluation_history(tmp_path, span_data, tiny_bert, bei
     assert run.returncode == 0, run.stderr[-3000:]
     cmd = [sys.executable, "coco_accel/train.py", *_flags(tiny_bert, span_data, stopped, beir, 8, *flags)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_logged_lines(proc, stopped, 3, timeout=300)  # step 0's evaluation and two training records
+    wait_for_logged_lines(proc, stopped, 3)  # step 0's evaluation and two training records
     (stopped / "STOP").write_text("")
     assert proc.wait(timeout=300) == 75
     before = _evaluations(stopped)
