@@ -163,31 +163,44 @@ class _Lines(logging.Handler):
         self.lines.append(self.format(record))
 
 
-@pytest.fixture
-def command(monkeypatch):
-    """command(module, *args): coco_accel.<module>.main(args) run in this process, in the environment of the
-    tests' training subprocesses (offline, on the CPU); returns .returncode and .stderr (what the package
-    logged). For what a process of its own would only slow down: refusals at start-up, short runs. The
-    trainer resets the root logger's handlers (basicConfig(force=True)): lines come from the package's."""
+def run_main(module: str, *args):
+    """coco_accel.<module>.main(args) run in this process, in the environment of the tests' training
+    subprocesses (offline, on the CPU, $COCO_ACCEL_TEST_THREADS torch threads); returns .returncode and
+    .stderr (what the package logged). For what a process of its own would only slow down: refusals at
+    start-up, single-process runs. The trainer resets the root logger's handlers (basicConfig(force=True)),
+    so the lines come from the package's logger."""
     import importlib
     from types import SimpleNamespace
 
+    import torch
     from accelerate.state import AcceleratorState
 
-    for name, value in train_env().items():
-        monkeypatch.setenv(name, value)
+    env = train_env()
+    saved_env = {name: os.environ.get(name) for name in env}
+    saved_threads = torch.get_num_threads()
+    os.environ.update(env)
+    torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     package = logging.getLogger("coco_accel")
+    lines = _Lines()
+    package.addHandler(lines)
+    try:
+        code = importlib.import_module(f"coco_accel.{module}").main([str(a) for a in args])
+    finally:
+        package.removeHandler(lines)
+        AcceleratorState._reset_state(True)  # the next run builds its own Accelerator
+        torch.set_num_threads(saved_threads)
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    return SimpleNamespace(returncode=code, stderr="\n".join(lines.lines))
 
-    def run(module, *args):
-        lines = _Lines()
-        package.addHandler(lines)
-        try:
-            code = importlib.import_module(f"coco_accel.{module}").main([str(a) for a in args])
-        finally:
-            package.removeHandler(lines)
-            AcceleratorState._reset_state(True)  # the next run builds its own Accelerator
-        return SimpleNamespace(returncode=code, stderr="\n".join(lines.lines))
-    return run
+
+@pytest.fixture
+def command():
+    """`run_main` as a fixture: command(module, *args)."""
+    return run_main
 
 
 def train_args(model, data, out, *extra: str, **flags) -> list[str]:
