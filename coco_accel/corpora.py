@@ -11,6 +11,7 @@ import gzip
 import json
 import logging
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -49,6 +50,9 @@ def _check_readable(path: Path) -> None:
         raise InputError(f"{path}: cannot be read ({err.strerror}). Fix its permissions or leave it out.") from None
     if not head:
         raise InputError(f"{path}: the file is empty. Re-create it (a broken download?) or leave it out.")
+    if path.name.endswith(".gz") and head != b"\x1f\x8b":
+        raise InputError(f"{path}: named .gz but not gzip-compressed (it does not start with gzip's signature). "
+                         "If it is plain text, drop the .gz from its name; else re-create it.")
 
 
 def discover(inputs: list[str]) -> list[Source]:
@@ -177,7 +181,19 @@ def _parse_tsv(src: Source, line_no: int, line: str) -> dict:
 
 
 def read_rows(src: Source, start: int = 0, end: int = -1, first_line: int = 1) -> Iterator[dict]:
-    """One row per non-blank line: a document, or a reject with its reason (never skipped silently)."""
+    """One row per non-blank line: a document, or a reject with its reason (never skipped silently).
+
+    A file that cannot be read to its end (a gzip stream cut short or corrupt) or whose last line is a JSON
+    record cut in the middle (an interrupted download or copy) raises InputError naming it: a damaged file
+    is not a source of rejects."""
+    try:
+        yield from _rows(src, start, end, first_line)
+    except (EOFError, OSError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+        raise InputError(f"{src.path}: cannot be read to its end ({type(err).__name__}: {err}). The file is "
+                         "damaged (an interrupted download or copy?): re-create it or leave it out.") from None
+
+
+def _rows(src: Source, start: int, end: int, first_line: int) -> Iterator[dict]:
     parse = _parse_tsv if src.kind == "tsv" else _parse_jsonl
     with _open(src.path) as fh:
         if start:
@@ -187,6 +203,7 @@ def read_rows(src: Source, start: int = 0, end: int = -1, first_line: int = 1) -
             if end >= 0 and pos >= end:
                 break
             pos += len(raw)
+            last_unterminated = not raw.endswith(b"\n")  # only the file's last line lacks its newline
             if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]  # byte-order mark
             raw = raw.rstrip(b"\r\n")
@@ -201,6 +218,10 @@ def read_rows(src: Source, start: int = 0, end: int = -1, first_line: int = 1) -
                 yield _row(src, line_no, "", reject="invalid_utf8", detail=str(err))
                 continue
             row = parse(src, line_no, line)
+            if row["reject"] == "malformed_json" and last_unterminated:
+                raise InputError(f"{src.path}, line {line_no}: the file ends inside a JSON record ({row['detail']}): "
+                                 "it was cut short (an interrupted download or copy?). Re-create it, or remove "
+                                 "the partial last line.")
             if not row["reject"]:
                 row["text"] = row["text"].replace("\x00", " ")
                 row["title"] = row["title"].replace("\x00", " ")

@@ -46,7 +46,11 @@ def load_train_data(train_dir: str, split: str = "train"):
                         f"`python -m coco_accel.preprocess --tokenizer MODEL --output_dir SPANS {train_dir}`, then "
                         "--train_dir SPANS.")
     if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
-        ds = datasets.load_from_disk(str(path))
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except (OSError, ValueError) as err:  # pyarrow's errors are OSError (truncated) or ValueError (invalid)
+            raise DataError(f"--train_dir {train_dir}: {_damaged_shard(path) or 'cannot be loaded'} ({err}). Re-run "
+                            "`python -m coco_accel.preprocess` into a new folder (or copy the folder again).") from None
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
                 raise DataError(f"--train_dir {train_dir}: has splits {list(ds)} but no '{split}'.")
@@ -73,6 +77,19 @@ def load_train_data(train_dir: str, split: str = "train"):
     if files:
         _check_span_counts(ds, files)  # preprocessing keeps only documents of two spans or more; these may not
     return ds
+
+
+def _damaged_shard(path: Path) -> Optional[str]:
+    """Which Arrow file of a preprocessed folder cannot be read to its end, in words, or None."""
+    import pyarrow as pa
+
+    for shard in sorted(path.rglob("*.arrow")):
+        try:
+            with pa.memory_map(str(shard)) as source:
+                pa.ipc.open_stream(source).read_all()
+        except (OSError, ValueError):
+            return f"the shard {shard} is damaged (cut short or overwritten)"
+    return None
 
 
 def _check_span_counts(ds, files: list[str]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -58,24 +59,35 @@ def preprocess(
                           id_type=id_type)
 
     out = Path(output_dir)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     total = empty_counts()
     stats: dict = {"total": total, "corpora": {}}
     train_parts, eval_parts = [], []
-    with open(out / "rejects.jsonl", "w", encoding="utf-8") as rejects_file:
-        for corpus in dict.fromkeys(s.corpus for s in sources):
-            group = [s for s in sources if s.corpus == corpus]
-            built, outcome = _spans_of_corpus(corpus, group, builder, num_proc=num_proc, cache_dir=cache_dir,
-                                              min_shard_bytes=min_shard_bytes)
-            stats["corpora"][corpus] = outcome.counts
-            add_counts(total, outcome.counts)
-            write_rejects(built, outcome, rejects_file)
-            columns = ["doc_id", "corpus", "spans"]
-            train_parts.append(built.select(np.nonzero(outcome.kept & ~outcome.heldout)[0]).select_columns(columns))
-            eval_parts.append(built.select(np.nonzero(outcome.kept & outcome.heldout)[0]).select_columns(columns))
+    # rejects.jsonl is written under a temporary name: a run that fails on a damaged input leaves the
+    # folder as it found it (a previous output's rejects.jsonl included)
+    rejects = out / ".rejects.jsonl.tmp"
+    try:
+        with open(rejects, "w", encoding="utf-8") as rejects_file:
+            for corpus in dict.fromkeys(s.corpus for s in sources):
+                group = [s for s in sources if s.corpus == corpus]
+                built, outcome = _spans_of_corpus(corpus, group, builder, num_proc=num_proc, cache_dir=cache_dir,
+                                                  min_shard_bytes=min_shard_bytes)
+                stats["corpora"][corpus] = outcome.counts
+                add_counts(total, outcome.counts)
+                write_rejects(built, outcome, rejects_file)
+                columns = ["doc_id", "corpus", "spans"]
+                train_parts.append(built.select(np.nonzero(outcome.kept & ~outcome.heldout)[0]).select_columns(columns))
+                eval_parts.append(built.select(np.nonzero(outcome.kept & outcome.heldout)[0]).select_columns(columns))
+    except BaseException:
+        rejects.unlink(missing_ok=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
 
     _remove_previous_output(out)
     _save(out, train_parts, eval_parts if eval_fraction > 0 else None, num_shards)
+    os.replace(rejects, out / "rejects.jsonl")
     stats.update({"tokenizer": str(tokenizer_name),
                   "tokenizer_vocab_sha256": vocab_sha256(tokenizer.get_vocab(with_added_tokens=True)),
                   "tokenizer_vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),

@@ -24,17 +24,21 @@ def _write_raw(shard: corpora.Shard, path: Path, batch_rows: int = 8192) -> None
 
     features = _raw_features()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with ArrowWriter(features=features, path=str(tmp)) as writer:
-        columns: dict = {k: [] for k in features}
-        for row in corpora.read_rows(shard.source, shard.start, shard.end, shard.first_line):
-            for k, values in columns.items():
-                values.append(row[k])
-            if len(columns["line"]) >= batch_rows:
+    try:
+        with ArrowWriter(features=features, path=str(tmp)) as writer:
+            columns: dict = {k: [] for k in features}
+            for row in corpora.read_rows(shard.source, shard.start, shard.end, shard.first_line):
+                for k, values in columns.items():
+                    values.append(row[k])
+                if len(columns["line"]) >= batch_rows:
+                    writer.write_batch(columns)
+                    columns = {k: [] for k in features}
+            if columns["line"]:
                 writer.write_batch(columns)
-                columns = {k: [] for k in features}
-        if columns["line"]:
-            writer.write_batch(columns)
-        writer.finalize()
+            writer.finalize()
+    except BaseException:  # a damaged input file (InputError) or an interruption: no partial cache file
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 

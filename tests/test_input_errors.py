@@ -218,3 +218,47 @@ def test_demo_input_mistakes(tmp_path, _module):
     _refused(_module("demo", "--output_dir", str(tmp_path / "d"), "--eval_data", str(tmp_path / "nodata")),
              "--eval_data", "no such folder")
     assert not (tmp_path / "d").exists()  # nothing trained or written
+
+
+def test_damaged_corpus_files_are_errors_naming_them(tmp_path, tokenizer_path, small_corpus, _module):
+    """A .gz that is not gzip, a gzip stream cut short, a JSON-lines file cut inside its last record: each an
+    error naming the file (and the line), nothing left behind: no output folder, no partial raw cache."""
+    import gzip
+    import shutil
+
+    text = (small_corpus / "corpus.jsonl").read_bytes()
+    plain = tmp_path / "plain" / "corpus.jsonl.gz"
+    plain.parent.mkdir()
+    plain.write_bytes(text)
+    cut_gzip = tmp_path / "cut_gzip" / "corpus.jsonl.gz"
+    cut_gzip.parent.mkdir()
+    packed = gzip.compress(text)
+    cut_gzip.write_bytes(packed[: len(packed) // 2])
+    cut_lines = tmp_path / "cut_lines" / "corpus.jsonl"
+    cut_lines.parent.mkdir()
+    lines = text.splitlines(keepends=True)
+    cut_lines.write_bytes(b"".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])
+    cases = [(plain, [str(plain), "not gzip-compressed"]),
+             (cut_gzip, [str(cut_gzip), "cannot be read to its end", "damaged"]),
+             (cut_lines, [f"{cut_lines}, line {len(lines)}", "ends inside a JSON record", "cut short"])]
+    for path, words in cases:
+        out, cache = tmp_path / f"out_{path.parent.name}", tmp_path / f"cache_{path.parent.name}"
+        _refused(_module("preprocess", "--tokenizer", tokenizer_path, "--output_dir", out, "--cache_dir", cache,
+                         path.parent), *words)
+        assert not out.exists()
+        raw = cache / "coco_accel_raw"
+        assert not raw.exists() or not list(raw.iterdir()), list(raw.iterdir())
+    # the same file whole, and a last line whole but without its newline, are read
+    shutil.copy(small_corpus / "corpus.jsonl", cut_lines)
+    cut_lines.write_bytes(text.rstrip(b"\n"))
+    assert _module("preprocess", "--tokenizer", tokenizer_path, "--output_dir", tmp_path / "whole", "--cache_dir",
+                   tmp_path / "cache_whole", cut_lines.parent).returncode == 0
+
+
+def test_a_damaged_arrow_shard_is_named(tmp_path, span_data, tiny_bert, _train):
+    data = tmp_path / "data"
+    subprocess.run(["cp", "-r", str(span_data), str(data)], check=True)
+    (shard,) = data.glob("*.arrow")
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    _refused(_train("--output_dir", str(tmp_path / "o"), "--model_name_or_path", tiny_bert, "--train_dir", str(data)),
+             f"the shard {shard} is damaged", "coco_accel.preprocess")
