@@ -196,6 +196,9 @@ def main(argv=None) -> int:
         t_in = fresh_inner("ours_after_imports", tmp / "corpus", tmp / "in", args.tokenizer, args.num_proc,
                            tmp / "cache_in")
         t_in1 = fresh_inner("ours_after_imports", tmp / "corpus", tmp / "in1", args.tokenizer, 1, tmp / "cache_in1")
+        kept = {"reference_docs_kept": sum(1 for line in open(tmp / "ref.jsonl") if line.strip()),
+                "ours_docs_kept": json.loads((tmp / "ours" / "stats.json").read_text())["total"]["kept"],
+                "ours_1proc_docs_kept": json.loads((tmp / "ours1" / "stats.json").read_text())["total"]["kept"]}
     rows = [("reference algorithm", args.num_proc, t_ref), ("coco-accel", args.num_proc, t_ours),
             ("coco-accel", 1, t_ours1), ("  after imports", args.num_proc, t_in), ("  after imports", 1, t_in1)]
     print(f"{n} documents ({args.repeat} x {args.corpus or 'docstring corpus'}{', mixed' if args.mix else ''}"
@@ -206,7 +209,7 @@ def main(argv=None) -> int:
         print(f"| {name:<20} | {procs:>5} | {secs:7.2f} | {n / secs:6.0f} |")
     result = {"docs": n, "mixed": args.mix, "unicode": args.unicode, "num_proc": args.num_proc, "reference_docs_per_s": n / t_ref, "ours_docs_per_s": n / t_ours,
               "ours_1proc_docs_per_s": n / t_ours1, "scaling": t_ours1 / t_ours,
-              "scaling_after_imports": t_in1 / t_in, "speedup": t_ref / t_ours}
+              "scaling_after_imports": t_in1 / t_in, "speedup": t_ref / t_ours, **kept}
     print(json.dumps(result))
     return 0
 

@@ -10,16 +10,30 @@ import pytest
 from conftest import REPO, train_env, write_docstring_beir
 
 
+def exact_p(a, b) -> float:
+    """The randomisation test's p-value by enumeration of every sign pattern of the paired differences (an
+    independent computation of what `paired_randomisation` estimates by sampling)."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    signs = 1 - 2 * ((np.arange(2 ** d.size)[:, None] >> np.arange(d.size)) & 1)
+    return float(np.mean(np.abs(signs @ d) / d.size >= abs(d.mean()) - 1e-15))
+
+
+# Sampling 10,000 sign patterns estimates a p-value with a standard error of sqrt(p(1-p)/10,000) <= 0.005;
+# the +1 correction adds at most 1e-4. Four standard errors:
+P_TOL = 0.02
+
+
 def test_paired_randomisation():
     from coco_accel.experiment import paired_randomisation
 
     rng = np.random.default_rng(0)
-    base = rng.random(60)
+    base = rng.random(14)
     assert paired_randomisation(base, base) == 1.0
     assert paired_randomisation(base + 0.05, base) < 1e-3  # every query better: the smallest p the test can give
-    noisy = base + rng.normal(0, 0.2, 60)
-    p = paired_randomisation(noisy, base)
-    assert 0.05 < p <= 1.0 and p == paired_randomisation(base, noisy)  # two-sided, symmetric
+    for spread in (0.05, 0.2, 0.5):  # p-values from small to large
+        noisy = base + 0.02 + rng.normal(0, spread, 14)
+        p = paired_randomisation(noisy, base)
+        assert p == pytest.approx(exact_p(noisy, base), abs=P_TOL) and p == paired_randomisation(base, noisy)
 
 
 def test_query_split_is_keyed_and_disjoint():
@@ -61,7 +75,17 @@ def test_the_experiment_runs_and_resumes_without_redoing(tmp_path, tiny_bert, sm
     assert rows["tuning queries"]["queries"] + rows["reported queries"]["queries"] == rows["all queries"]["queries"] == judged
     row = rows["all queries"]
     assert len(row["target"]["per_seed_ndcg@10"]) == 2 and len(row["p_target_vs_control_per_seed"]) == 2
-    assert all(0 < p <= 1 for p in row["target"]["p_vs_warm_start_per_seed"] + [row["p_target_vs_control"]])
+    # the reported p-values are those of the evaluations' per-query numbers (by enumeration: at most 16 queries)
+    per_query = {p.stem: json.loads(p.read_text())["datasets"]["toy"]["per_query"] for p in out.glob("eval/*.json")}
+    scores = {label: [q["ndcg@10"] for _, q in sorted(per.items())] for label, per in per_query.items()}
+    target_labels = sorted(label for label in scores if label.startswith("target"))
+    control_labels = sorted(label for label in scores if label.startswith("control"))
+    assert len(target_labels) == len(control_labels) == 2
+    for label, p in zip(target_labels, row["target"]["p_vs_warm_start_per_seed"]):
+        assert p == pytest.approx(exact_p(scores[label], scores["warm_start"]), abs=P_TOL)
+    t = np.mean([scores[label] for label in target_labels], axis=0)
+    c = np.mean([scores[label] for label in control_labels], axis=0)
+    assert row["p_target_vs_control"] == pytest.approx(exact_p(t, c), abs=P_TOL)
     # the table's numbers are the evaluator's: the warm start's mean over all queries
     warm = json.loads((out / "eval" / "warm_start.json").read_text())["datasets"]["toy"]["ndcg@10"]
     assert row["warm start"]["ndcg@10"] == pytest.approx(warm, abs=1e-12)

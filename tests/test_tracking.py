@@ -21,8 +21,52 @@ def test_useful_flops_count_by_hand():
                                   late_mlm=False) == pytest.approx(6 * (dense + attention + mlm / 2))
 
 
+def _counted_flops(cfg, spans: int, length: int, masked: int) -> int:
+    """FLOPs of one training step of the Condenser's computation as defined, counted by torch's FlopCounterMode
+    on plain HF modules: `spans` unpadded spans of `length` tokens through the backbone, 2 head layers over
+    [last layer's CLS, layer 1's tokens], and the MLM head at `masked` tokens of each span, for the head and the
+    backbone (late MLM); forward and backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import BertForMaskedLM
+
+    torch.manual_seed(0)
+    mlm, head = BertForMaskedLM(cfg), BertForMaskedLM(cfg).bert.encoder.layer[:2]
+    ids = torch.randint(5, cfg.vocab_size, (spans, length))
+    with FlopCounterMode(display=False) as counter:
+        out = mlm.bert(ids, output_hidden_states=True)
+        x = torch.cat([out.last_hidden_state[:, :1], out.hidden_states[1][:, 1:]], dim=1)
+        for layer in head:
+            y = layer(x)
+            x = y[0] if isinstance(y, tuple) else y
+        (mlm.cls(x[:, 1:1 + masked]).sum() + mlm.cls(out.last_hidden_state[:, 1:1 + masked]).sum()).backward()
+    return counter.get_total_flops()
+
+
+def _flops_config():
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
+                      attn_implementation="eager", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def test_useful_flops_are_the_matmul_flops_of_the_computation():
+    """The formula behind the logged TFLOP/s and MFU equals an independent count of the matrix products of
+    the unpadded computation (both count 2 per multiply-add; spans of equal length, so that the attention's
+    quadratic term is exact at the mean length)."""
+    cfg = _flops_config()
+    for length, masked in ((10, 2), (20, 3)):
+        expected = _counted_flops(cfg, 4, length, masked)
+        assert useful_flops_per_token(cfg, n_head_layers=2, avg_len=length, mlm_fraction=masked / length,
+                                      late_mlm=True) * 4 * length == pytest.approx(expected, rel=1e-12)
+
+
 def test_meter_means_throughput_and_mfu():
-    meter = Meter(torch.device("cpu"), flops_per_token=lambda avg_len: 1e9 * avg_len, peak_tflops=2.0)
+    """Two steps of 4 spans of 10 real tokens (16 computed: padding): the logged loss parts are the steps'
+    means, the model TFLOP/s those of the real tokens' computation (counted independently), not of padding."""
+    cfg = _flops_config()
+    per_token = lambda avg_len: useful_flops_per_token(cfg, n_head_layers=2, avg_len=avg_len, mlm_fraction=0.2,
+                                                       late_mlm=True)
+    meter = Meter(torch.device("cpu"), flops_per_token=per_token, peak_tflops=2.0)
     for head, correct in ((2.0, 3), (4.0, 1)):
         meter.add(StepParts(torch.tensor(head), torch.tensor(1.0), torch.tensor(0.5), torch.tensor(correct),
                             spans=4, real_tokens=40, computed_tokens=64), grad_norm=torch.tensor(2.0))
@@ -32,13 +76,14 @@ def test_meter_means_throughput_and_mfu():
     assert record["padding_fraction"] == pytest.approx(1 - 80 / 128)
     elapsed = record["seconds_per_step"] * 2
     assert record["real_tokens_per_s"] == pytest.approx(80 / elapsed)
-    assert record["model_tflops_per_s"] == pytest.approx(1e9 * 10 * 80 / elapsed / 1e12)  # spans of 10 tokens
-    assert record["mfu"] == pytest.approx(record["model_tflops_per_s"] / 2.0)
-    no_peak = Meter(torch.device("cpu"), flops_per_token=lambda avg_len: 1e9)
+    flops = 2 * _counted_flops(cfg, 4, 10, 2)
+    assert record["model_tflops_per_s"] * 1e12 * elapsed == pytest.approx(flops, rel=1e-9)
+    assert record["mfu"] * 2.0e12 * elapsed == pytest.approx(flops, rel=1e-9)
+    no_peak = Meter(torch.device("cpu"), flops_per_token=per_token)
     no_peak.add(StepParts(torch.tensor(1.0), torch.tensor(1.0), torch.tensor(1.0), torch.tensor(0), spans=2,
                           real_tokens=20, computed_tokens=32), grad_norm=None)
     record = no_peak.flush(step=1, lr=1e-4, docs_seen=1)
-    assert record["model_tflops_per_s"] > 0 and "mfu" not in record
+    assert "model_tflops_per_s" in record and "mfu" not in record
 
 
 @pytest.mark.parametrize("fused", [True, False])
