@@ -151,7 +151,7 @@ print("attention kernels:", "; ".join(n[:120] for n in names) or "none found")
 EOF
 
 echo "== 1. GPU tests (no compilation)"
-part gpu_tests 100 "$py" -m pytest -q -m gpu tests/test_gpu.py -k "not compiled" -p no:cacheprovider
+part gpu_tests 140 "$py" -m pytest -q -m gpu tests/test_gpu.py -k "not compiled" -p no:cacheprovider
 
 echo "== 2. step benchmark"
 if [ "$dry" = 1 ]; then
