@@ -61,24 +61,13 @@ def preprocess(
     out = Path(output_dir)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    total = empty_counts()
-    stats: dict = {"total": total, "corpora": {}}
-    train_parts, eval_parts = [], []
+    stats: dict = {"total": empty_counts(), "corpora": {}}
     # rejects.jsonl is written under a temporary name: a run that fails on a damaged input leaves the
     # folder as it found it (a previous output's rejects.jsonl included)
     rejects = out / ".rejects.jsonl.tmp"
     try:
-        with open(rejects, "w", encoding="utf-8") as rejects_file:
-            for corpus in dict.fromkeys(s.corpus for s in sources):
-                group = [s for s in sources if s.corpus == corpus]
-                built, outcome = _spans_of_corpus(corpus, group, builder, num_proc=num_proc, cache_dir=cache_dir,
-                                                  min_shard_bytes=min_shard_bytes)
-                stats["corpora"][corpus] = outcome.counts
-                add_counts(total, outcome.counts)
-                write_rejects(built, outcome, rejects_file)
-                columns = ["doc_id", "corpus", "spans"]
-                train_parts.append(built.select(np.nonzero(outcome.kept & ~outcome.heldout)[0]).select_columns(columns))
-                eval_parts.append(built.select(np.nonzero(outcome.kept & outcome.heldout)[0]).select_columns(columns))
+        train_parts, eval_parts = _map_corpora(sources, builder, stats, rejects, num_proc=num_proc,
+                                               cache_dir=cache_dir, min_shard_bytes=min_shard_bytes)
     except BaseException:
         rejects.unlink(missing_ok=True)
         if created and not any(out.iterdir()):
@@ -96,6 +85,25 @@ def preprocess(
                   "inputs": [s.path for s in sources]})
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     return stats
+
+
+def _map_corpora(sources: list, builder: SpanBuilder, stats: dict, rejects: Path, *, num_proc: int,
+                 cache_dir: Optional[str], min_shard_bytes: int) -> tuple[list, list]:
+    """Every corpus mapped to spans, its counts added to `stats` and its rejects written to `rejects`:
+    (the kept training parts, the held-out parts), one of each per corpus."""
+    train_parts, eval_parts = [], []
+    with open(rejects, "w", encoding="utf-8") as rejects_file:
+        for corpus in dict.fromkeys(s.corpus for s in sources):
+            group = [s for s in sources if s.corpus == corpus]
+            built, outcome = _spans_of_corpus(corpus, group, builder, num_proc=num_proc, cache_dir=cache_dir,
+                                              min_shard_bytes=min_shard_bytes)
+            stats["corpora"][corpus] = outcome.counts
+            add_counts(stats["total"], outcome.counts)
+            write_rejects(built, outcome, rejects_file)
+            columns = ["doc_id", "corpus", "spans"]
+            train_parts.append(built.select(np.nonzero(outcome.kept & ~outcome.heldout)[0]).select_columns(columns))
+            eval_parts.append(built.select(np.nonzero(outcome.kept & outcome.heldout)[0]).select_columns(columns))
+    return train_parts, eval_parts
 
 
 def _spans_of_corpus(corpus: str, group: list, builder: SpanBuilder, *, num_proc: int, cache_dir: Optional[str],

@@ -101,6 +101,21 @@ def test_step_planned_from_the_host_never_waits_for_the_device(chunk):
     assert losses and math.isfinite(float(parts.loss))
 
 
+def _first_and_replayed_cls(model, lengths, chunk: int, monkeypatch, width: int = 20, vocab: int = 120) -> list:
+    """The CLS vectors of a bf16 gradient-cached step's first pass and of its replay, chunk by chunk."""
+    from coco_accel.step import StepSettings, cached_step
+
+    ids, mask, labels = span_batch(lengths, width=width, vocab=vocab, label_rate=0.15 if width > 20 else 0.4)
+    host = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = {k: v.cuda() for k, v in host.items()}
+    seen = record_cls(monkeypatch)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        cached_step(model, batch, lambda loss, last: loss.backward(), StepSettings(), chunk_size=chunk, host=host)
+    chunks = len(seen) // 2
+    assert len(seen) == 2 * chunks and chunks == -(-len(lengths) // chunk)
+    return seen[:chunks], seen[chunks:]
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_gradient_cache_replays_the_first_pass_dropout_on_the_gpu(compiled, monkeypatch):
     """As on the CPU (tests/test_losses.py): with dropout (SDPA's fused dropout included) and bf16, each
@@ -108,22 +123,34 @@ def test_gradient_cache_replays_the_first_pass_dropout_on_the_gpu(compiled, monk
     from transformers import BertConfig, BertForMaskedLM
 
     from coco_accel.model import Condenser
-    from coco_accel.step import StepSettings, cached_step
 
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)
     model = Condenser(BertForMaskedLM(cfg), n_head_layers=2, skip_from=2, late_mlm=True, pack_length=24).cuda().train()
     if compiled:
         model.compile_parts()
-    ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20, 9, 4])
-    host = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    batch = {k: v.cuda() for k, v in host.items()}
-    seen = record_cls(monkeypatch)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        cached_step(model, batch, lambda loss, last: loss.backward(), StepSettings(), chunk_size=3, host=host)
-    assert len(seen) == 6
-    for a, b in zip(seen[:3], seen[3:]):
+    first, replay = _first_and_replayed_cls(model, [20, 3, 7, 12, 5, 20, 9, 4], 3, monkeypatch)
+    for a, b in zip(first, replay):
         assert torch.equal(a, b)
+
+
+def test_gradient_cache_replays_the_first_pass_dropout_at_bert_base_size(monkeypatch):
+    """BERT-base (dropout 0.1, SDPA's fused dropout in the packed attention) in bf16 on the GPU: each chunk's
+    replay computes bit for bit the CLS vectors of its first pass, over 4 chunks of 64 spans of the
+    reference's lengths."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from coco_accel.model import Condenser
+
+    torch.manual_seed(0)
+    model = Condenser(BertForMaskedLM(BertConfig()), n_head_layers=2, skip_from=6, late_mlm=True,
+                      pack_length=128).cuda().train()
+    lengths = torch.randint(10, 33, (256,))
+    lengths[::10] = torch.randint(33, 128, lengths[::10].shape)
+    first, replay = _first_and_replayed_cls(model, lengths.tolist(), 64, monkeypatch, width=128, vocab=30000)
+    for a, b in zip(first, replay):
+        assert torch.equal(a, b)
+    assert not torch.equal(first[0], first[1])  # different spans, different vectors
 
 
 def test_partial_last_layer_is_as_exact_as_the_full_layer_in_bf16_at_bert_base_size():
@@ -167,40 +194,14 @@ def test_partial_last_layer_is_as_exact_as_the_full_layer_in_bf16_at_bert_base_s
         return layer_at(layer, hidden, mask, queries, take, slots_t)
 
     same = segment[:, None, :, None] == segment[:, None, None, :]
+    at = torch.from_numpy(want).cuda()
+    wanted = lambda out: (out[0] if isinstance(out, tuple) else out).reshape(rows * capacity, -1)[at]  # noqa: E731
     with torch.no_grad():
-        truth = layer64(hidden64, same)
-        truth = (truth[0] if isinstance(truth, tuple) else truth).reshape(rows * capacity, -1)[torch.from_numpy(want).cuda()]
-        full = layer16(hidden64.bfloat16(), same)
-        full = (full[0] if isinstance(full, tuple) else full).reshape(rows * capacity, -1)[torch.from_numpy(want).cuda()]
+        truth = wanted(layer64(hidden64, same))
+        full = wanted(layer16(hidden64.bfloat16(), same))
         part = partial(layer16, hidden64.bfloat16(), want)
         shifted = partial(layer16, hidden64.bfloat16(), np.minimum(want + 1, rows * capacity - 1))
     err_full = (full.double() - truth).abs().max().item()
     err_part = (part.double() - truth).abs().max().item()
     assert 0 < err_full < 0.25 and err_part <= 2 * err_full, (err_full, err_part)
     assert (shifted.double() - truth).abs().max().item() > 10 * err_full
-
-
-def test_gradient_cache_replays_the_first_pass_dropout_at_bert_base_size(monkeypatch):
-    """BERT-base (dropout 0.1, SDPA's fused dropout in the packed attention) in bf16 on the GPU: each chunk's
-    replay computes bit for bit the CLS vectors of its first pass, over 4 chunks of 64 spans of the
-    reference's lengths."""
-    from transformers import BertConfig, BertForMaskedLM
-
-    from coco_accel.model import Condenser
-    from coco_accel.step import StepSettings, cached_step
-
-    torch.manual_seed(0)
-    model = Condenser(BertForMaskedLM(BertConfig()), n_head_layers=2, skip_from=6, late_mlm=True,
-                      pack_length=128).cuda().train()
-    lengths = torch.randint(10, 33, (256,))
-    lengths[::10] = torch.randint(33, 128, lengths[::10].shape)
-    ids, mask, labels = span_batch(lengths.tolist(), width=128, vocab=30000, label_rate=0.15)
-    host = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    batch = {k: v.cuda() for k, v in host.items()}
-    seen = record_cls(monkeypatch)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        cached_step(model, batch, lambda loss, last: loss.backward(), StepSettings(), chunk_size=64, host=host)
-    assert len(seen) == 8
-    for a, b in zip(seen[:4], seen[4:]):
-        assert torch.equal(a, b)
-    assert not torch.equal(seen[0], seen[1][: len(seen[0])])  # different spans, different vectors
