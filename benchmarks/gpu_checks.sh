@@ -49,14 +49,31 @@ if compgen -G "$dir/wheels/*.whl" >/dev/null; then
 fi
 
 failed=()
-echo "== the carried packages and what they require"
-"$py" - "$dir/packages.txt" <<'EOF'
-"""Each package of packages.txt importable at its version, and every requirement it declares (extras aside)
-met by what this Python sees: the carried wheels or the image's own packages."""
+echo "== commit $COCO_ACCEL_COMMIT | device $device | budget ${budget}s"
+[ "$dry" = 1 ] || nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+# one Python start for the versions, the carried packages' requirements and the attention kernel
+"$py" - "$dir/packages.txt" "$device" <<'EOF' || failed+=(requirements)
+"""The versions; each package of packages.txt at its version with every requirement it declares (extras
+aside) met by what this Python sees (the carried wheels or the image's own packages); and which SDPA kernel
+runs the packed rows' attention (rows of 128 slots, a per-span boolean mask, BERT-base's 12 heads of 64),
+forward and backward, as the profiler sees it."""
+import importlib
+import platform
 import sys
 from importlib.metadata import PackageNotFoundError, distribution, version
 
+import torch
 from packaging.requirements import Requirement
+from torch.profiler import ProfilerActivity, profile
+
+print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
+      "| cudnn", torch.backends.cudnn.version() if torch.cuda.is_available() else None)
+for name in ("transformers", "accelerate", "datasets", "deepspeed", "nltk", "pyarrow", "fsspec"):
+    try:
+        print(f"{name} {importlib.import_module(name).__version__}", end=" | ")
+    except Exception as err:  # noqa: BLE001 - a missing or broken package is reported, not fatal
+        print(f"{name} MISSING ({type(err).__name__}: {err})", end=" | ")
+print()
 
 problems = []
 for line in open(sys.argv[1]).read().split():
@@ -79,26 +96,22 @@ for line in open(sys.argv[1]).read().split():
         if not req.specifier.contains(have, prereleases=True):
             problems.append(f"{name} needs {req}: {have} is installed")
 print("requirements:", "all met" if not problems else "; ".join(problems))
+
+device = torch.device(sys.argv[2])
+gpu = device.type == "cuda"
+dtype = torch.bfloat16 if gpu else torch.float32
+segment = torch.arange(128, device=device) // 27  # spans of 27 slots, the reference's mean span length
+mask = (segment[:, None] == segment[None, :]).expand(64, 1, 128, 128)
+q, k, v = (torch.randn(64, 12, 128, 64, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
+    torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum().backward()
+    if gpu:
+        torch.cuda.synchronize()
+kind = torch.autograd.DeviceType.CUDA if gpu else torch.autograd.DeviceType.CPU
+names = sorted({e.name for e in prof.events() if e.device_type == kind
+                and any(w in e.name.lower() for w in ("attention", "fmha", "flash", "sdpa", "mha"))})
+print("attention kernels:", "; ".join(n[:120] for n in names) or "none found")
 sys.exit(1 if problems else 0)
-EOF
-[ $? = 0 ] || failed+=(requirements)
-
-echo "== commit $COCO_ACCEL_COMMIT | device $device | budget ${budget}s"
-[ "$dry" = 1 ] || nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-"$py" - <<'EOF'
-import importlib
-import platform
-
-import torch
-
-print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
-      "| cudnn", torch.backends.cudnn.version() if torch.cuda.is_available() else None)
-for name in ("transformers", "accelerate", "datasets", "deepspeed", "nltk", "pyarrow", "fsspec"):
-    try:
-        print(f"{name} {importlib.import_module(name).__version__}", end=" | ")
-    except Exception as err:  # noqa: BLE001 - a missing or broken package is reported, not fatal
-        print(f"{name} MISSING ({type(err).__name__}: {err})", end=" | ")
-print()
 EOF
 
 remaining() { echo $((budget - (SECONDS - start))); }
@@ -124,31 +137,6 @@ part() {
     [ "$rc" = 0 ] || failed+=("$name")
     return "$rc"
 }
-
-echo "== attention kernel for packed rows"
-"$py" - "$device" <<'EOF'
-"""Which SDPA kernel runs the packed rows' attention (rows of 128 slots, a per-span boolean mask, BERT-base's
-12 heads of 64), forward and backward, as the profiler sees it."""
-import sys
-
-import torch
-from torch.profiler import ProfilerActivity, profile
-
-device = torch.device(sys.argv[1])
-gpu = device.type == "cuda"
-dtype = torch.bfloat16 if gpu else torch.float32
-segment = torch.arange(128, device=device) // 27  # spans of 27 slots, the reference's mean span length
-mask = (segment[:, None] == segment[None, :]).expand(64, 1, 128, 128)
-q, k, v = (torch.randn(64, 12, 128, 64, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
-    torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum().backward()
-    if gpu:
-        torch.cuda.synchronize()
-kind = torch.autograd.DeviceType.CUDA if gpu else torch.autograd.DeviceType.CPU
-names = sorted({e.name for e in prof.events() if e.device_type == kind
-                and any(w in e.name.lower() for w in ("attention", "fmha", "flash", "sdpa", "mha"))})
-print("attention kernels:", "; ".join(n[:120] for n in names) or "none found")
-EOF
 
 echo "== 1. GPU tests (no compilation)"
 part gpu_tests 140 "$py" -m pytest -q -m gpu tests/test_gpu.py -k "not compiled" -p no:cacheprovider
