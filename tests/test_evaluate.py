@@ -147,19 +147,15 @@ def test_a_line_that_is_not_utf8_is_named(tmp_path):
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "cisi" / "qrels" / "test.tsv").is_file(), reason="shared CISI data not present")
-def test_minilm_on_cisi_gives_the_recorded_numbers(minilm_path):
-    """MiniLM-L6 (CLS, dot product) on CISI: the warm start's numbers of the recorded ablation
-    (benchmarks/results/coco_small_cisi, where benchmarks/independent_eval.py recomputed them). Another
-    machine's float32 kernels may swap two documents scored alike in one query, which moves that query's
-    nDCG@10 by at most 1 - 1/log2(3) = 0.37 (adjacent ranks' gains), its MRR@10 by at most 0.5 and its
-    Recall@100 by at most 1: the means over 76 queries by 0.37/76, 0.5/76 and 1/76."""
-    res = evaluate(minilm_path, [str(SHARED_DATA / "cisi")], chunk_docs=500)
+def test_a_real_beir_folder_is_read_whole(tiny_bert):
+    """CISI as BEIR ships it: every query with judgements and every document is evaluated. (The metrics'
+    values are checked against trec_eval's definitions above and against an independent evaluator in
+    tests/test_benchmarks.py; a random tiny model's scores tie, so its numbers here would say nothing.)"""
+    res = evaluate(tiny_bert, [str(SHARED_DATA / "cisi")], chunk_docs=500)
     r = res["datasets"]["cisi"]
-    assert r["queries"] == 76 and r["documents"] == 1460 and len(r["per_query"]) == 76
-    recorded = {"ndcg@10": (0.28323752579364264, 0.37), "recall@100": (0.35018924449615313, 1.0),
-                "mrr@10": (0.44877819548872183, 0.5)}
-    for metric, (value, one_swap) in recorded.items():
-        assert r[metric] == pytest.approx(value, abs=one_swap / 76), metric
+    judged = {line.split("\t")[0] for line in (SHARED_DATA / "cisi" / "qrels" / "test.tsv").read_text().splitlines()[1:]}
+    assert r["queries"] == len(judged) == 76 and r["documents"] == 1460
+    assert sorted(r["per_query"]) == sorted(judged)
 
 
 def test_report_renders_png_and_markdown(tmp_path):
