@@ -181,11 +181,13 @@ def run_main(module: str, *args):
     os.environ.update(env)
     torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     package = logging.getLogger("coco_accel")
-    lines = _Lines()
+    lines, saved_level = _Lines(), package.level
     package.addHandler(lines)
+    package.setLevel(logging.INFO)  # a command's basicConfig does nothing while pytest's handlers are installed
     try:
         code = importlib.import_module(f"coco_accel.{module}").main([str(a) for a in args])
     finally:
+        package.setLevel(saved_level)
         package.removeHandler(lines)
         AcceleratorState._reset_state(True)  # the next run builds its own Accelerator
         torch.set_num_threads(saved_threads)

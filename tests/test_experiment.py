@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, train_env, write_docstring_beir
+from conftest import REPO, run_main, train_env, write_docstring_beir
 
 
 def exact_p(a, b) -> float:
@@ -50,12 +50,10 @@ def test_the_experiment_runs_and_resumes_without_redoing(tmp_path, tiny_bert, sm
     target = write_docstring_beir(tmp_path / "toy", n_docs=60, n_queries=16)
     out = tmp_path / "exp"
 
-    def experiment(*seeds):
-        return subprocess.run([sys.executable, "-m", "coco_accel.experiment", "--model", tiny_bert, "--targets",
-                               str(target), "--control", str(small_corpus), "--seeds", *map(str, seeds),
-                               "--output_dir", str(out), "--report_fraction", "0.5", "--", "--max_steps", "2",
-                               "--per_device_train_batch_size", "8", "--skip_from", "2", "--save_steps", "0"],
-                              cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=900)
+    def experiment(*seeds):  # in this process; it launches each training run as a process of its own
+        return run_main("experiment", "--model", tiny_bert, "--targets", target, "--control", small_corpus, "--seeds",
+                        *seeds, "--output_dir", out, "--report_fraction", "0.5", "--", "--max_steps", "2",
+                        "--per_device_train_batch_size", "8", "--skip_from", "2", "--save_steps", "0")
 
     run = experiment(1)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from conftest import REPO, metrics, torchrun, train_args, train_env, \
-    wait_for_logged_lines, write_docstring_beir
+from conftest import REPO, metrics, run_main, torchrun, train_args, train_env, wait_for_logged_lines, \
+    write_docstring_beir
 
 pytestmark = pytest.mark.slow
 
@@ -53,9 +53,7 @@ def test_training_eval_is_the_export_evaluation_and_the_same_on_two_processes(tm
     # backbone weights, batches and code, the trained weights merged from two processes included.
     for run_dir in (one, two):
         out = run_dir / "export_eval.json"
-        run = subprocess.run([sys.executable, "-m", "coco_accel.evaluate", "--model", str(run_dir), "--data",
-                              str(beir), "--batch_size", "16", "--output", str(out)], cwd=REPO, env=train_env(),
-                             capture_output=True, text=True, timeout=600)
+        run = run_main("evaluate", "--model", run_dir, "--data", beir, "--batch_size", "16", "--output", out)
         assert run.returncode == 0, run.stderr[-3000:]
         exported = json.loads(out.read_text())["datasets"]["docstrings"]
         last = _evaluations(run_dir)[-1]
