@@ -34,6 +34,8 @@ def build_accelerator(cfg: TrainConfig):
     launched_world = int(os.environ.get("WORLD_SIZE", "1"))
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     kwargs = {}
+    if deepspeed and not torch.cuda.is_available():
+        skip_shared_memory_allreduce_build()
     if launched_world > 1:
         # A collective that waits longer than this fails, so one dead rank ends the job instead of hanging it.
         group = {"timeout": timedelta(seconds=cfg.ddp_timeout)}
@@ -52,6 +54,17 @@ def build_accelerator(cfg: TrainConfig):
                           f"{accelerator.num_processes}: check the accelerate config (on CPU use --multi_gpu "
                           "with ACCELERATE_USE_CPU=true, or torchrun).")
     return accelerator
+
+
+def skip_shared_memory_allreduce_build() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (about a minute of C++ on two cores)
+    when its communication starts. Only its inference all-reduce uses it; training's collectives go
+    through the gloo group, so the op is marked unbuildable for this process."""
+    import deepspeed.ops
+
+    compatible = deepspeed.ops.__compatible_ops__  # the one dict DeepSpeed consults, probed on first access
+    if "deepspeed_shm_comm" in compatible:
+        compatible["deepspeed_shm_comm"] = False
 
 
 def trackers(report_to: str) -> list[str]:

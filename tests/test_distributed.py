@@ -68,11 +68,15 @@ def _single(args: list[str]) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
 
 
-def _deepspeed(nproc: int, args: list[str], stage: int = 2) -> None:
+def _deepspeed(nproc: int, args: list[str], out: Path, stage: int = 2) -> None:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            f"accelerate_configs/cpu_deepspeed_zero{stage}.yaml", "--num_processes", str(nproc),
            "--main_process_port", str(free_port()), "coco_accel/train.py", *args]
-    subprocess.run(cmd, cwd=REPO, env=train_env(ACCELERATE_USE_CPU="false"), check=True, timeout=600)
+    extensions = out.with_name(out.name + ".torch_extensions")
+    subprocess.run(cmd, cwd=REPO, env=train_env(ACCELERATE_USE_CPU="false", TORCH_EXTENSIONS_DIR=str(extensions)),
+                   check=True, timeout=600)
+    # DeepSpeed's shared-memory all-reduce (inference only) is not compiled at start-up: a minute of C++
+    assert not extensions.exists() or not list(extensions.rglob("*shm*"))
 
 
 class Parity:
@@ -94,7 +98,7 @@ class Parity:
         out = self.out(name)
         args = _flags(self.model, self.data, out, GLOBAL_DOCS // (nproc * nnodes), *extra)
         if launcher == "deepspeed":
-            _deepspeed(nproc, args, stage)
+            _deepspeed(nproc, args, out, stage)
         elif nproc * nnodes == 1:
             _single(args)
         else:
