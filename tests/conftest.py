@@ -222,6 +222,21 @@ def torchrun(nproc: int, nnodes: int = 1, node_rank: int = 0, port: int = 0) -> 
             f"--node_rank={node_rank}", "--master_addr=127.0.0.1", f"--master_port={port or free_port()}"]
 
 
+def forked_ranks(launcher: str, *options: str) -> list[str]:
+    """The command prefix of a one-node launch by `launcher` (torchrun or accelerate) whose ranks are forked
+    from one interpreter that has imported the trainer's libraries (tests/helpers/forked_ranks.py): for the
+    parity and resume runs. The launchers themselves are proved by the tests that start the real ones."""
+    import sys
+
+    return [sys.executable, "tests/helpers/forked_ranks.py", launcher, *options]
+
+
+def forked_torchrun(nproc: int) -> list[str]:
+    """`torchrun(nproc)`, forked."""
+    return forked_ranks("torchrun", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+                        f"--master_port={free_port()}")
+
+
 def wait_for_logged_lines(proc, out: Path, n: int) -> None:
     """Until the run in `out` has logged n lines of metrics.jsonl, or ended. The file is read twenty times a
     second; between reads the test sleeps."""

@@ -1,11 +1,13 @@
 """Parity, the heart of correctness: N processes (DDP or DeepSpeed), several nodes, gradient cache == one process.
 
-Every run goes through the real entry point (`coco_accel/train.py` under torchrun or accelerate launch)
-with a tiny BERT (dropout 0) and `--optimizer sgd`: plain gradient descent, so each run's weight
-updates ARE its gradients times the learning rate. A wrong scale (a world-size or chunk-count factor)
-or a lost gradient path changes them in proportion; AdamW would normalise a uniform scale away and
-inflate summation-order noise on near-zero gradients into updates of ~lr. Each comparison checks the
-per-tensor updates, the logged gradient norm (before clipping) and the loss parts of every step.
+Every run goes through the real entry point (`coco_accel/train.py`): several nodes under real torchrun
+agents; one node with its ranks forked by tests/helpers/forked_ranks.py, in the environment torchrun or
+accelerate launch (its own code, from the config file) gives them. With a tiny BERT (dropout 0) and
+`--optimizer sgd`: plain gradient descent, so each run's weight updates ARE its gradients times the
+learning rate. A wrong scale (a world-size or chunk-count factor) or a lost gradient path changes them in
+proportion; AdamW would normalise a uniform scale away and inflate summation-order noise on near-zero
+gradients into updates of ~lr. Each comparison checks the per-tensor updates, the logged gradient norm
+(before clipping) and the loss parts of every step.
 
 The exactness runs use an fp64 model (differences at 1e-9 are real faults); the fp32 runs check the
 tolerance users see, derived below. Each run asserts the process count it got (train.py refuses a group
@@ -15,13 +17,12 @@ runs (the references) call the trainer in the test process.
 """
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, exported_weights, free_port, make_tiny_bert, metrics, run_main, torchrun, train_args, \
+from conftest import REPO, exported_weights, forked_ranks, forked_torchrun, free_port, make_tiny_bert, metrics, run_main, torchrun, train_args, \
     train_env
 
 pytestmark = pytest.mark.slow
@@ -56,9 +57,10 @@ def _flags(model: str, data: Path, out: Path, per_device: int, *extra: str) -> l
 
 
 def _torchrun(nproc: int, args: list[str], nnodes: int = 1) -> None:
+    """Several nodes: real torchrun agents, one a node. One node: torchrun's ranks forked."""
     port = free_port()
-    procs = [subprocess.Popen(torchrun(nproc, nnodes, node, port) + ["coco_accel/train.py", *args], cwd=REPO,
-                              env=train_env()) for node in range(nnodes)]
+    launch = [forked_torchrun(nproc)] if nnodes == 1 else [torchrun(nproc, nnodes, node, port) for node in range(nnodes)]
+    procs = [subprocess.Popen(cmd + ["coco_accel/train.py", *args], cwd=REPO, env=train_env()) for cmd in launch]
     codes = [p.wait(timeout=600) for p in procs]
     assert codes == [0] * nnodes
 
@@ -69,9 +71,9 @@ def _single(args: list[str]) -> None:
 
 
 def _deepspeed(nproc: int, args: list[str], out: Path, stage: int = 2) -> None:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           f"accelerate_configs/cpu_deepspeed_zero{stage}.yaml", "--num_processes", str(nproc),
-           "--main_process_port", str(free_port()), "coco_accel/train.py", *args]
+    cmd = forked_ranks("accelerate", "--config_file", f"accelerate_configs/cpu_deepspeed_zero{stage}.yaml",
+                       "--num_processes", str(nproc), "--main_process_port", str(free_port()), "coco_accel/train.py",
+                       *args)
     extensions = out.with_name(out.name + ".torch_extensions")
     subprocess.run(cmd, cwd=REPO, env=train_env(ACCELERATE_USE_CPU="false", TORCH_EXTENSIONS_DIR=str(extensions)),
                    check=True, timeout=600)
@@ -229,10 +231,9 @@ def test_deepspeed_zero3_trains_and_exports_gathered_weights(fp32):
 def test_deepspeed_zero3_refuses_the_gradient_cache(tmp_path, tiny_bert, span_data):
     """ZeRO-3 gathers each module's parameters at every call, so the cache's re-encoding would gather them
     once per chunk: refused before any step, with the reason and what to use instead."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           "accelerate_configs/cpu_deepspeed_zero3.yaml", "--num_processes", "1", "--main_process_port",
-           str(free_port()), "coco_accel/train.py", *_flags(tiny_bert, span_data, tmp_path / "out", 4,
-                                                             "--cache_chunk_size", "4")]
+    launch = forked_ranks("accelerate", "--config_file", "accelerate_configs/cpu_deepspeed_zero3.yaml",
+                          "--num_processes", "1", "--main_process_port", str(free_port()))
+    cmd = [*launch, "coco_accel/train.py", *_flags(tiny_bert, span_data, tmp_path / "out", 4, "--cache_chunk_size", "4")]
     run = subprocess.run(cmd, cwd=REPO, env=train_env(ACCELERATE_USE_CPU="false"), capture_output=True, text=True,
                          timeout=600)
     assert run.returncode != 0
@@ -260,7 +261,7 @@ def test_no_host_sync_in_the_step_with_two_processes(tmp_path, tiny_bert, span_d
     counts = tmp_path / "counts"
     counts.mkdir()
     args = _flags(tiny_bert, span_data, tmp_path / "out", 6, "--max_steps", "5", "--logging_steps", "100", *extra)
-    subprocess.run(torchrun(2) + ["tests/helpers/count_host_syncs.py", *args], cwd=REPO,
+    subprocess.run(forked_torchrun(2) + ["tests/helpers/count_host_syncs.py", *args], cwd=REPO,
                    env=train_env(SYNC_COUNTS_DIR=str(counts)), check=True, timeout=600)
     for rank in range(2):
         record = json.loads((counts / f"rank{rank}.json").read_text())

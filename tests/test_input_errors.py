@@ -99,12 +99,12 @@ def test_token_ids_beyond_the_vocabulary_name_the_document(tmp_path, tiny_bert, 
 
 
 def test_fewer_documents_than_processes_names_the_cause(tmp_path, tiny_bert):
-    from conftest import torchrun
+    from conftest import forked_torchrun
 
     folder = tmp_path / "ref"
     folder.mkdir()
     (folder / "part.json").write_text(json.dumps({"spans": [[1000, 2000], [3000, 3001]]}) + "\n")
-    run = subprocess.run(torchrun(2) + ["coco_accel/train.py", "--output_dir", str(tmp_path / "o"),
+    run = subprocess.run(forked_torchrun(2) + ["coco_accel/train.py", "--output_dir", str(tmp_path / "o"),
                                         "--model_name_or_path", tiny_bert, "--train_dir", str(folder), "--max_steps",
                                         "1", "--skip_from", "2", "--report_to", "none"],
                          cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=300)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, assert_same_export, exported_weights, free_port, make_tiny_bert, metrics, run_main, \
+from conftest import REPO, assert_same_export, exported_weights, forked_torchrun, free_port, make_tiny_bert, metrics, run_main, \
     train_args, train_env, wait_for_logged_lines
 
 pytestmark = pytest.mark.slow
@@ -36,8 +36,8 @@ def uninterrupted(tmp_path_factory, model, span_data) -> Path:
     """The run every interrupted one must end equal to: STEPS steps on one process, no data-loader worker, a
     checkpoint every 2 steps of which the newest 2 are kept (writing checkpoints changes no number)."""
     full = tmp_path_factory.mktemp("resume") / "full"
-    subprocess.run(_cmd(model, span_data, full, STEPS, "--save_steps", "2", "--save_total_limit", "2"), cwd=REPO,
-                   env=train_env(), check=True)
+    run = run_main("train", *_cmd(model, span_data, full, STEPS, "--save_steps", "2", "--save_total_limit", "2")[2:])
+    assert run.returncode == 0, run.stderr[-3000:]
     return full
 
 
@@ -58,7 +58,7 @@ def test_resumed_run_equals_uninterrupted(tmp_path, model, span_data, uninterrup
     shutil.copytree(uninterrupted / "checkpoint-16", crashed / "checkpoint-16")
     shutil.copy(uninterrupted / "metrics.jsonl", crashed / "metrics.jsonl")
     (crashed / ".checkpoint-18.tmp").mkdir()  # a half-written checkpoint is never taken for the latest
-    subprocess.run(_cmd(model, span_data, crashed, STEPS, "--save_steps", "2"), cwd=REPO, env=train_env(), check=True)
+    assert run_main("train", *_cmd(model, span_data, crashed, STEPS, "--save_steps", "2")[2:]).returncode == 0
     assert_same_export(uninterrupted, crashed)
     steps = [json.loads(line)["step"] for line in open(crashed / "metrics.jsonl")]
     assert steps == list(range(1, STEPS + 1))
@@ -115,9 +115,7 @@ def test_refuses_a_non_empty_output_dir_without_checkpoints(tmp_path, model, spa
 def test_two_processes_stop_together_and_resume_exactly(tmp_path, model, span_data):
     """The STOP file is seen by the main process only; the per-step all-reduce stops both at the same step."""
     def launch(out):
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                f"--master_port={free_port()}", *_cmd(model, span_data, out, 16, "--save_steps", "0",
-                                                  "--global_batch_size", "6")[1:]]
+        return forked_torchrun(2) + _cmd(model, span_data, out, 16, "--save_steps", "0", "--global_batch_size", "6")[1:]
 
     full = tmp_path / "full"
     subprocess.run(launch(full), cwd=REPO, env=train_env(), check=True)
@@ -134,9 +132,7 @@ def model64(tmp_path_factory, tokenizer):
 
 
 def _launch(nproc: int, args: list[str]) -> list[str]:
-    from conftest import torchrun
-
-    return (torchrun(nproc) + args[1:]) if nproc > 1 else args
+    return (forked_torchrun(nproc) + args[1:]) if nproc > 1 else args
 
 
 def test_resume_on_another_process_count_continues_the_same_run(tmp_path, model64, span_data):
