@@ -89,21 +89,24 @@ def dropout_model(tmp_path_factory, tokenizer):
 def test_a_rank_killed_mid_step_ends_the_job_and_the_rerun_resumes_exactly(tmp_path, dropout_model, span_data):
     """Two nodes of one process each (two torchrun agents, as on a cluster). kill -9 of node 1's rank
     mid-run: node 0's rank, waiting in a collective, fails on the broken connection (--ddp_timeout bounds
-    the wait where none breaks), so the whole job ends instead of hanging. The same command run again resumes from the last checkpoint and ends with the
-    weights of a run never interrupted."""
-    from conftest import free_port, torchrun
+    the wait where none breaks), so the whole job ends instead of hanging. Run again (its 2 ranks on one
+    node this time: the same ranks, data and random streams), it resumes from the last checkpoint and ends
+    with the weights of a run never interrupted."""
+    from conftest import forked_torchrun, free_port, torchrun
 
     timeout = 20
 
+    def args(out):
+        return _train_args(dropout_model, span_data, out, "--global_batch_size", "6", "--max_steps", "20",
+                           "--save_steps", "3", "--ddp_timeout", str(timeout))
+
     def launch(out):
         port = free_port()
-        args = _train_args(dropout_model, span_data, out, "--global_batch_size", "6", "--max_steps", "20",
-                           "--save_steps", "3", "--ddp_timeout", str(timeout))
-        return [subprocess.Popen(torchrun(1, 2, node, port) + args, cwd=REPO, env=train_env(),
+        return [subprocess.Popen(torchrun(1, 2, node, port) + args(out), cwd=REPO, env=train_env(),
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for node in range(2)]
 
     full = tmp_path / "full"
-    assert [p.wait(timeout=600) for p in launch(full)] == [0, 0]
+    subprocess.run(forked_torchrun(2) + args(full), cwd=REPO, env=train_env(), check=True, timeout=600)
     out = tmp_path / "killed"
     agents = launch(out)
     wait_for_logged_lines(agents[0], out, 5)
@@ -116,7 +119,7 @@ def test_a_rank_killed_mid_step_ends_the_job_and_the_rerun_resumes_exactly(tmp_p
     # node 0 learnt of it from its connection to the dead peer, not by waiting out a timeout
     assert re.search(r"Connection (reset|closed) by peer", errors[0]), errors[0][-3000:]
     assert 5 <= _logged(out) < 20
-    assert [p.wait(timeout=600) for p in launch(out)] == [0, 0]
+    subprocess.run(forked_torchrun(2) + args(out), cwd=REPO, env=train_env(), check=True, timeout=600)
     assert_same_export(full, out)
 
 
