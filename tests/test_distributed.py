@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, exported_weights, forked_ranks, forked_torchrun, free_port, make_tiny_bert, metrics, run_main, torchrun, train_args, \
+from conftest import REPO, exported_weights, forked_run, forked_torchrun, free_port, make_tiny_bert, metrics, run_main, torchrun, train_args, \
     train_env
 
 pytestmark = pytest.mark.slow
@@ -58,11 +58,13 @@ def _flags(model: str, data: Path, out: Path, per_device: int, *extra: str) -> l
 
 def _torchrun(nproc: int, args: list[str], nnodes: int = 1) -> None:
     """Several nodes: real torchrun agents, one a node. One node: torchrun's ranks forked."""
+    if nnodes == 1:
+        forked_run(forked_torchrun(nproc) + ["coco_accel/train.py", *args])
+        return
     port = free_port()
-    launch = [forked_torchrun(nproc)] if nnodes == 1 else [torchrun(nproc, nnodes, node, port) for node in range(nnodes)]
-    procs = [subprocess.Popen(cmd + ["coco_accel/train.py", *args], cwd=REPO, env=train_env()) for cmd in launch]
-    codes = [p.wait(timeout=600) for p in procs]
-    assert codes == [0] * nnodes
+    procs = [subprocess.Popen(torchrun(nproc, nnodes, node, port) + ["coco_accel/train.py", *args], cwd=REPO,
+                              env=train_env()) for node in range(nnodes)]
+    assert [p.wait(timeout=600) for p in procs] == [0] * nnodes
 
 
 def _single(args: list[str]) -> None:
@@ -71,12 +73,10 @@ def _single(args: list[str]) -> None:
 
 
 def _deepspeed(nproc: int, args: list[str], out: Path, stage: int = 2) -> None:
-    cmd = forked_ranks("accelerate", "--config_file", f"accelerate_configs/cpu_deepspeed_zero{stage}.yaml",
-                       "--num_processes", str(nproc), "--main_process_port", str(free_port()), "coco_accel/train.py",
-                       *args)
     extensions = out.with_name(out.name + ".torch_extensions")
-    subprocess.run(cmd, cwd=REPO, env=train_env(ACCELERATE_USE_CPU="false", TORCH_EXTENSIONS_DIR=str(extensions)),
-                   check=True, timeout=600)
+    forked_run(["accelerate", "--config_file", f"accelerate_configs/cpu_deepspeed_zero{stage}.yaml", "--num_processes",
+                str(nproc), "--main_process_port", str(free_port()), "coco_accel/train.py", *args],
+               env=train_env(ACCELERATE_USE_CPU="false", TORCH_EXTENSIONS_DIR=str(extensions)))
     # DeepSpeed's shared-memory all-reduce (inference only) is not compiled at start-up: a minute of C++
     assert not extensions.exists() or not list(extensions.rglob("*shm*"))
 
@@ -231,11 +231,10 @@ def test_deepspeed_zero3_trains_and_exports_gathered_weights(fp32):
 def test_deepspeed_zero3_refuses_the_gradient_cache(tmp_path, tiny_bert, span_data):
     """ZeRO-3 gathers each module's parameters at every call, so the cache's re-encoding would gather them
     once per chunk: refused before any step, with the reason and what to use instead."""
-    launch = forked_ranks("accelerate", "--config_file", "accelerate_configs/cpu_deepspeed_zero3.yaml",
-                          "--num_processes", "1", "--main_process_port", str(free_port()))
-    cmd = [*launch, "coco_accel/train.py", *_flags(tiny_bert, span_data, tmp_path / "out", 4, "--cache_chunk_size", "4")]
-    run = subprocess.run(cmd, cwd=REPO, env=train_env(ACCELERATE_USE_CPU="false"), capture_output=True, text=True,
-                         timeout=600)
+    run = forked_run(["accelerate", "--config_file", "accelerate_configs/cpu_deepspeed_zero3.yaml", "--num_processes",
+                      "1", "--main_process_port", str(free_port()), "coco_accel/train.py",
+                      *_flags(tiny_bert, span_data, tmp_path / "out", 4, "--cache_chunk_size", "4")],
+                     env=train_env(ACCELERATE_USE_CPU="false"), check=False)
     assert run.returncode != 0
     assert "--cache_chunk_size with ZeRO-3 is not supported" in run.stderr and "Use ZeRO-1/2" in run.stderr
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
@@ -261,8 +260,7 @@ def test_no_host_sync_in_the_step_with_two_processes(tmp_path, tiny_bert, span_d
     counts = tmp_path / "counts"
     counts.mkdir()
     args = _flags(tiny_bert, span_data, tmp_path / "out", 6, "--max_steps", "5", "--logging_steps", "100", *extra)
-    subprocess.run(forked_torchrun(2) + ["tests/helpers/count_host_syncs.py", *args], cwd=REPO,
-                   env=train_env(SYNC_COUNTS_DIR=str(counts)), check=True, timeout=600)
+    forked_run(forked_torchrun(2) + ["tests/helpers/count_host_syncs.py", *args], env=train_env(SYNC_COUNTS_DIR=str(counts)))
     for rank in range(2):
         record = json.loads((counts / f"rank{rank}.json").read_text())
         assert record["steps"] == 5, record

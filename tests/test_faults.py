@@ -92,7 +92,7 @@ def test_a_rank_killed_mid_step_ends_the_job_and_the_rerun_resumes_exactly(tmp_p
     the wait where none breaks), so the whole job ends instead of hanging. Run again (its 2 ranks on one
     node this time: the same ranks, data and random streams), it resumes from the last checkpoint and ends
     with the weights of a run never interrupted."""
-    from conftest import forked_torchrun, free_port, torchrun
+    from conftest import forked_run, forked_torchrun, free_port, torchrun
 
     timeout = 20
 
@@ -106,7 +106,7 @@ def test_a_rank_killed_mid_step_ends_the_job_and_the_rerun_resumes_exactly(tmp_p
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for node in range(2)]
 
     full = tmp_path / "full"
-    subprocess.run(forked_torchrun(2) + args(full), cwd=REPO, env=train_env(), check=True, timeout=600)
+    forked_run(forked_torchrun(2) + args(full))
     out = tmp_path / "killed"
     agents = launch(out)
     wait_for_logged_lines(agents[0], out, 5)
@@ -119,7 +119,7 @@ def test_a_rank_killed_mid_step_ends_the_job_and_the_rerun_resumes_exactly(tmp_p
     # node 0 learnt of it from its connection to the dead peer, not by waiting out a timeout
     assert re.search(r"Connection (reset|closed) by peer", errors[0]), errors[0][-3000:]
     assert 5 <= _logged(out) < 20
-    subprocess.run(forked_torchrun(2) + args(out), cwd=REPO, env=train_env(), check=True, timeout=600)
+    forked_run(forked_torchrun(2) + args(out))
     assert_same_export(full, out)
 
 

@@ -99,15 +99,14 @@ def test_token_ids_beyond_the_vocabulary_name_the_document(tmp_path, tiny_bert, 
 
 
 def test_fewer_documents_than_processes_names_the_cause(tmp_path, tiny_bert):
-    from conftest import forked_torchrun
+    from conftest import forked_run, forked_torchrun
 
     folder = tmp_path / "ref"
     folder.mkdir()
     (folder / "part.json").write_text(json.dumps({"spans": [[1000, 2000], [3000, 3001]]}) + "\n")
-    run = subprocess.run(forked_torchrun(2) + ["coco_accel/train.py", "--output_dir", str(tmp_path / "o"),
-                                        "--model_name_or_path", tiny_bert, "--train_dir", str(folder), "--max_steps",
-                                        "1", "--skip_from", "2", "--report_to", "none"],
-                         cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=300)
+    run = forked_run(forked_torchrun(2) + ["coco_accel/train.py", "--output_dir", str(tmp_path / "o"),
+                                           "--model_name_or_path", tiny_bert, "--train_dir", str(folder), "--max_steps",
+                                           "1", "--skip_from", "2", "--report_to", "none"], check=False, timeout=300)
     assert run.returncode != 0
     assert "holds 1 documents, fewer than the 2 processes" in run.stderr and "--dataloader_drop_last" not in run.stderr
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, assert_same_export, exported_weights, forked_torchrun, free_port, make_tiny_bert, metrics, run_main, \
+from conftest import REPO, assert_same_export, exported_weights, forked, forked_run, forked_torchrun, free_port, make_tiny_bert, metrics, run_main, \
     train_args, train_env, wait_for_logged_lines
 
 pytestmark = pytest.mark.slow
@@ -67,27 +67,30 @@ def test_resumed_run_equals_uninterrupted(tmp_path, model, span_data, uninterrup
     assert a == b
 
 
-def _stop_and_resume(out: Path, cmd: list[str], stop, steps: int = STEPS, launcher: bool = False) -> str:
-    """Start `cmd`, wait until it has logged 3 steps, `stop` it, check that it exited with code 75 (under a
-    launcher: non-zero, as torchrun reports it) leaving one checkpoint before the end and the PREEMPTED
-    marker, and run the same command again to the end. Returns what the marker said."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=train_env())
+def _stop_and_resume(out: Path, start, stop, steps: int = STEPS) -> str:
+    """`start()` a run (a process), wait until it has logged 3 steps, `stop` it, check that it exited with
+    code 75 leaving one checkpoint before the end and the PREEMPTED marker, and run the same command again
+    to the end (`start().wait()`). Returns what the marker said."""
+    proc = start()
     wait_for_logged_lines(proc, out, 3)
     stop(proc)
-    code = proc.wait(timeout=300)
-    assert code != 0 if launcher else code == 75
+    assert proc.wait(timeout=300) == 75
     stopped = _checkpoints(out)
     assert len(stopped) == 1 and (out / "PREEMPTED").is_file()
     assert int(stopped[0].split("-")[1]) < steps, "the stop arrived after the run ended; nothing was tested"
     marker = (out / "PREEMPTED").read_text()
-    subprocess.run(cmd, cwd=REPO, env=train_env(), check=True)
+    assert start().wait(timeout=600) == 0
     assert not (out / "PREEMPTED").exists()
     return marker
 
 
+def _process(cmd: list[str]):
+    return lambda: subprocess.Popen(cmd, cwd=REPO, env=train_env())
+
+
 def test_sigterm_writes_a_checkpoint_and_resumes_exactly(tmp_path, model, span_data, uninterrupted):
     out = tmp_path / "preempted"
-    _stop_and_resume(out, _cmd(model, span_data, out, STEPS, "--save_steps", "0"),
+    _stop_and_resume(out, _process(_cmd(model, span_data, out, STEPS, "--save_steps", "0")),
                      lambda proc: proc.send_signal(signal.SIGTERM))
     assert_same_export(uninterrupted, out)
 
@@ -98,8 +101,9 @@ def test_stop_file_and_data_loader_workers_resume_exactly(tmp_path, model, span_
     out = tmp_path / "stopped"
     out.mkdir()
     (out / "STOP").write_text("")  # stale from an earlier job: removed at start, not obeyed
-    marker = _stop_and_resume(out, _cmd(model, span_data, out, STEPS, "--save_steps", "0", "--dataloader_num_workers",
-                                        "2"), lambda proc: (out / "STOP").write_text(""))
+    marker = _stop_and_resume(out, _process(_cmd(model, span_data, out, STEPS, "--save_steps", "0",
+                                                 "--dataloader_num_workers", "2")),
+                              lambda proc: (out / "STOP").write_text(""))
     assert "STOP file" in marker
     assert_same_export(uninterrupted, out)
 
@@ -113,14 +117,15 @@ def test_refuses_a_non_empty_output_dir_without_checkpoints(tmp_path, model, spa
 
 
 def test_two_processes_stop_together_and_resume_exactly(tmp_path, model, span_data):
-    """The STOP file is seen by the main process only; the per-step all-reduce stops both at the same step."""
+    """The STOP file is seen by the main process only; the per-step all-reduce stops both at the same step
+    (both exit with 75)."""
     def launch(out):
         return forked_torchrun(2) + _cmd(model, span_data, out, 16, "--save_steps", "0", "--global_batch_size", "6")[1:]
 
     full = tmp_path / "full"
-    subprocess.run(launch(full), cwd=REPO, env=train_env(), check=True)
+    forked_run(launch(full))
     out = tmp_path / "stopped"
-    _stop_and_resume(out, launch(out), lambda proc: (out / "STOP").write_text(""), steps=16, launcher=True)
+    _stop_and_resume(out, lambda: forked(launch(out)), lambda proc: (out / "STOP").write_text(""), steps=16)
     assert_same_export(full, out)
 
 
@@ -131,10 +136,6 @@ def model64(tmp_path_factory, tokenizer):
     return make_tiny_bert(tmp_path_factory.mktemp("resume_model64"), tokenizer, layers=2, dtype=torch.float64)
 
 
-def _launch(nproc: int, args: list[str]) -> list[str]:
-    return (forked_torchrun(nproc) + args[1:]) if nproc > 1 else args
-
-
 def test_resume_on_another_process_count_continues_the_same_run(tmp_path, model64, span_data):
     """DDP: a run checkpointed by 2 processes, resumed on 1 and on 3 with the same global batch, follows the
     uninterrupted run's data stream, optimizer state and schedule (fp64, dropout 0: equal to summation-order
@@ -143,7 +144,7 @@ def test_resume_on_another_process_count_continues_the_same_run(tmp_path, model6
         return _cmd(model64, span_data, out, 6, "--global_batch_size", "6", "--save_steps", "3", *extra)
 
     full = tmp_path / "full"
-    subprocess.run(_launch(2, cmd(full)), cwd=REPO, env=train_env(), check=True)
+    forked_run(forked_torchrun(2) + cmd(full)[1:])
     for nproc in (1, 3):
         out = tmp_path / f"resumed_on_{nproc}"
         out.mkdir()
@@ -151,7 +152,7 @@ def test_resume_on_another_process_count_continues_the_same_run(tmp_path, model6
         if nproc == 1:  # in this process
             run = run_main("train", *cmd(out)[2:])
         else:
-            run = subprocess.run(_launch(nproc, cmd(out)), cwd=REPO, env=train_env(), capture_output=True, text=True)
+            run = forked_run(forked_torchrun(nproc) + cmd(out)[1:], check=False)
         assert run.returncode == 0, run.stderr[-3000:]
         assert "written by 2 processes, on %d" % nproc in run.stderr and "Resumed from" in run.stderr
         wa, wb = exported_weights(full), exported_weights(out)
@@ -205,21 +206,23 @@ def test_deepspeed_resume_on_another_process_count_is_refused_until_converted(tm
     """ZeRO partitions the optimizer state by process: a checkpoint of 2 processes is refused on 1, before
     DeepSpeed loads anything, naming the conversion; a DDP run will not take it either. Converted to
     DeepSpeed's universal format (`python -m coco_accel.checkpoint universal`), it resumes on 1 process and
-    ends where the uninterrupted 2-process run does."""
+    ends where the uninterrupted 2-process run does. The refusal under the real `accelerate launch`; the
+    runs with their ranks forked (the launcher's own code prepares their environment)."""
     model = make_tiny_bert(tmp_path / "model", tokenizer, layers=2, dropout=0.0)
 
     def deepspeed(nproc, out):
-        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                "accelerate_configs/cpu_deepspeed_zero2.yaml", "--num_processes", str(nproc), "--main_process_port",
-                str(free_port()), *_cmd(model, span_data, out, 4, "--global_batch_size", "6", "--save_steps", "2")[1:]]
+        return ["accelerate", "--config_file", "accelerate_configs/cpu_deepspeed_zero2.yaml", "--num_processes",
+                str(nproc), "--main_process_port", str(free_port()),
+                *_cmd(model, span_data, out, 4, "--global_batch_size", "6", "--save_steps", "2")[1:]]
 
     full = tmp_path / "zero2"
     env = train_env(ACCELERATE_USE_CPU="false")
-    subprocess.run(deepspeed(2, full), cwd=REPO, env=env, check=True)
+    forked_run(deepspeed(2, full), env=env)
     out = tmp_path / "resumed"
     out.mkdir()
     shutil.copytree(full / "checkpoint-2", out / "checkpoint-2")
-    run = subprocess.run(deepspeed(1, out), cwd=REPO, env=env, capture_output=True, text=True)
+    launched = [sys.executable, "-m", "accelerate.commands.launch", *deepspeed(1, out)[1:]]
+    run = subprocess.run(launched, cwd=REPO, env=env, capture_output=True, text=True)
     assert run.returncode != 0 and "written by 2 processes under deepspeed-zero2" in run.stderr
     # the launcher prints its own traceback for a child's non-zero exit; none passes through our code
     assert "python -m coco_accel.checkpoint universal" in run.stderr
@@ -228,8 +231,7 @@ def test_deepspeed_resume_on_another_process_count_is_refused_until_converted(tm
     assert run.returncode == 2 and "under deepspeed-zero2; this run uses ddp" in run.stderr
 
     assert command("checkpoint", "universal", out / "checkpoint-2").returncode == 0
-    run = subprocess.run(deepspeed(1, out), cwd=REPO, env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = forked_run(deepspeed(1, out), env=env)
     assert "Resumed from" in run.stderr and "written by 2 processes, on 1" in run.stderr
     # Compared by what the weights compute: the loss parts and gradient norm of the steps after the resume
     # (sums over the batch, to 1e-5 in fp32). Weights after AdamW are the wrong instrument here: elements

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, forked_torchrun, metrics, run_main, train_args, train_env, wait_for_logged_lines, \
+from conftest import REPO, forked_run, forked_torchrun, metrics, run_main, train_args, train_env, wait_for_logged_lines, \
     write_docstring_beir
 
 pytestmark = pytest.mark.slow
@@ -32,9 +32,7 @@ def test_training_eval_is_the_export_evaluation_and_the_same_on_two_processes(tm
     one, two = tmp_path / "one", tmp_path / "two"
     run = run_main("train", *_flags(tiny_bert, span_data, one, beir, 8))
     assert run.returncode == 0, run.stderr[-3000:]
-    run = subprocess.run(forked_torchrun(2) + ["coco_accel/train.py", *_flags(tiny_bert, span_data, two, beir, 4)],
-                         cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    forked_run(forked_torchrun(2) + ["coco_accel/train.py", *_flags(tiny_bert, span_data, two, beir, 4)])
 
     evals = _evaluations(one)
     assert [r["step"] for r in evals] == [0, 2, 4]  # step 0, every --eval_steps, the end (here also a multiple)

@@ -4,6 +4,12 @@ interpreter pays, which is most of what a tiny parity run costs.
 
     python tests/helpers/forked_ranks.py torchrun [torchrun's options] SCRIPT ARGS...
     python tests/helpers/forked_ranks.py accelerate [accelerate launch's options] SCRIPT ARGS...
+    python tests/helpers/forked_ranks.py serve
+
+`serve` pays the imports once for many launches (tests/conftest.py keeps one such server per test
+process): it reads one JSON request a line on stdin, {"argv": [launcher, options..., SCRIPT, ARGS...],
+"cwd", "env", "stdout", "stderr"} (the last two: files the launch writes its output to), forks a launch
+for it, and answers on stdout with {"pid"} at once and {"pid", "returncode"} when it ends.
 
 The options are parsed by torchrun's and accelerate's own parsers, and under `accelerate` its own launch
 code prepares the environment (the DeepSpeed or DDP variables from the config file); only the last step,
@@ -121,6 +127,64 @@ def _accelerate(argv: list) -> int:
     return 0
 
 
+LAUNCHERS = {"torchrun": _torchrun, "accelerate": _accelerate}
+
+
+def _launch(request: dict) -> None:
+    """A served launch's whole life, in a child of the server: never returns into the server's loop."""
+    code = 1
+    try:
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644), fd)
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # the server's torch set its own
+        launcher, *rest = request["argv"]
+        code = LAUNCHERS[launcher](rest)
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def serve() -> int:
+    import json
+    import select
+
+    answers = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # what a library prints must not land in the answers
+    _preimport(deepspeed=True)
+    running = set()
+    while True:
+        ready = select.select([sys.stdin], [], [], 0.05)[0]
+        if ready:
+            line = sys.stdin.readline()
+            if not line:
+                return 0
+            request = json.loads(line)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                _launch(request)
+            running.add(pid)
+            answers.write(json.dumps({"pid": pid}) + "\n")
+        while running:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            running.discard(pid)
+            answers.write(json.dumps({"pid": pid, "returncode": os.waitstatus_to_exitcode(status)}) + "\n")
+
+
 if __name__ == "__main__":
-    launcher, rest = sys.argv[1], sys.argv[2:]
-    sys.exit({"torchrun": _torchrun, "accelerate": _accelerate}[launcher](rest))
+    if sys.argv[1] == "serve":
+        sys.exit(serve())
+    sys.exit(LAUNCHERS[sys.argv[1]](sys.argv[2:]))
