@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from coco_accel.checkpoint import check_resume, provenance, resume_from
+from coco_accel.checkpoint import check_resume, checkpoint_to_resume, provenance
 from coco_accel.config import ConfigError, TrainConfig
 from coco_accel.engine import build_accelerator, check_deepspeed, growable_cuda_segments, setup_logging
 
@@ -110,7 +110,7 @@ def _read_inputs(cfg: TrainConfig, accelerator) -> _Inputs:
     from coco_accel.warm_start import load_condenser
     from coco_accel.optim import warmup_steps_for
 
-    resume = resume_from(cfg, accelerator.is_main_process)
+    resume = checkpoint_to_resume(cfg)
     _check_inputs(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
     model = load_condenser(cfg.model_name_or_path, n_head_layers=cfg.n_head_layers, skip_from=cfg.skip_from,
@@ -181,7 +181,7 @@ def build(cfg: TrainConfig) -> Run:
     from accelerate.utils import set_seed
 
     from coco_accel import dist
-    from coco_accel.checkpoint import load_checkpoint, remove_partial
+    from coco_accel.checkpoint import load_checkpoint, remove_partial, remove_stale_checkpoints
     from coco_accel.data import TrainBatches
     from coco_accel.optim import build_optimizer, linear_schedule
 
@@ -193,6 +193,8 @@ def build(cfg: TrainConfig) -> Run:
     set_seed(cfg.seed)
     with dist.fail_together():  # a bad input seen by one process (a folder missing on its node) stops them all
         inputs = _read_inputs(cfg, accelerator)
+    if inputs.resume is None and accelerator.is_main_process:
+        remove_stale_checkpoints(cfg.output_dir)
     model, plan, deepspeed = inputs.model, inputs.plan, accelerator.state.deepspeed_plugin is not None
     if cfg.reference_backbone_without_dropout:
         from coco_accel.model import disable_backbone_dropout

@@ -149,30 +149,6 @@ def to_universal(path: Path) -> Path:
     return path
 
 
-def main(argv=None) -> int:
-    """`python -m coco_accel.checkpoint universal CHECKPOINT`: make a ZeRO checkpoint loadable on any process count."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m coco_accel.checkpoint", description=main.__doc__)
-    p.add_argument("command", choices=["universal"])
-    p.add_argument("checkpoint", help="a checkpoint-STEP folder written under DeepSpeed")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        to_universal(Path(args.checkpoint))
-    except CheckpointError as err:
-        logger.error("%s", err)
-        return 2
-    logger.info("%s is now a universal checkpoint: resume it on any number of processes.", args.checkpoint)
-    return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main())
-
-
 # ---------------------------------------------------------------------------------------------------------
 # resuming and stopping
 
@@ -181,8 +157,10 @@ PREEMPTED_MARKER = "PREEMPTED"  # also left in --output_dir: launchers may not p
 STOP_FILE = "STOP"  # created in --output_dir (by slurm/train.sbatch, or by hand): checkpoint and stop
 
 
-def resume_from(cfg: TrainConfig, is_main: bool) -> Optional[Path]:
-    """The checkpoint to continue from, and the output-directory rule (never overwrite by accident)."""
+def checkpoint_to_resume(cfg: TrainConfig) -> Optional[Path]:
+    """The checkpoint a run continues from (--resume PATH, or under --resume auto the newest in --output_dir),
+    or None for a fresh start. A fresh start into a folder holding other files is refused unless
+    --overwrite_output_dir (never overwrite by accident)."""
     if cfg.resume not in ("auto", "none"):
         path = Path(cfg.resume)
         if not (path / STATE_FILE).is_file():
@@ -196,12 +174,18 @@ def resume_from(cfg: TrainConfig, is_main: bool) -> Optional[Path]:
         if not cfg.overwrite_output_dir:
             raise ConfigError(f"--output_dir {cfg.output_dir} is not empty and holds no checkpoint to resume: "
                               "pass --overwrite_output_dir to write into it, or choose another folder.")
-        stale = list_checkpoints(cfg.output_dir)
-        if stale and is_main:
-            logger.info("Starting fresh (--resume none): removing %d old checkpoints from %s.", len(stale), out)
-            for old in stale:
-                shutil.rmtree(old, ignore_errors=True)
     return None
+
+
+def remove_stale_checkpoints(output_dir: str) -> list[Path]:
+    """A fresh start into a folder with checkpoints (--resume none --overwrite_output_dir): they go, so that
+    a later --resume auto cannot continue another run. Called once every input has been checked."""
+    stale = list_checkpoints(output_dir)
+    if stale:
+        logger.info("Starting fresh: removing %d old checkpoints from %s.", len(stale), output_dir)
+    for old in stale:
+        shutil.rmtree(old, ignore_errors=True)
+    return stale
 
 
 class StopRequest:
@@ -286,3 +270,27 @@ def check_resume(cfg: TrainConfig, path: Path, saved: dict, now: dict) -> bool:
                        now["world_size"])
         return True
     return False
+
+
+def main(argv=None) -> int:
+    """`python -m coco_accel.checkpoint universal CHECKPOINT`: make a ZeRO checkpoint loadable on any process count."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m coco_accel.checkpoint", description=main.__doc__)
+    p.add_argument("command", choices=["universal"])
+    p.add_argument("checkpoint", help="a checkpoint-STEP folder written under DeepSpeed")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        to_universal(Path(args.checkpoint))
+    except CheckpointError as err:
+        logger.error("%s", err)
+        return 2
+    logger.info("%s is now a universal checkpoint: resume it on any number of processes.", args.checkpoint)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -116,6 +116,22 @@ def test_refuses_a_non_empty_output_dir_without_checkpoints(tmp_path, model, spa
     assert run.returncode == 2 and "--overwrite_output_dir" in run.stderr
 
 
+def test_a_fresh_start_removes_old_checkpoints_only_once_its_inputs_pass(tmp_path, model, span_data, command):
+    """--resume none --overwrite_output_dir into a folder holding another run's checkpoint: a start refused
+    for its inputs (a missing data folder) leaves the checkpoint; one that passes its checks removes it, so
+    that a later --resume auto cannot continue the other run."""
+    out = tmp_path / "reused"
+    old = out / "checkpoint-7"
+    old.mkdir(parents=True)
+    (old / "trainer_state.json").write_text("{}")
+    fresh = ("--resume", "none", "--overwrite_output_dir")
+    run = command("train", *_cmd(model, tmp_path / "no_data", out, 2, *fresh)[2:])
+    assert run.returncode == 2 and "--train_dir" in run.stderr and old.is_dir()
+    run = command("train", *_cmd(model, span_data, out, 2, *fresh)[2:])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert not old.exists() and "removing 1 old checkpoints" in run.stderr
+
+
 def test_two_processes_stop_together_and_resume_exactly(tmp_path, model, span_data):
     """The STOP file is seen by the main process only; the per-step all-reduce stops both at the same step
     (both exit with 75)."""
