@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 
 from coco_accel.checkpoint import check_resume, checkpoint_to_resume, provenance
 from coco_accel.config import ConfigError, TrainConfig
-from coco_accel.engine import build_accelerator, check_deepspeed, growable_cuda_segments, setup_logging
+from coco_accel.engine import build_accelerator, fill_deepspeed_config, growable_cuda_segments, setup_logging
 
 logger = logging.getLogger("coco_accel.train")  # what it logs is the start of the training run
 
@@ -137,7 +137,7 @@ def _read_inputs(cfg: TrainConfig, accelerator) -> _Inputs:
                           "--dataloader_drop_last: lower the batch size or add data.")
     total_steps = plan.total_steps(cfg.num_train_epochs, cfg.max_steps)
     if accelerator.state.deepspeed_plugin is not None:
-        check_deepspeed(accelerator, cfg, per_device, model, resume)
+        fill_deepspeed_config(accelerator, cfg, per_device, resume)
     collator = SpanCollator(tokenizer, cfg.max_seq_length, cfg.mlm_probability, cfg.seed)
     heldout = {}
     if cfg.eval_steps:
@@ -187,6 +187,8 @@ def build(cfg: TrainConfig) -> Run:
 
     accelerator = build_accelerator(cfg)
     setup_logging(accelerator.is_main_process)
+    plugin = accelerator.state.deepspeed_plugin
+    cfg = cfg.for_engine(plugin.zero_stage if plugin is not None else None)
     if accelerator.is_main_process:
         remove_partial(cfg.output_dir)  # a run killed while writing one; the previous checkpoint is the latest
     accelerator.wait_for_everyone()

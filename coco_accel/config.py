@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import logging
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -181,6 +182,27 @@ class TrainConfig:
                 f"--global_batch_size {self.global_batch_size} is not divisible by the {world_size} processes: "
                 f"use {lower} or {lower + world_size}, or set --per_device_train_batch_size instead.")
         return self.global_batch_size // world_size
+
+    def for_engine(self, zero_stage: Optional[int]) -> "TrainConfig":
+        """The recipe as the launched engine runs it (zero_stage: DeepSpeed's ZeRO stage, None for DDP or one
+        process): the engine's refusals, and its one change, made here so that the recipe recorded with the
+        run is the one that ran."""
+        if zero_stage is None:
+            return self
+        if self.max_nonfinite_skips:
+            raise ConfigError("--max_nonfinite_skips is not available under DeepSpeed: it applies the update inside "
+                              "backward, before the loss can be checked (its fp16 loss scaler skips overflow steps "
+                              "itself). Drop the flag, or use DDP.")
+        if zero_stage == 3 and self.cache_chunk_size > 0:
+            raise ConfigError("--cache_chunk_size with ZeRO-3 is not supported: stage 3 gathers parameters per "
+                              "forward, and the cached re-encoding would gather them once per chunk. Use ZeRO-1/2.")
+        if zero_stage == 3 and self.length_bucket_width and not self.pack_length:
+            # ZeRO-3 gathers each module's parameters collectively at every call, so every process must call
+            # the encoder equally often; the number of length buckets differs between processes.
+            logging.getLogger(__name__).info("ZeRO-3: length buckets off (--length_bucket_width 0); rows pad to "
+                                             "the batch's longest.")
+            return dataclasses.replace(self, length_bucket_width=0)
+        return self
 
     def validate_against_model(self, num_layers: int, model_type: str, positions: Optional[int] = None) -> None:
         """Checks that need the backbone's config; positions: the longest input it can embed."""

@@ -84,9 +84,10 @@ def trackers(report_to: str) -> list[str]:
     return found
 
 
-def fill_deepspeed_config(accelerator, cfg: TrainConfig, per_device: int) -> None:
+def fill_deepspeed_config(accelerator, cfg: TrainConfig, per_device: int, resume: Optional[Path]) -> None:
     """Give DeepSpeed the recipe's numbers (the JSON says "auto"): we shard batches ourselves, so no
-    dataloader goes through `prepare` for Accelerate to read them from."""
+    dataloader goes through `prepare` for Accelerate to read them from. A checkpoint converted to the
+    universal format (written by another process count) is loaded as such."""
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
     for key, value in (("train_micro_batch_size_per_gpu", per_device),
                        ("gradient_accumulation_steps", 1),
@@ -98,9 +99,8 @@ def fill_deepspeed_config(accelerator, cfg: TrainConfig, per_device: int) -> Non
         ds[key] = value
     if cfg.optimizer == "sgd":  # ZeRO partitions any torch optimizer; DeepSpeed asks to be told for untested ones
         ds["zero_allow_untested_optimizer"] = True
-    if ds.get("zero_optimization", {}).get("stage", 0) == 3 and cfg.cache_chunk_size > 0:
-        raise ConfigError("--cache_chunk_size with ZeRO-3 is not supported: stage 3 gathers parameters per "
-                          "forward, and the cached re-encoding would gather them once per chunk. Use ZeRO-1/2.")
+    if resume is not None and is_universal(resume):
+        ds["checkpoint"] = {"load_universal": True}
 
 
 def setup_logging(is_main: bool) -> None:
@@ -112,22 +112,6 @@ def setup_logging(is_main: bool) -> None:
 
         transformers.logging.set_verbosity_error()
         datasets.logging.set_verbosity_error()
-
-
-def check_deepspeed(accelerator, cfg: TrainConfig, per_device: int, model, resume: Optional[Path]) -> None:
-    """Fill the DeepSpeed config from the recipe and refuse what DeepSpeed cannot do."""
-    fill_deepspeed_config(accelerator, cfg, per_device)
-    if resume is not None and is_universal(resume):  # written by another process count, then converted
-        accelerator.state.deepspeed_plugin.deepspeed_config["checkpoint"] = {"load_universal": True}
-    if accelerator.state.deepspeed_plugin.zero_stage == 3 and model.length_bucket_width and not model.pack_length:
-        # ZeRO-3 gathers each module's parameters collectively at every call, so every process must
-        # call the encoder equally often; the number of length buckets differs between processes.
-        logger.info("ZeRO-3: length buckets off (--length_bucket_width 0); rows pad to the batch's longest.")
-        model.length_bucket_width = 0
-    if cfg.max_nonfinite_skips:
-        raise ConfigError("--max_nonfinite_skips is not available under DeepSpeed: it applies the update inside "
-                          "backward, before the loss can be checked (its fp16 loss scaler skips overflow steps "
-                          "itself). Drop the flag, or use DDP.")
 
 
 def growable_cuda_segments(device) -> None:

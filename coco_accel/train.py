@@ -37,6 +37,7 @@ def train(cfg: TrainConfig) -> dict:
     from coco_accel.tracking import TrainingLog
 
     run = build(cfg)
+    cfg = run.cfg  # as the engine runs it (TrainConfig.for_engine)
     stop = _prepare_output(run)
     log = TrainingLog(run)
     if log.evaluating and run.start_step == 0:

@@ -140,3 +140,19 @@ def test_sequence_length_is_checked_against_the_position_embeddings():
     cfg = TrainConfig(output_dir="o", model_name_or_path="m", train_dir="t", skip_from=2, max_seq_length=4096).validate()
     with pytest.raises(ConfigError, match="--max_seq_length 4096 is longer than m can embed \\(512 positions\\)"):
         cfg.validate_against_model(6, "bert", 512)
+
+
+def test_the_engine_rules_and_the_recipe_that_runs():
+    """Under DeepSpeed: --max_nonfinite_skips refused; under ZeRO-3 the gradient cache refused and length
+    groups turned off in the recipe itself (a copy: the caller's stays), so that what is recorded is what ran."""
+    base = dict(output_dir="o", model_name_or_path="m", train_dir="t", skip_from=2)
+    cfg = TrainConfig(**base, length_bucket_width=8, pack_length=0).validate()
+    assert cfg.for_engine(None) is cfg and cfg.for_engine(2) is cfg
+    zero3 = cfg.for_engine(3)
+    assert zero3.length_bucket_width == 0 and cfg.length_bucket_width == 8
+    assert TrainConfig(**base, length_bucket_width=8, pack_length=64).for_engine(3).length_bucket_width == 8
+    with pytest.raises(ConfigError, match="--max_nonfinite_skips is not available under DeepSpeed"):
+        TrainConfig(**base, max_nonfinite_skips=2).for_engine(1)
+    with pytest.raises(ConfigError, match="--cache_chunk_size with ZeRO-3 is not supported"):
+        TrainConfig(**base, cache_chunk_size=4).for_engine(3)
+    assert TrainConfig(**base, cache_chunk_size=4).for_engine(2).cache_chunk_size == 4
