@@ -57,7 +57,7 @@ def make_model(preset: str, attn: str, bucket_width: int, device, layout: str = 
     torch.manual_seed(0)
     model = Condenser(BertForMaskedLM(cfg), n_head_layers=2, skip_from=min(6, layers // 2), late_mlm=True,
                       length_bucket_width=bucket_width if layout.startswith("bucket") else 0,
-                      bucket_call_cost=int(layout[6:]) if layout.startswith("bucket") else -1,
+                      length_bucket_call_cost=int(layout[6:]) if layout.startswith("bucket") else -1,
                       pack_length=int(layout[4:]) if layout.startswith("pack") else 0, fused_qkv=fused_qkv)
     return model.to(device).train()
 

@@ -138,7 +138,7 @@ def fuse_qkv(module: nn.Module) -> int:
 
 class Condenser(nn.Module):
     def __init__(self, mlm: nn.Module, *, n_head_layers: int, skip_from: int, late_mlm: bool,
-                 length_bucket_width: int = 0, bucket_call_cost: int = -1, pack_length: int = 0,
+                 length_bucket_width: int = 0, length_bucket_call_cost: int = -1, pack_length: int = 0,
                  fused_qkv: bool = True):
         super().__init__()
         model_type = mlm.config.model_type
@@ -151,7 +151,7 @@ class Condenser(nn.Module):
         self.skip_from = skip_from
         self.late_mlm = late_mlm
         self.length_bucket_width = length_bucket_width
-        self.bucket_call_cost = bucket_call_cost
+        self.length_bucket_call_cost = length_bucket_call_cost
         self.pack_length = pack_length
         if pack_length and mlm.config._attn_implementation not in ("sdpa", "eager"):
             raise ModelError(f"Packed rows need sdpa or eager attention, not {mlm.config._attn_implementation}: "
@@ -237,7 +237,8 @@ class Condenser(nn.Module):
             return self._forward_rows(input_ids, attention_mask, labels, cls_only)
         layout = host_layout(attention_mask, labels) if layout is None else layout
         lengths = layout[:, 0].tolist()  # group shapes must be known on the host
-        call_cost = self.bucket_call_cost if self.bucket_call_cost >= 0 else auto_call_cost(input_ids.device)
+        call_cost = self.length_bucket_call_cost
+        call_cost = call_cost if call_cost >= 0 else auto_call_cost(input_ids.device)
         groups = length_groups(lengths, self.length_bucket_width, input_ids.shape[1], call_cost)
         if len(groups) == 1:
             width = groups[0][0]

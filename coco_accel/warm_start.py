@@ -59,7 +59,7 @@ def load_condenser(path: str, *, n_head_layers: int, skip_from: int, late_mlm: b
     if mlm.dtype in (torch.float16, torch.bfloat16):
         mlm = mlm.float()
     model = Condenser(mlm, n_head_layers=n_head_layers, skip_from=skip_from, late_mlm=late_mlm,
-                      length_bucket_width=length_bucket_width, bucket_call_cost=length_bucket_call_cost,
+                      length_bucket_width=length_bucket_width, length_bucket_call_cost=length_bucket_call_cost,
                       pack_length=pack_length)
     state, source = _read_head_weights(folder)
     if state is None:

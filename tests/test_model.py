@@ -190,7 +190,7 @@ def test_merged_length_groups_give_the_padded_result(call_cost):
     torch.manual_seed(1)
     plain = Condenser(_tiny(), n_head_layers=2, skip_from=2, late_mlm=True)
     grouped = Condenser(_tiny(), n_head_layers=2, skip_from=2, late_mlm=True, length_bucket_width=2,
-                        bucket_call_cost=call_cost)
+                        length_bucket_call_cost=call_cost)
     grouped.load_state_dict(plain.state_dict())
     lengths = torch.tensor([20, 3, 7, 12, 5, 20, 9, 4, 16])
     ids = torch.randint(5, 120, (9, 20)) * (torch.arange(20)[None, :] < lengths[:, None])
@@ -378,7 +378,7 @@ def test_a_layout_from_the_host_plans_without_reading_the_device(layout_kind, mo
     from coco_accel import model as model_module
 
     torch.manual_seed(1)
-    extra = dict(pack_length=24) if layout_kind == "pack" else dict(length_bucket_width=4, bucket_call_cost=0)
+    extra = dict(pack_length=24) if layout_kind == "pack" else dict(length_bucket_width=4, length_bucket_call_cost=0)
     model = Condenser(_bert_or_roberta("bert", "sdpa"), n_head_layers=2, skip_from=2, late_mlm=True, **extra).double()
     ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20, 9, 4])
     read = model(ids, mask, labels)
