@@ -142,9 +142,8 @@ def peak_tflops(device: torch.device) -> Optional[float]:
 # what the training loop reports
 
 class TrainingLog:
-    """What the loop reports: training records every --logging_steps, evaluations (held-out signal and
-    --eval_data retrieval) at step 0, every --eval_steps and at the end, to metrics.jsonl (main process),
-    the trackers and the progress bar."""
+    """What the loop reports: training records every --logging_steps and the evaluation records it
+    hands over, to metrics.jsonl (main process), the trackers and the progress bar."""
 
     def __init__(self, run):  # a build.Run
         from tqdm.auto import tqdm
@@ -155,8 +154,6 @@ class TrainingLog:
         self.meter = make_meter(run.cfg, acc, acc.unwrap_model(run.model).config)
         self.bar = tqdm(total=run.total_steps, initial=run.start_step, desc="train", disable=not acc.is_main_process,
                         dynamic_ncols=True)
-        self.evaluating = bool(run.heldout) or run.retrieval is not None
-        self.evaluated_at = run.start_step if run.start_step else None
         self.first = self.last = None
 
     def write(self, record: dict) -> None:
@@ -164,23 +161,13 @@ class TrainingLog:
         if self.metrics is not None:
             self.metrics.write(record)
 
-    def evaluate(self, step: int) -> None:
-        """The held-out contrastive signal and retrieval on --eval_data, logged as one record."""
-        from coco_accel.heldout import heldout_signal
-
-        run, acc = self.run, self.run.accelerator
-        record = {"step": step}
-        if run.heldout:
-            record.update(heldout_signal(run.model, run.heldout, acc.device, temperature=run.cfg.temperature,
-                                         normalize=run.cfg.normalize))
-        if run.retrieval is not None:
-            backbone = acc.unwrap_model(run.model).mlm.base_model  # what AutoModel loads from the export
-            record.update(run.retrieval(backbone, run.tokenizer, acc.process_index, acc.num_processes))
-            logger.info("Step %d: retrieval %s (%.1f s)", step, ", ".join(
+    def evaluation(self, record: dict) -> None:
+        """An evaluation's record (held-out signal, retrieval on --eval_data), with a line for its retrieval."""
+        if "eval/seconds" in record:
+            logger.info("Step %d: retrieval %s (%.1f s)", record["step"], ", ".join(
                 f"{k[len('eval/'):]} {v:.4f}" for k, v in record.items() if k.endswith("/ndcg@10")),
                 record["eval/seconds"])
         self.write(record)
-        self.evaluated_at = step
 
     def step_done(self, step: int, lr: Optional[float], skipped: int) -> None:
         cfg, acc = self.run.cfg, self.run.accelerator
@@ -191,14 +178,10 @@ class TrainingLog:
             self.first = self.first or self.last
             self.bar.set_postfix(loss=f"{self.last['loss']:.3f}", acc=f"{self.last['contrastive_acc']:.2f}")
             self.write(self.last)
-        if self.evaluating and cfg.eval_steps and step % cfg.eval_steps == 0:
-            self.evaluate(step)
 
     def close(self) -> None:
-        """The end of the run: a last evaluation (what the export scores) and the loss summary."""
+        """The end of the run: the loss summary."""
         self.bar.close()
-        if self.evaluating and self.evaluated_at != self.run.total_steps:
-            self.evaluate(self.run.total_steps)
         if self.first and self.last:
             logger.info("Loss: first %.4f (step %d) -> last %.4f (step %d); contrastive accuracy %.3f -> %.3f",
                         self.first["loss"], self.first["step"], self.last["loss"], self.last["step"],

@@ -40,8 +40,10 @@ def train(cfg: TrainConfig) -> dict:
     cfg = run.cfg  # as the engine runs it (TrainConfig.for_engine)
     stop = _prepare_output(run)
     log = TrainingLog(run)
-    if log.evaluating and run.start_step == 0:
-        log.evaluate(0)  # the baseline every later value is compared with
+    evaluating = bool(run.heldout) or run.retrieval is not None
+    evaluated_at = run.start_step if run.start_step else None  # a checkpoint's step was evaluated before it
+    if evaluating and run.start_step == 0:
+        evaluated_at = _evaluate(run, log, 0)  # the baseline every later value is compared with
     run.model.train()
     skipped, lr = 0, None
     for batch in make_loader(run.batches, run.start_step, run.total_steps, cfg.dataloader_num_workers):
@@ -59,14 +61,34 @@ def train(cfg: TrainConfig) -> dict:
         run.scheduler.step()
         run.docs_seen += global_docs
         log.step_done(step, lr, skipped)
+        if evaluating and cfg.eval_steps and step % cfg.eval_steps == 0:
+            evaluated_at = _evaluate(run, log, step)
         if stop_now:
             return _preempted(run, log, stop, step)
         if cfg.save_steps and step % cfg.save_steps == 0 and step < run.total_steps:
             _checkpoint(run, step)
+    if evaluating and evaluated_at != run.total_steps:
+        _evaluate(run, log, run.total_steps)  # what the export scores
     log.close()
     _export(run)
     finish(run.accelerator)
     return {"first": log.first, "last": log.last, "steps": run.total_steps, "preempted": False}
+
+
+def _evaluate(run: Run, log: "TrainingLog", step: int) -> int:
+    """The held-out contrastive signal and retrieval on --eval_data at `step`, recorded as one evaluation."""
+    from coco_accel.heldout import heldout_signal
+
+    acc = run.accelerator
+    record = {"step": step}
+    if run.heldout:
+        record.update(heldout_signal(run.model, run.heldout, acc.device, temperature=run.cfg.temperature,
+                                     normalize=run.cfg.normalize))
+    if run.retrieval is not None:
+        backbone = acc.unwrap_model(run.model).mlm.base_model  # what AutoModel loads from the export
+        record.update(run.retrieval(backbone, run.tokenizer, acc.process_index, acc.num_processes))
+    log.evaluation(record)
+    return step
 
 
 def _prepare_output(run: Run) -> StopRequest:
