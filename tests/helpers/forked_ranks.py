@@ -50,17 +50,12 @@ def _preimport(deepspeed: bool) -> None:
         deepspeed.ops.__compatible_ops__  # probed once (it runs the compiler), inherited by every rank
 
 
-def _rank(env: dict, script: str, args: list) -> None:
-    """The child's whole life: never returns into the parent's code."""
+def _end_with(body) -> None:
+    """Runs `body` in a forked child and ends the child with its exit code: never returns into the code
+    the child was forked from."""
     code = 1
     try:
-        os.environ.update(env)
-        sys.argv = [script, *args]
-        if script == TRAINER:
-            runpy.run_module("coco_accel.train", run_name="__main__", alter_sys=True)
-        else:
-            runpy.run_path(script, run_name="__main__")
-        code = 0
+        code = body()
     except SystemExit as done:
         code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     except BaseException:
@@ -69,6 +64,16 @@ def _rank(env: dict, script: str, args: list) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def _rank(env: dict, script: str, args: list) -> int:
+    os.environ.update(env)
+    sys.argv = [script, *args]
+    if script == TRAINER:
+        runpy.run_module("coco_accel.train", run_name="__main__", alter_sys=True)
+    else:
+        runpy.run_path(script, run_name="__main__")
+    return 0
 
 
 def fork_ranks(nproc: int, port: int, script: str, args: list, addr: str = "127.0.0.1") -> int:
@@ -83,7 +88,7 @@ def fork_ranks(nproc: int, port: int, script: str, args: list, addr: str = "127.
                "TORCHELASTIC_MAX_RESTARTS": 0, "TORCHELASTIC_RUN_ID": "forked"}
         pid = os.fork()
         if pid == 0:
-            _rank({k: str(v) for k, v in env.items()}, script, args)
+            _end_with(lambda: _rank({k: str(v) for k, v in env.items()}, script, args))
         pids[pid] = rank
     first_failure, deadline = 0, None
     while pids:
@@ -130,28 +135,18 @@ def _accelerate(argv: list) -> int:
 LAUNCHERS = {"torchrun": _torchrun, "accelerate": _accelerate}
 
 
-def _launch(request: dict) -> None:
-    """A served launch's whole life, in a child of the server: never returns into the server's loop."""
-    code = 1
-    try:
-        os.chdir(request["cwd"])
-        os.environ.clear()
-        os.environ.update(request["env"])
-        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644), fd)
-        import torch
+def _launch(request: dict) -> int:
+    """A served launch, in a child of the server."""
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644), fd)
+    import torch
 
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # the server's torch set its own
-        launcher, *rest = request["argv"]
-        code = LAUNCHERS[launcher](rest)
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # the server's torch set its own
+    launcher, *rest = request["argv"]
+    return LAUNCHERS[launcher](rest)
 
 
 def serve() -> int:
@@ -173,7 +168,7 @@ def serve() -> int:
             sys.stderr.flush()
             pid = os.fork()
             if pid == 0:
-                _launch(request)
+                _end_with(lambda: _launch(request))
             running.add(pid)
             answers.write(json.dumps({"pid": pid}) + "\n")
         while running:
