@@ -273,6 +273,7 @@ class _LaunchServer:
     trainer's libraries once, and every one-node launch of the tests forks from it."""
 
     def __init__(self):
+        import atexit
         import subprocess
         import sys
         import tempfile
@@ -281,6 +282,15 @@ class _LaunchServer:
         self.proc = subprocess.Popen([sys.executable, "tests/helpers/forked_ranks.py", "serve"], cwd=REPO,
                                      env=train_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self.pending, self.launches, self.count = b"", {}, 0
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        """At the test process's end: the server stops at the end of its input; the launches' logs go."""
+        import shutil
+
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+        shutil.rmtree(self.logs, ignore_errors=True)
 
     def launch(self, argv: list, cwd: Path, env: dict) -> ForkedLaunch:
         self.count += 1
