@@ -6,13 +6,17 @@ import os
 import sys
 
 if __name__ == "__main__" and not __package__:
-    # Run as a file (accelerate launch coco_accel/train.py, the reference's way to launch), Python puts
-    # this folder first on the import path, where our beir.py, evaluate.py and config.py would shadow the
-    # PyPI packages of those names for every library in the process. The same process (pid, environment,
-    # interpreter flags, arguments) becomes `python -m coco_accel.train`, which imports the package the
-    # one way it is meant to be imported.
-    _flags = sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)]
-    os.execv(sys.executable, [sys.executable, *_flags, "-m", "coco_accel.train", *sys.argv[1:]])
+    # Run as a file (accelerate launch coco_accel/train.py, the reference's way to launch), Python put this
+    # folder first on the import path, where the package's own modules (beir, evaluate, config, build, ...)
+    # would shadow installed packages of those names for every library in the process. The package's parent
+    # folder takes its place, and the package's module runs as `python -m coco_accel.train` would run it
+    # (in this process: same pid, arguments and interpreter flags).
+    import runpy
+
+    _here = os.path.dirname(os.path.realpath(__file__))
+    if sys.path and os.path.realpath(sys.path[0] or ".") == _here:
+        sys.path[0] = os.path.dirname(_here)
+    runpy.run_module("coco_accel.train", run_name="__main__", alter_sys=True)  # ends the process
 
 import json
 import logging

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from conftest import REPO
 from coco_accel.config import ConfigError, TrainConfig, parse_config
 
 REQUIRED = ["--output_dir", "o", "--model_name_or_path", "m", "--train_dir", "t"]
@@ -36,23 +37,28 @@ def test_help_lists_every_reference_flag():
 
 
 def test_run_as_a_file_it_imports_as_the_package_with_its_flags_and_arguments(tmp_path):
-    # Run as a file, this folder would come first on the import path, and coco_accel/evaluate.py would be
-    # what `import evaluate` finds for every library. A startup hook records, at the process's exit, the
-    # command it ended as and what a top-level `evaluate` resolves to.
+    # Run as a file, the package's folder comes first on the import path, and coco_accel/evaluate.py would be
+    # what `import evaluate` finds for every library. An installed package of that name (here on PYTHONPATH)
+    # must win; the process is the one started (no re-execution). A startup hook records, at the process's
+    # exit, its command line, what `evaluate` resolves to and whether the package's folder is on the path.
+    (tmp_path / "evaluate").mkdir()
+    (tmp_path / "evaluate" / "__init__.py").write_text("")
     (tmp_path / "sitecustomize.py").write_text(
         "import atexit, importlib.util, json, os, sys\n"
         "def _record():\n"
         "    spec = importlib.util.find_spec('evaluate')\n"
         "    with open(os.environ['RECORD'], 'w') as fh:\n"
-        "        json.dump({'argv': sys.orig_argv, 'evaluate': spec and spec.origin}, fh)\n"
+        "        json.dump({'argv': sys.orig_argv, 'evaluate': spec and spec.origin, 'path': sys.path}, fh)\n"
         "atexit.register(_record)\n")
     record = tmp_path / "record.json"
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "RECORD": str(record)}
-    subprocess.run([sys.executable, "-W", "ignore::UserWarning", "coco_accel/train.py", "--help"], env=env,
-                   capture_output=True, check=True)
+    done = subprocess.run([sys.executable, "-W", "ignore::UserWarning", "coco_accel/train.py", "--help"], env=env,
+                          capture_output=True, text=True, check=True)
+    assert "--per_device_train_batch_size" in done.stdout
     seen = json.loads(record.read_text())
-    assert seen["argv"][1:] == ["-W", "ignore::UserWarning", "-m", "coco_accel.train", "--help"]
-    assert seen["evaluate"] is None or "coco_accel" not in seen["evaluate"], seen
+    assert seen["argv"][1:] == ["-W", "ignore::UserWarning", "coco_accel/train.py", "--help"]
+    assert seen["evaluate"] == str(tmp_path / "evaluate" / "__init__.py"), seen
+    assert str(REPO / "coco_accel") not in [os.path.realpath(p) for p in seen["path"]]
 
 
 def test_yaml_sets_fields_and_the_command_line_wins(tmp_path):
