@@ -162,3 +162,21 @@ def test_the_engine_rules_and_the_recipe_that_runs():
     with pytest.raises(ConfigError, match="--cache_chunk_size with ZeRO-3 is not supported"):
         TrainConfig(**base, cache_chunk_size=4).for_engine(3)
     assert TrainConfig(**base, cache_chunk_size=4).for_engine(2).cache_chunk_size == 4
+
+
+def test_the_commands_are_installed_as_scripts():
+    """Every command but training (launched as a file or with -m) is an installed script running its module's
+    main; the installed wrapper runs."""
+    import importlib
+    from importlib.metadata import entry_points
+    from pathlib import Path
+
+    scripts = {ep.name: ep for ep in entry_points(group="console_scripts") if ep.value.startswith("coco_accel.")}
+    assert set(scripts) == {f"coco-{name}" for name in
+                            ("preprocess", "evaluate", "experiment", "report", "checkpoint", "demo")}
+    for name, ep in scripts.items():
+        assert ep.value == f"coco_accel.{name[len('coco-'):]}:main"
+        assert ep.load() is importlib.import_module(ep.value.split(":")[0]).main
+    run = subprocess.run([str(Path(sys.executable).parent / "coco-checkpoint"), "--help"], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0 and "universal" in run.stdout
