@@ -19,11 +19,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from coco_accel.masking import (SPAN_CHOICE, TRUNCATE, continuation_table, keyed_permutation, keyed_uniform,
-                                whole_word_mask)
+from coco_accel.keyed_random import DOC_ORDER, SPAN_CHOICE, TRUNCATE, keyed_permutation, keyed_uniform
+from coco_accel.masking import continuation_table, whole_word_mask
 from coco_accel.span_store import SpanStore
-
-DOC_ORDER = 21  # keyed-random purpose tag for the epoch's document order
 
 
 class DataError(ValueError):

@@ -19,13 +19,12 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 
-from coco_accel.masking import keyed_uniform
+from coco_accel.keyed_random import HELD_OUT, SPAN_BREAK, keyed_uniform
 
-SPAN_BREAK, HELD_OUT = 11, 12  # keyed-random purpose tags, distinct from the training ones
 BREAK_PROBABILITY = 0.1
 MAP_BATCH_SIZE = 1024  # documents per datasets.map batch
 # The code that turns corpus files into spans: part of both caches' keys, with the libraries below.
-PIPELINE_SOURCES = ("corpora.py", "masking.py", "breaks.py", "wordpiece.py", "spans.py", "raw_cache.py",
+PIPELINE_SOURCES = ("corpora.py", "keyed_random.py", "breaks.py", "wordpiece.py", "spans.py", "raw_cache.py",
                     "outcomes.py", "preprocess.py")
 PIPELINE_LIBRARIES = ("nltk", "tokenizers", "datasets")
 

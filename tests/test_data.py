@@ -27,7 +27,7 @@ def test_plan_slices_cover_the_global_batch_for_any_world_size():
 
 
 def test_keyed_permutation_is_a_bijection_of_any_size():
-    from coco_accel.masking import keyed_permutation
+    from coco_accel.keyed_random import keyed_permutation
 
     for n in (1, 2, 3, 5, 16, 17, 117, 1000, 4097):
         perm = keyed_permutation(np.arange(n), n, 42, 0, 21)
