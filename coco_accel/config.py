@@ -15,7 +15,7 @@ import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 
 class ConfigError(ValueError):
@@ -28,6 +28,9 @@ def _f(default: Any, help: str, group: str, **kw: Any) -> Any:
 
 @dataclass
 class TrainConfig:
+    """The recipe: flat fields named as the reference's flags, in sections (the group each is listed under by
+    --help). A field with a fixed set of values is typed Literal[...]: the parser accepts exactly those."""
+
     # -- where things are
     output_dir: str = _f(None, "Run folder: final export at the top, checkpoint-STEP/ and metrics.jsonl inside.", "io")
     model_name_or_path: str = _f(None, "Warm start: an HF masked-LM folder, one of our exports, or a reference Condenser folder.", "io")
@@ -40,9 +43,9 @@ class TrainConfig:
     n_head_layers: int = _f(2, "Transformer layers in the Condenser head.", "model")
     skip_from: int = _f(6, "Backbone layer whose token states feed the head (0 = embeddings; 6 for BERT-base).", "model")
     strict_head: bool = _f(False, "Refuse to start when the warm start has no Condenser head (a random head harms continued pretraining).", "model")
-    head_init: str = _f("random", "How the head starts when the warm start has none: random (the backbone's own "
-                        "initialisation, as in the reference) or copy (of the backbone's last n_head_layers layers).",
-                        "model")
+    head_init: Literal["random", "copy"] = _f(
+        "random", "How the head starts when the warm start has none: random (the backbone's own initialisation, as "
+        "in the reference) or copy (of the backbone's last n_head_layers layers).", "model")
     reference_backbone_without_dropout: bool = _f(
         False, "Reproduce the reference's hidden lm.eval() in forward: no dropout in the backbone (the head keeps "
         "its own). Off by default: it was a defect, not a recipe choice.", "model")
@@ -50,15 +53,7 @@ class TrainConfig:
     temperature: float = _f(1.0, "Contrastive logits are divided by this (1.0 = the reference's plain dot product).", "model")
     normalize: bool = _f(False, "L2-normalise CLS vectors before the contrastive dot product.", "model")
 
-    # -- data
-    pack_length: int = _f(128, "Encode all spans in ONE call, packed into rows of this many tokens with block-diagonal "
-                          "attention and per-span positions: no padding, exact per span (0 = length buckets "
-                          "instead).", "data")
-    length_bucket_width: int = _f(8, "Encode rows grouped by length rounded up to this many tokens, each group "
-                                  "cut to its longest row (0 = pad the batch to its longest row).", "data")
-    length_bucket_call_cost: int = _f(-1, "Padding tokens one more encoder call is worth: neighbouring length buckets "
-                                      "are merged where that costs less (-1 = auto: 8192 on GPU, 64 on CPU; 0 = never "
-                                      "merge).", "data")
+    # -- data and batches
     max_seq_length: int = _f(128, "Longest span in tokens, [CLS] and [SEP] included; longer spans are cut at a random window.", "data")
     mlm_probability: float = _f(0.15, "Share of tokens masked, by whole words, with 80/10/10 replacement.", "data")
     per_device_train_batch_size: int = _f(8, "DOCUMENTS per process per step; each gives two spans.", "data")
@@ -67,9 +62,20 @@ class TrainConfig:
     dataloader_drop_last: bool = _f(False, "Drop the short last global batch of each epoch.", "data")
     dataloader_num_workers: int = _f(0, "Data-loading worker processes per training process.", "data")
 
+    # -- batch layout: how a batch's spans meet the encoder
+    pack_length: int = _f(128, "Encode all spans in ONE call, packed into rows of this many tokens with block-diagonal "
+                          "attention and per-span positions: no padding, exact per span (0 = length buckets "
+                          "instead).", "batch layout")
+    length_bucket_width: int = _f(8, "Encode rows grouped by length rounded up to this many tokens, each group "
+                                  "cut to its longest row (0 = pad the batch to its longest row).", "batch layout")
+    length_bucket_call_cost: int = _f(-1, "Padding tokens one more encoder call is worth: neighbouring length buckets "
+                                      "are merged where that costs less (-1 = auto: 8192 on GPU, 64 on CPU; 0 = never "
+                                      "merge).", "batch layout")
+
     # -- optimisation
-    optimizer: str = _f("adamw", "adamw (the recipe's), or sgd: plain gradient descent without momentum, for checks "
-                        "(a step moves each weight by exactly -lr x its gradient, so runs compare by gradients).", "optim")
+    optimizer: Literal["adamw", "sgd"] = _f(
+        "adamw", "adamw (the recipe's), or sgd: plain gradient descent without momentum, for checks (a step moves "
+        "each weight by exactly -lr x its gradient, so runs compare by gradients).", "optim")
     learning_rate: float = _f(5e-5, "Peak learning rate of AdamW.", "optim")
     weight_decay: float = _f(0.0, "AdamW weight decay (not applied to biases and LayerNorm weights).", "optim")
     warmup_ratio: float = _f(0.0, "Share of total steps spent in linear warm-up.", "optim")
@@ -78,36 +84,42 @@ class TrainConfig:
     num_train_epochs: float = _f(3.0, "Epochs over the documents (ignored when --max_steps > 0).", "optim")
     max_steps: int = _f(-1, "Total optimizer steps; > 0 wins over --num_train_epochs.", "optim")
     gradient_accumulation_steps: int = _f(1, "Must stay 1: see --cache_chunk_size for large contrastive batches.", "optim")
-    cache_chunk_size: int = _f(-1, "Gradient cache: encode the local batch in chunks of at most this many spans, >= 2 (-1 = off).", "optim")
+
+    # -- compute: memory, compilation, precision
+    cache_chunk_size: int = _f(-1, "Gradient cache: encode the local batch in chunks of at most this many spans, >= 2 (-1 = off).", "compute")
     torch_compile: bool = _f(False, "torch.compile the backbone, the head and the MLM transform (dynamic shapes): a little faster "
-                             "and leaner at large batches (docs/performance.md); the first step compiles (~1 min).", "optim")
-    fp16: bool = _f(False, "fp16 mixed precision (prefer setting it in the accelerate config).", "optim")
-    bf16: bool = _f(False, "bf16 mixed precision (prefer setting it in the accelerate config).", "optim")
+                             "and leaner at large batches (docs/performance.md); the first step compiles (~1 min).", "compute")
+    fp16: bool = _f(False, "fp16 mixed precision (prefer setting it in the accelerate config).", "compute")
+    bf16: bool = _f(False, "bf16 mixed precision (prefer setting it in the accelerate config).", "compute")
+
+    # -- evaluation during training
+    eval_steps: int = _f(0, "Every this many steps, the held-out contrastive loss and accuracy per corpus "
+                         "(needs --eval_fraction at preprocessing; 0 = off).", "evaluation")
+    eval_max_docs: int = _f(1024, "Held-out documents scored per corpus at each evaluation.", "evaluation")
+    eval_data: Optional[list] = _f(None, "BEIR folders (corpus.jsonl, queries.jsonl, qrels/) whose zero-shot retrieval "
+                                   "(nDCG@10, Recall@100, MRR@10) is measured at step 0, every --eval_steps and at the "
+                                   "end, with the protocol of `python -m coco_accel.evaluate`.", "evaluation")
+    eval_split: str = _f("test", "qrels split of --eval_data.", "evaluation")
+    eval_pooling: Literal["cls", "mean"] = _f("cls", "Pooling of --eval_data's vectors.", "evaluation")
+    eval_score: Literal["dot", "cos"] = _f("dot", "Scoring of --eval_data (dot product or cosine).", "evaluation")
+    eval_query_max_len: int = _f(64, "Query tokens kept for --eval_data.", "evaluation")
+    eval_doc_max_len: int = _f(128, "Document tokens kept for --eval_data.", "evaluation")
+    eval_batch_size: int = _f(128, "Texts encoded at a time for --eval_data.", "evaluation")
+
+    # -- checkpoints and resuming
+    save_steps: int = _f(500, "Write checkpoint-STEP/ every this many steps (0 = never).", "checkpoints")
+    save_total_limit: int = _f(0, "Keep only the newest this many checkpoints (0 = keep all).", "checkpoints")
+    resume: str = _f("auto", "auto: continue from the newest complete checkpoint in --output_dir if any; "
+                     "none: start fresh; or a checkpoint folder.", "checkpoints")
+    resume_allow_changed_data: bool = _f(False, "Resume although the checkpoint was made from another --train_dir or "
+                                         "tokenizer (global batch and seed must still match).", "checkpoints")
 
     # -- run
     seed: int = _f(42, "Seeds document order, span choice, masking and model init.", "run")
     logging_steps: int = _f(10, "Write a metrics.jsonl line every this many steps.", "run")
     peak_tflops: float = _f(0.0, "One GPU's peak TFLOP/s for the logged MFU (0 = known under bf16/fp16: 989 for "
                             "H100/H200, 312 for A100; otherwise MFU is not logged, model TFLOP/s still is).", "run")
-    eval_steps: int = _f(0, "Every this many steps, the held-out contrastive loss and accuracy per corpus "
-                         "(needs --eval_fraction at preprocessing; 0 = off).", "run")
-    eval_max_docs: int = _f(1024, "Held-out documents scored per corpus at each evaluation.", "run")
-    eval_data: Optional[list] = _f(None, "BEIR folders (corpus.jsonl, queries.jsonl, qrels/) whose zero-shot retrieval "
-                                   "(nDCG@10, Recall@100, MRR@10) is measured at step 0, every --eval_steps and at the "
-                                   "end, with the protocol of `python -m coco_accel.evaluate`.", "run")
-    eval_split: str = _f("test", "qrels split of --eval_data.", "run")
-    eval_pooling: str = _f("cls", "Pooling of --eval_data's vectors: cls or mean.", "run")
-    eval_score: str = _f("dot", "Scoring of --eval_data: dot or cos.", "run")
-    eval_query_max_len: int = _f(64, "Query tokens kept for --eval_data.", "run")
-    eval_doc_max_len: int = _f(128, "Document tokens kept for --eval_data.", "run")
-    eval_batch_size: int = _f(128, "Texts encoded at a time for --eval_data.", "run")
     report_to: str = _f("tensorboard", "Trackers beside metrics.jsonl: tensorboard, wandb, all (those installed), or none.", "run")
-    save_steps: int = _f(500, "Write checkpoint-STEP/ every this many steps (0 = never).", "run")
-    save_total_limit: int = _f(0, "Keep only the newest this many checkpoints (0 = keep all).", "run")
-    resume: str = _f("auto", "auto: continue from the newest complete checkpoint in --output_dir if any; "
-                     "none: start fresh; or a checkpoint folder.", "run")
-    resume_allow_changed_data: bool = _f(False, "Resume although the checkpoint was made from another --train_dir or "
-                                         "tokenizer (global batch and seed must still match).", "run")
     max_nonfinite_skips: int = _f(0, "Skip up to this many steps whose loss is not finite (0 = stop at the first).", "run")
     ddp_timeout: int = _f(1800, "Seconds a collective may wait before the job fails (a dead rank ends the job).", "run")
 
@@ -120,6 +132,9 @@ class TrainConfig:
         for name in ("output_dir", "model_name_or_path", "train_dir"):
             if not getattr(self, name):
                 raise ConfigError(f"--{name} is required (set it on the command line or in the --config YAML).")
+        for name, choices in _choices(type(self)).items():
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"--{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}.")
         positive = ("per_device_train_batch_size", "max_seq_length", "logging_steps", "n_head_layers",
                     "gradient_accumulation_steps")
         for name in positive:
@@ -131,10 +146,6 @@ class TrainConfig:
             raise ConfigError(f"--mlm_probability must be in (0, 1), got {self.mlm_probability}.")
         if not 0.0 <= self.warmup_ratio <= 1.0:
             raise ConfigError(f"--warmup_ratio must be in [0, 1], got {self.warmup_ratio}.")
-        if self.head_init not in ("random", "copy"):
-            raise ConfigError(f"--head_init must be random or copy, got {self.head_init!r}.")
-        if self.optimizer not in ("adamw", "sgd"):
-            raise ConfigError(f"--optimizer must be adamw or sgd, got {self.optimizer!r}.")
         if self.temperature <= 0:
             raise ConfigError(f"--temperature must be > 0, got {self.temperature}.")
         if self.fp16 and self.bf16:
@@ -161,9 +172,6 @@ class TrainConfig:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}.")
         if self.eval_steps < 0 or self.eval_max_docs < 2:
             raise ConfigError("--eval_steps must be >= 0 and --eval_max_docs >= 2.")
-        if self.eval_pooling not in ("cls", "mean") or self.eval_score not in ("dot", "cos"):
-            raise ConfigError(f"--eval_pooling must be cls or mean and --eval_score dot or cos, got "
-                              f"{self.eval_pooling!r} and {self.eval_score!r}.")
         for name in ("eval_query_max_len", "eval_doc_max_len", "eval_batch_size"):
             if getattr(self, name) < (3 if name != "eval_batch_size" else 1):
                 raise ConfigError(f"--{name} must be at least {3 if name != 'eval_batch_size' else 1}, got "
@@ -249,6 +257,8 @@ def _to_int(value: Any) -> int:
 
 def _base_type(tp: Any) -> type:
     """Optional[int] -> int; 'int' (from __future__ annotations) resolved by the caller."""
+    if typing.get_origin(tp) is not typing.Union:  # Literal[...] keeps its choices
+        return tp
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     return args[0] if args else tp
 
@@ -256,6 +266,15 @@ def _base_type(tp: Any) -> type:
 def _field_types(cls: type) -> dict[str, type]:
     hints = typing.get_type_hints(cls)
     return {f.name: _base_type(hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+def _type_name(tp: Any) -> str:
+    return f"one of {', '.join(typing.get_args(tp))}" if typing.get_origin(tp) is Literal else tp.__name__
+
+
+def _choices(cls: type) -> dict[str, tuple]:
+    """The fields whose values are a fixed set (typed Literal[...]), with their choices."""
+    return {name: typing.get_args(tp) for name, tp in _field_types(cls).items() if typing.get_origin(tp) is Literal}
 
 
 def _int_flag(text: str) -> int:
@@ -289,6 +308,8 @@ def build_parser(cls: type = TrainConfig, prog: str = "coco_accel/train.py") -> 
             grp.add_argument(f"--{f.name}", type=str, nargs="+", metavar="DIR", help=help_text)
         elif tp is int:
             grp.add_argument(f"--{f.name}", type=_int_flag, metavar="INT", help=help_text)
+        elif typing.get_origin(tp) is Literal:
+            grp.add_argument(f"--{f.name}", type=str, choices=typing.get_args(tp), help=help_text)
         else:
             grp.add_argument(f"--{f.name}", type=tp, help=help_text)
     return parser
@@ -304,7 +325,7 @@ def _coerce_yaml(cls: type, data: dict, source: str) -> dict:
             raise ConfigError(f"{source}: unknown key '{key}'.{hint}")
         tp = types[key]
         if value is None:
-            raise ConfigError(f"{source}: key '{key}' has no value: give it one ({tp.__name__}) or delete the line.")
+            raise ConfigError(f"{source}: key '{key}' has no value: give it one ({_type_name(tp)}) or delete the line.")
         try:
             if tp is list:
                 items = value if isinstance(value, list) else [value]
@@ -315,10 +336,14 @@ def _coerce_yaml(cls: type, data: dict, source: str) -> dict:
                 out[key] = value if isinstance(value, bool) else _to_bool(value)
             elif tp is int:
                 out[key] = _to_int(value)
+            elif typing.get_origin(tp) is Literal:
+                if value not in typing.get_args(tp):
+                    raise ValueError("not one of the choices")
+                out[key] = value
             else:
                 out[key] = tp(value)
         except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
-            raise ConfigError(f"{source}: key '{key}' expects {tp.__name__}, got {value!r} ({err}).") from None
+            raise ConfigError(f"{source}: key '{key}' expects {_type_name(tp)}, got {value!r} ({err}).") from None
     return out
 
 

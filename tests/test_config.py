@@ -77,7 +77,7 @@ def test_yaml_sets_fields_and_the_command_line_wins(tmp_path):
     (["--mlm_probability", "1.5"], "mlm_probability"),
     (["--per_device_train_batch_size", "0"], "per_device_train_batch_size"),
     (["--cache_chunk_size", "0"], "cache_chunk_size"),
-    (["--head_init", "backbone"], "--head_init must be random or copy"),
+    (["--head_init", "backbone"], r"--head_init: invalid choice: 'backbone' \(choose from 'random', 'copy'\)"),
 ])
 def test_bad_flags_name_the_flag_and_the_fix(argv, match):
     with pytest.raises(ConfigError, match=match):
@@ -180,3 +180,18 @@ def test_the_commands_are_installed_as_scripts():
     run = subprocess.run([str(Path(sys.executable).parent / "coco-checkpoint"), "--help"], capture_output=True,
                          text=True, timeout=120)
     assert run.returncode == 0 and "universal" in run.stdout
+
+
+def test_a_fixed_set_of_values_is_checked_wherever_it_comes_from(tmp_path):
+    """Literal-typed fields: the flag's choices, the YAML key and a TrainConfig built in code all refuse
+    a value outside the set, naming the choices."""
+    with pytest.raises(ConfigError, match=r"invalid choice: 'adam' \(choose from 'adamw', 'sgd'\)"):
+        parse_config(REQUIRED + ["--optimizer", "adam"])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("eval_score: cosine\n")
+    with pytest.raises(ConfigError, match="key 'eval_score' expects one of dot, cos, got 'cosine'"):
+        parse_config(REQUIRED + ["--config", str(recipe)])
+    recipe.write_text("eval_score: cos\n")
+    assert parse_config(REQUIRED + ["--config", str(recipe)]).eval_score == "cos"
+    with pytest.raises(ConfigError, match="--head_init must be one of random, copy; got 'backbone'"):
+        TrainConfig(output_dir="o", model_name_or_path="m", train_dir="t", head_init="backbone").validate()
