@@ -19,9 +19,11 @@ disagrees (the separators U+001C-U+001F) go to nltk.
 
 from __future__ import annotations
 
+import copy
 import functools
 import re
 import sys
+from collections import defaultdict
 from typing import NamedTuple, Optional
 
 
@@ -267,8 +269,6 @@ def load_sentence_splitter():
         splitter = nltk.tokenize.PunktTokenizer("english")
         source = "nltk punkt_tab data (installed)"
     except LookupError:
-        from collections import defaultdict
-
         from punkt.data import load_module
 
         mod = load_module("english")
@@ -298,8 +298,6 @@ def punkt_sentences(splitter):
 
 def forget_breaks(splitter):
     """A copy without the remembered decisions (picklable, and hashed alike before and after use)."""
-    import copy
-
     plain = copy.copy(splitter)
     vars(plain).pop("text_contains_sentbreak", None)
     return plain

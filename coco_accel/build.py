@@ -11,18 +11,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from coco_accel.checkpoint import check_resume, checkpoint_to_resume, provenance
+from coco_accel.beir import EvalError
+from coco_accel.checkpoint import (check_resume, checkpoint_to_resume, load_checkpoint, provenance, read_state,
+                                   remove_partial, remove_stale_checkpoints)
 from coco_accel.config import ConfigError, TrainConfig
 from coco_accel.engine import build_accelerator, fill_deepspeed_config, growable_cuda_segments, setup_logging
+from coco_accel.files import output_folder_problem
+from coco_accel.wordpiece import tokenizer_folder_problem, vocab_sha256
 
 logger = logging.getLogger("coco_accel.train")  # what it logs is the start of the training run
 
 
 def _check_inputs(cfg: TrainConfig) -> None:
     """The folders a run needs, checked before anything loads: each problem named with its flag and fix."""
-    from coco_accel.files import output_folder_problem
-    from coco_accel.wordpiece import tokenizer_folder_problem
-
     model = Path(cfg.model_name_or_path)
     if not model.is_dir():
         raise ConfigError(f"--model_name_or_path {cfg.model_name_or_path}: {'a file' if model.exists() else 'no such folder'}"
@@ -44,8 +45,6 @@ def _check_data_tokenizer(cfg: TrainConfig, tokenizer) -> bool:
     """The training data must have been tokenized with the model's tokenizer: another vocabulary trains
     silently on wrong ids, or fails on the device hours in. Preprocessing records its tokenizer's hash;
     False when the data records none (the reference's format), to be checked token by token instead."""
-    from coco_accel.wordpiece import vocab_sha256
-
     stats_file = Path(cfg.train_dir) / "stats.json"
     try:
         stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
@@ -104,7 +103,6 @@ def _read_inputs(cfg: TrainConfig, accelerator) -> _Inputs:
     """Load and check every input on this process, running no collective (see dist.fail_together)."""
     from transformers import AutoTokenizer
 
-    from coco_accel.checkpoint import read_state
     from coco_accel.data import BatchPlan, DataError, SpanCollator, check_token_range, load_train_data
     from coco_accel.heldout import heldout_batches
     from coco_accel.warm_start import load_condenser
@@ -159,7 +157,6 @@ def _read_inputs(cfg: TrainConfig, accelerator) -> _Inputs:
 
 def _retrieval(cfg: TrainConfig, accelerator):
     """--eval_data read and checked (every folder before the first step), or None."""
-    from coco_accel.beir import EvalError
     from coco_accel.evaluate import TrainingEvaluation
 
     if not cfg.eval_data:
@@ -181,7 +178,6 @@ def build(cfg: TrainConfig) -> Run:
     from accelerate.utils import set_seed
 
     from coco_accel import dist
-    from coco_accel.checkpoint import load_checkpoint, remove_partial, remove_stale_checkpoints
     from coco_accel.data import TrainBatches
     from coco_accel.optim import build_optimizer, linear_schedule
 

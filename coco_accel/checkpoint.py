@@ -3,15 +3,19 @@ which checkpoint a run continues from and what it must match; stop requests (pre
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
 import re
 import shutil
+import signal
+import sys
 from pathlib import Path
 from typing import Optional
 
 from coco_accel.config import ConfigError, TrainConfig, to_dict
+from coco_accel.wordpiece import vocab_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -133,8 +137,6 @@ def to_universal(path: Path) -> Path:
     if not (path / STATE_FILE).is_file() or not source.is_dir():
         raise CheckpointError(f"{path}: not a DeepSpeed checkpoint of coco_accel (no {STATE_FILE} or {DEEPSPEED_TAG}/).")
     shutil.rmtree(converted, ignore_errors=True)
-    import sys
-
     # DeepSpeed's converter reads its own command line; --inject_missing_state supplies the parameter-layout
     # record that only Megatron-style clients save.
     argv, sys.argv = sys.argv, ["ds_to_universal", "--input_folder", str(source), "--output_folder", str(converted),
@@ -196,16 +198,12 @@ class StopRequest:
     """
 
     def __init__(self, stop_file: Optional[Path] = None):
-        import signal
-
         self.signal_name: Optional[str] = None
         self.stop_file = stop_file
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        import signal
-
         self.signal_name = signal.Signals(signum).name
 
     @property
@@ -217,8 +215,6 @@ class StopRequest:
 
 def provenance(cfg: TrainConfig, accelerator, dataset, tokenizer, plan) -> dict:
     """What a checkpoint is made from, recorded in it and checked on resume."""
-    from coco_accel.wordpiece import vocab_sha256
-
     plugin = accelerator.state.deepspeed_plugin
     return {"seed": cfg.seed, "global_docs": plan.global_docs, "world_size": accelerator.num_processes,
             "engine": f"deepspeed-zero{plugin.zero_stage}" if plugin is not None else "ddp",
@@ -274,8 +270,6 @@ def check_resume(cfg: TrainConfig, path: Path, saved: dict, now: dict) -> bool:
 
 def main(argv=None) -> int:
     """`python -m coco_accel.checkpoint universal CHECKPOINT`: make a ZeRO checkpoint loadable on any process count."""
-    import argparse
-
     p = argparse.ArgumentParser(prog="python -m coco_accel.checkpoint", description=main.__doc__)
     p.add_argument("command", choices=["universal"])
     p.add_argument("checkpoint", help="a checkpoint-STEP folder written under DeepSpeed")
@@ -291,6 +285,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main())

@@ -10,6 +10,9 @@ for the whole corpus, and a resumed run computes its next batch directly (no rep
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gzip
 import math
 import os
 from dataclasses import dataclass
@@ -102,8 +105,6 @@ def _check_span_counts(ds, files: list[str]) -> None:
         if short.size:
             row = start + int(short[0])
             for name in files:  # the rows come file by file, a line each
-                import gzip
-
                 with (gzip.open if name.endswith(".gz") else open)(name, "rb") as fh:
                     lines = sum(1 for line in fh if line.strip())
                 if row < lines:
@@ -276,9 +277,6 @@ def keep_freed_memory() -> None:
     if _HEAP_KEPT_IN == os.getpid():
         return
     _HEAP_KEPT_IN = os.getpid()
-    import ctypes
-    import ctypes.util
-
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):

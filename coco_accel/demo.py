@@ -16,7 +16,10 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from coco_accel import report
+from coco_accel.beir import EvalError, check_beir_folder
 from coco_accel.docstrings import write_corpus
+from coco_accel.files import output_folder_problem
 
 logger = logging.getLogger("coco_accel.demo")
 
@@ -58,9 +61,6 @@ def _before_after(initial: str, trained: str, data: list[str], out: Path) -> Non
 
 def _input_problem(out: Path, eval_data: Sequence[str]) -> Optional[str]:
     """What is wrong with the demo's inputs, found before anything runs (None when nothing is)."""
-    from coco_accel.beir import EvalError, check_beir_folder
-    from coco_accel.files import output_folder_problem
-
     problem = output_folder_problem("--output_dir", str(out))
     if problem:
         return problem
@@ -110,8 +110,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         logger.info("For zero-shot numbers before and after this run: make demo EVAL_DATA=path/to/beir/dataset "
                     "(any BEIR-format folder: corpus.jsonl, queries.jsonl, qrels/test.tsv).")
-    from coco_accel import report
-
     report.main([str(out)])
     records = [r for r in map(json.loads, open(out / "metrics.jsonl", encoding="utf-8")) if "loss" in r]
     first, last = records[0], records[-1]

@@ -3,8 +3,10 @@ precision, trackers, DeepSpeed's numbers, the CUDA allocator and logging, and th
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
@@ -25,8 +27,6 @@ def mixed_precision(cfg: TrainConfig) -> Optional[str]:
 
 
 def build_accelerator(cfg: TrainConfig):
-    from datetime import timedelta
-
     import torch
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
@@ -69,8 +69,6 @@ def skip_shared_memory_allreduce_build() -> None:
 
 def trackers(report_to: str) -> list[str]:
     """Accelerate trackers that are installed; a missing one is logged, never fatal."""
-    import importlib.util
-
     wanted = {"none": [], "all": ["tensorboard", "wandb"]}.get(report_to, [t.strip() for t in report_to.split(",")])
     modules = {"tensorboard": ("tensorboardX", "tensorboard"), "wandb": ("wandb",)}
     found = []

@@ -13,12 +13,15 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import torch
 
 from coco_accel.beir import EvalError, check_beir_folder, load_beir
+from coco_accel.files import output_file_problem
+from coco_accel.wordpiece import tokenizer_folder_problem
 
 logger = logging.getLogger("coco_accel.evaluate")
 
@@ -36,7 +39,6 @@ class Encoder:
                  bf16: bool = False):
         from transformers import AutoModel, AutoTokenizer
 
-        from coco_accel.wordpiece import tokenizer_folder_problem
 
         folder = Path(model_dir)
         if not folder.is_dir():
@@ -254,8 +256,6 @@ def evaluate(model: str, data: Sequence[str], *, split: str = "test", query_max_
 
 
 def _check_arguments(args) -> None:
-    from coco_accel.files import output_file_problem
-
     for flag, value, least in (("--batch_size", args.batch_size, 1), ("--chunk_docs", args.chunk_docs, 1),
                                ("--query_max_len", args.query_max_len, 3), ("--doc_max_len", args.doc_max_len, 3)):
         if value < least:
@@ -332,8 +332,6 @@ class TrainingEvaluation:
     @torch.no_grad()
     def __call__(self, backbone, tokenizer, rank: int = 0, world: int = 1) -> dict[str, float]:
         """Every collection's metrics with `backbone` (an HF base model: what AutoModel loads from the export)."""
-        import time
-
         start = time.perf_counter()
         was_training = backbone.training
         backbone.eval()

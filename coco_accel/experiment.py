@@ -32,6 +32,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from coco_accel.beir import EvalError, check_beir_folder
+from coco_accel.docstrings import write_corpus
+from coco_accel.wordpiece import tokenizer_folder_problem
+
 logger = logging.getLogger("coco_accel.experiment")
 
 DONE = "DONE"  # written into a run folder once its export is complete
@@ -125,8 +129,6 @@ class Experiment:
     def run(self) -> dict:
         control = self.control
         if control == DOCSTRINGS:
-            from coco_accel.docstrings import write_corpus
-
             folder = self.out / "data" / "docstrings_corpus"
             if not (folder / "corpus.jsonl").is_file():
                 write_corpus(folder)
@@ -250,9 +252,6 @@ def plot(summary: dict, path: Path) -> None:
 
 
 def _check(args) -> None:
-    from coco_accel.beir import EvalError, check_beir_folder
-    from coco_accel.wordpiece import tokenizer_folder_problem
-
     problem = tokenizer_folder_problem(args.model)
     if problem or not (Path(args.model) / "config.json").is_file():
         raise ExperimentError(f"--model {args.model}: {problem or 'no config.json'}; give a local HF model folder.")

@@ -4,6 +4,7 @@ normalisation), so BEIR and MTEB tools evaluate it as it is."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from typing import Optional
@@ -38,8 +39,6 @@ def save_export(model: Condenser, tokenizer, output_dir: str, state_dict: Option
                  if k.startswith("mlm.") and k[len("mlm."):] not in tied_copies}
     # Save the names the model uses now: by default transformers reverts load-time renames (LayerNorm
     # weight/bias back to a legacy checkpoint's gamma/beta), which happened under ZeRO-3.
-    import inspect
-
     as_is = {"save_original_format": False} if "save_original_format" in inspect.signature(
         model.mlm.save_pretrained).parameters else {}
     model.mlm.save_pretrained(output_dir, state_dict=mlm_state, **as_is)

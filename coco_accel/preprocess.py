@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -18,9 +19,11 @@ from typing import Optional, Sequence
 import numpy as np
 
 from coco_accel import corpora
+from coco_accel.files import output_folder_problem
 from coco_accel.outcomes import add_counts, empty_counts, outcomes, write_rejects
 from coco_accel.raw_cache import read_corpus
 from coco_accel.spans import MAP_BATCH_SIZE, SpanBuilder
+from coco_accel.wordpiece import load_backend_tokenizer, tokenizer_folder_problem, vocab_sha256
 
 logger = logging.getLogger("coco_accel.preprocess")
 
@@ -44,7 +47,6 @@ def preprocess(
     each); a re-run on unchanged input reuses the `datasets` cache.
     """
     from coco_accel import breaks
-    from coco_accel.wordpiece import load_backend_tokenizer, tokenizer_folder_problem, vocab_sha256
 
     sources = corpora.discover(list(inputs))
     problem = tokenizer_folder_problem(str(tokenizer_name))
@@ -141,8 +143,6 @@ def _save(out: Path, train_parts: list, eval_parts: Optional[list], num_shards: 
 def _remove_previous_output(out: Path) -> None:
     """A re-run into the same folder must not leave the previous layout behind (a single dataset's
     state.json next to a new train/eval split would be loaded instead of it)."""
-    import shutil
-
     for name in ("state.json", "dataset_info.json", "dataset_dict.json"):
         (out / name).unlink(missing_ok=True)
     for arrow in out.glob("data-*.arrow"):
@@ -206,8 +206,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _argument_problem(args) -> Optional[str]:
     """What is wrong with the command line, before anything is read (None when nothing is)."""
-    from coco_accel.files import output_folder_problem
-
     for flag, value in (("--num_proc", args.num_proc), ("--max_span_tokens", args.max_span_tokens)):
         if value < 1:
             return f"{flag} must be at least 1, got {value}."

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -53,9 +55,6 @@ def read_corpus(parts: list[corpora.Shard], cache_dir: Optional[str], num_proc: 
     files = [_raw_cache_file(shard, folder) for shard in parts]
     todo = [(shard, path) for shard, path in zip(parts, files) if not path.exists()]
     if len(todo) > 1 and num_proc > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
         with ProcessPoolExecutor(min(num_proc, len(todo)), mp_context=multiprocessing.get_context("fork")) as pool:
             for done in [pool.submit(_write_raw, shard, path) for shard, path in todo]:
                 done.result()

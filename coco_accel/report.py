@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from coco_accel.files import json_lines
+
 logger = logging.getLogger("coco_accel.report")
 
 
@@ -29,8 +31,6 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     if not path.is_file():
         raise ReportError(f"{run_dir}: no metrics.jsonl; pass the --output_dir of a training run.")
     train, heldout = [], []
-    from coco_accel.files import json_lines
-
     for n, record, line in json_lines(path, ReportError):
         if isinstance(record, dict) and "loss" in record and all(k in record for k in TRAIN_KEYS):
             train.append(record)

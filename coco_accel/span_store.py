@@ -3,6 +3,7 @@ grows with the batch, not with the corpus or its number of record batches."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 
 import numpy as np
@@ -48,8 +49,6 @@ class SpanStore:
         return {"dataset": self.dataset, "_views": None}
 
     def _build(self):
-        import ctypes
-
         import pyarrow as pa
 
         if self.dataset._indices is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import pickle
+from importlib.metadata import version
 from itertools import chain
 from pathlib import Path
 from typing import Sequence
@@ -20,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from coco_accel.keyed_random import HELD_OUT, SPAN_BREAK, keyed_uniform
+from coco_accel.wordpiece import SentenceEncoder
 
 BREAK_PROBABILITY = 0.1
 MAP_BATCH_SIZE = 1024  # documents per datasets.map batch
@@ -34,8 +36,6 @@ def pipeline_key() -> str:
     """A hash of the preprocessing code and the versions of the libraries it relies on. Part of the raw
     and span cache keys, so that a change to either rebuilds them rather than serving data an older
     version built (no version number to remember to bump)."""
-    from importlib.metadata import version
-
     h = hashlib.blake2b(digest_size=16)
     for name in PIPELINE_SOURCES:
         h.update((Path(__file__).parent / name).read_bytes())
@@ -83,7 +83,6 @@ class SpanBuilder:
         self.seed = seed
         self.eval_fraction = eval_fraction
         from coco_accel import breaks  # nltk is imported on first use only
-        from coco_accel.wordpiece import SentenceEncoder
 
         self.encoder = SentenceEncoder(tokenizer)  # a tokenizers.Tokenizer without truncation or padding
         self._sentences = breaks.punkt_sentences(splitter)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import runpy
 import sys
 
 if __name__ == "__main__" and not __package__:
@@ -11,8 +12,6 @@ if __name__ == "__main__" and not __package__:
     # would shadow installed packages of those names for every library in the process. The package's parent
     # folder takes its place, and the package's module runs as `python -m coco_accel.train` would run it
     # (in this process: same pid, arguments and interpreter flags).
-    import runpy
-
     _here = os.path.dirname(os.path.realpath(__file__))
     if sys.path and os.path.realpath(sys.path[0] or ".") == _here:
         sys.path[0] = os.path.dirname(_here)
@@ -25,7 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
 from coco_accel.build import Run, build
-from coco_accel.checkpoint import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, STOP_FILE, StopRequest
+from coco_accel.checkpoint import (PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, STOP_FILE, CheckpointError, StopRequest,
+                                   save_checkpoint)
 from coco_accel.config import ConfigError, TrainConfig, parse_config, to_dict
 from coco_accel.engine import finish
 
@@ -136,8 +136,6 @@ def _update(run: Run, parts, meter) -> float:
 
 
 def _checkpoint(run: Run, step: int) -> None:
-    from coco_accel.checkpoint import save_checkpoint
-
     state = {"step": step, "docs_seen": run.docs_seen, **run.provenance}
     save_checkpoint(run.accelerator, run.cfg.output_dir, step, state, total_limit=run.cfg.save_total_limit)
 
@@ -191,7 +189,6 @@ def _export(run: Run) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from coco_accel.checkpoint import CheckpointError
     from coco_accel.data import DataError
     from coco_accel.dist import PeerFailed
     from coco_accel.model import ModelError

@@ -14,6 +14,7 @@ sentence, over every character of the Basic Multilingual Plane.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from itertools import chain
@@ -57,8 +58,6 @@ def tokenizer_folder_problem(folder: str) -> Optional[str]:
 
 def vocab_sha256(vocab: dict) -> str:
     """A tokenizer's identity for checks: the hash of its token -> id table, added tokens included."""
-    import hashlib
-
     return hashlib.sha256(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode()).hexdigest()
 
 

