@@ -189,18 +189,26 @@ def _export(run: Run) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        cfg = parse_config(argv)
+    except ConfigError as err:
+        return _refused(err)
+    # torch comes with these: after the command line, so --help and a mistake in it answer at once
     from coco_accel.data import DataError
     from coco_accel.dist import PeerFailed
     from coco_accel.model import ModelError
 
     try:
-        cfg = parse_config(argv)
         result = train(cfg)
     except (ConfigError, DataError, ModelError, FloatingPointError, CheckpointError, PeerFailed) as err:
-        logging.basicConfig(level=logging.INFO)
-        logger.error("%s", err)
-        return 2
+        return _refused(err)
     return PREEMPTED_EXIT_CODE if result["preempted"] else 0
+
+
+def _refused(err: Exception) -> int:
+    logging.basicConfig(level=logging.INFO)
+    logger.error("%s", err)
+    return 2
 
 
 def _exit(code: int) -> None:
