@@ -9,7 +9,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from coco_accel.beir import EvalError
 from coco_accel.checkpoint import (check_resume, checkpoint_to_resume, load_checkpoint, provenance, read_state,
@@ -18,6 +18,16 @@ from coco_accel.config import ConfigError, TrainConfig
 from coco_accel.engine import build_accelerator, fill_deepspeed_config, growable_cuda_segments, setup_logging
 from coco_accel.files import output_folder_problem
 from coco_accel.wordpiece import tokenizer_folder_problem, vocab_sha256
+
+if TYPE_CHECKING:  # the types only: the modules themselves load torch, imported where they are used
+    import datasets
+    import torch
+    from accelerate import Accelerator
+    from transformers import PreTrainedTokenizerBase
+
+    from coco_accel.data import BatchPlan, SpanCollator, TrainBatches
+    from coco_accel.evaluate import TrainingEvaluation
+    from coco_accel.step import StepParts
 
 logger = logging.getLogger("coco_accel.train")  # what it logs is the start of the training run
 
@@ -63,20 +73,20 @@ def _check_data_tokenizer(cfg: TrainConfig, tokenizer) -> bool:
 class Run:
     """Everything a training loop touches, built once."""
 
-    cfg: TrainConfig
-    accelerator: Any
-    model: Any
-    optimizer: Any
-    scheduler: Any
-    tokenizer: Any
-    plan: Any
-    batches: Any
+    cfg: TrainConfig  # as the engine runs it (TrainConfig.for_engine)
+    accelerator: Accelerator
+    model: torch.nn.Module  # the Condenser, wrapped by Accelerate (DDP or DeepSpeed's engine)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    tokenizer: PreTrainedTokenizerBase
+    plan: BatchPlan
+    batches: TrainBatches
     total_steps: int
-    step_fn: Callable
-    heldout: dict
+    step_fn: Callable[[dict, dict, list], StepParts]  # (device batch, host batch, rows per process)
+    heldout: dict[str, list[dict]]  # per corpus: this process's held-out batches
     provenance: dict
     deepspeed: bool = False
-    retrieval: Any = None
+    retrieval: Optional[TrainingEvaluation] = None
     start_step: int = 0
     docs_seen: int = 0
 
@@ -87,13 +97,13 @@ class _Inputs:
 
     resume: Optional[Path]
     reseed: bool  # resuming on another process count: per-process random streams restart
-    tokenizer: Any
-    model: Any
-    dataset: Any
-    plan: Any
-    collator: Any
-    heldout: dict
-    retrieval: Any  # evaluate.TrainingEvaluation over --eval_data, or None
+    tokenizer: PreTrainedTokenizerBase
+    model: torch.nn.Module  # the Condenser
+    dataset: datasets.Dataset
+    plan: BatchPlan
+    collator: SpanCollator
+    heldout: dict[str, list[dict]]
+    retrieval: Optional[TrainingEvaluation]  # over --eval_data
     total_steps: int
     warmup: int
     provenance: dict
