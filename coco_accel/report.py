@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from coco_accel.files import json_lines
+from coco_accel.common.files import json_lines
 
 logger = logging.getLogger("coco_accel.report")
 
@@ -45,17 +45,17 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
 
 
 def read_evaluation(path: Path, flag: str, given: bool) -> Optional[dict]:
-    """An evaluate.py --output JSON; None when the default file is absent, an error when a given one is."""
+    """A `python -m coco_accel.evaluation --output` JSON; None when the default file is absent, an error when a given one is."""
     if not path.is_file():
         if given:
-            raise ReportError(f"{flag} {path}: no such file (write it with `python -m coco_accel.evaluate ... --output`).")
+            raise ReportError(f"{flag} {path}: no such file (write it with `python -m coco_accel.evaluation ... --output`).")
         return None
     try:
         result = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ReportError(f"{flag} {path}: not JSON ({err}).") from None
     if not isinstance(result, dict) or not isinstance(result.get("datasets"), dict) or "average" not in result:
-        raise ReportError(f"{flag} {path}: not an evaluate.py result (no 'datasets' and 'average').")
+        raise ReportError(f"{flag} {path}: not a `coco_accel.evaluation` result (no 'datasets' and 'average').")
     return result
 
 
@@ -154,8 +154,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(prog="python -m coco_accel.report", description=__doc__)
     p.add_argument("run_dir")
-    p.add_argument("--before", default=None, help="evaluate.py JSON of the warm start (default: RUN_DIR/eval_before.json)")
-    p.add_argument("--after", default=None, help="evaluate.py JSON of the export (default: RUN_DIR/eval_after.json)")
+    p.add_argument("--before", default=None, help="`coco_accel.evaluation` JSON of the warm start (default: RUN_DIR/eval_before.json)")
+    p.add_argument("--after", default=None, help="`coco_accel.evaluation` JSON of the export (default: RUN_DIR/eval_after.json)")
     args = p.parse_args(argv)
     run_dir = Path(args.run_dir)
     try:

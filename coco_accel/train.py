@@ -8,8 +8,8 @@ import sys
 
 if __name__ == "__main__" and not __package__:
     # Run as a file (accelerate launch coco_accel/train.py, the reference's way to launch), Python put this
-    # folder first on the import path, where the package's own modules (beir, evaluate, config, build, ...)
-    # would shadow installed packages of those names for every library in the process. The package's parent
+    # folder first on the import path, where the package's own subpackages and commands (model, training,
+    # evaluation, report, ...) would shadow installed packages of those names for every library in the process. The package's parent
     # folder takes its place, and the package's module runs as `python -m coco_accel.train` would run it
     # (in this process: same pid, arguments and interpreter flags).
     _here = os.path.dirname(os.path.realpath(__file__))
@@ -23,22 +23,22 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
-from coco_accel.build import Run, build
-from coco_accel.checkpoint import (PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, STOP_FILE, CheckpointError, StopRequest,
+from coco_accel.training.build import Run, build
+from coco_accel.training.checkpoint import (PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, STOP_FILE, CheckpointError, StopRequest,
                                    save_checkpoint)
-from coco_accel.config import ConfigError, TrainConfig, parse_config, to_dict
-from coco_accel.engine import finish
+from coco_accel.training.config import ConfigError, TrainConfig, parse_config, to_dict
+from coco_accel.training.engine import finish
 
 if TYPE_CHECKING:
-    from coco_accel.tracking import TrainingLog
+    from coco_accel.training.tracking import TrainingLog
 
 logger = logging.getLogger("coco_accel.train")
 
 
 def train(cfg: TrainConfig) -> dict:
     """The whole run: build, loop, export. Returns the first and last logged records."""
-    from coco_accel.data import make_loader
-    from coco_accel.tracking import TrainingLog
+    from coco_accel.training.batches import make_loader
+    from coco_accel.training.tracking import TrainingLog
 
     run = build(cfg)
     cfg = run.cfg  # as the engine runs it (TrainConfig.for_engine)
@@ -81,7 +81,7 @@ def train(cfg: TrainConfig) -> dict:
 
 def _evaluate(run: Run, log: "TrainingLog", step: int) -> int:
     """The held-out contrastive signal and retrieval on --eval_data at `step`, recorded as one evaluation."""
-    from coco_accel.heldout import heldout_signal
+    from coco_accel.training.heldout import heldout_signal
 
     acc = run.accelerator
     record = {"step": step}
@@ -114,7 +114,7 @@ def _agree(run: Run, stop: StopRequest, parts) -> tuple[bool, bool]:
     sync outside logging."""
     import torch
 
-    from coco_accel import dist
+    from coco_accel.common import dist
 
     device = run.accelerator.device
     control = dist.all_reduce_sum(torch.stack([torch.tensor(float(stop.requested), device=device, dtype=torch.float64),
@@ -124,7 +124,7 @@ def _agree(run: Run, stop: StopRequest, parts) -> tuple[bool, bool]:
 
 def _update(run: Run, parts, meter) -> float:
     """Clip, step the optimizer, count the step; returns the learning rate the step used."""
-    from coco_accel.optim import step_counting_overflow
+    from coco_accel.training.optim import step_counting_overflow
 
     acc, cfg = run.accelerator, run.cfg
     grad_norm = _clip(acc, run.model, cfg.max_grad_norm, deepspeed=run.deepspeed) if cfg.max_grad_norm > 0 else None
@@ -155,7 +155,7 @@ def _preempted(run: Run, log: TrainingLog, stop: StopRequest, step: int) -> dict
 def _clip(acc, model, max_norm: float, deepspeed: bool):
     """The norm before clipping. DeepSpeed clips inside its step and reports its own norm; otherwise the
     gradients are unscaled (fp16) and clipped by `optim.clip_grad_norm`."""
-    from coco_accel.optim import clip_grad_norm
+    from coco_accel.training.optim import clip_grad_norm
 
     if deepspeed:
         return acc.clip_grad_norm_(model.parameters(), max_norm)
@@ -176,7 +176,7 @@ def _nonfinite(cfg: TrainConfig, step: int, parts, skipped: int) -> int:
 
 
 def _export(run: Run) -> None:
-    from coco_accel.export import save_export
+    from coco_accel.model.export import save_export
 
     acc = run.accelerator
     acc.wait_for_everyone()
@@ -194,9 +194,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as err:
         return _refused(err)
     # torch comes with these: after the command line, so --help and a mistake in it answer at once
-    from coco_accel.data import DataError
-    from coco_accel.dist import PeerFailed
-    from coco_accel.model import ModelError
+    from coco_accel.common.dist import PeerFailed
+    from coco_accel.model.condenser import ModelError
+    from coco_accel.training.batches import DataError
 
     try:
         result = train(cfg)

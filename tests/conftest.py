@@ -99,7 +99,7 @@ def span_batch(lengths, width: int = 20, vocab: int = 120, pad_id: int = 0, labe
 
 def record_cls(monkeypatch) -> list:
     """Every Condenser forward from now on appends a detached copy of its CLS vectors to the returned list."""
-    from coco_accel.model import Condenser
+    from coco_accel.model.condenser import Condenser
 
     seen = []
     real_forward = Condenser.forward

@@ -90,7 +90,7 @@ def test_manpage_collection_is_a_beir_folder_of_known_items(tmp_path):
 
 def test_the_independent_evaluator_agrees_with_ours(tmp_path, minilm_path):
     """benchmarks/independent_eval.py (its own reading, sentence-transformers vectors, metrics from their
-    definitions) and coco_accel.evaluate give the same per-query numbers. Their vectors differ by float32
+    definitions) and coco_accel.evaluation.retrieval give the same per-query numbers. Their vectors differ by float32
     rounding (other padding per batch, ~1e-5 on MiniLM's dot products of ~50), which could swap two documents
     scored that close: at most one query is allowed to differ, and the means by no more than its share. A
     random tiny BERT would not do: its CLS vectors are all alike and its scores tie to 1e-6 everywhere."""
@@ -99,7 +99,7 @@ def test_the_independent_evaluator_agrees_with_ours(tmp_path, minilm_path):
 
     data = write_docstring_beir(tmp_path / "docstrings")
     ours = tmp_path / "ours.json"
-    subprocess.run([sys.executable, "-m", "coco_accel.evaluate", "--model", minilm_path, "--data", str(data),
+    subprocess.run([sys.executable, "-m", "coco_accel.evaluation", "--model", minilm_path, "--data", str(data),
                     "--output", str(ours)], cwd=REPO, check=True, capture_output=True, timeout=600)
     rows = _last_json(["benchmarks/independent_eval.py", "--data", str(data), "--pair", minilm_path, str(ours)])
     n = json.loads(ours.read_text())["datasets"]["docstrings"]["queries"]

@@ -8,8 +8,8 @@ import pytest
 
 from conftest import SHARED_DATA
 
-from coco_accel.breaks import BreakDecider, PunktSentences
-from coco_accel.breaks import forget_breaks, load_sentence_splitter
+from coco_accel.preprocessing.breaks import BreakDecider, PunktSentences
+from coco_accel.preprocessing.breaks import forget_breaks, load_sentence_splitter
 
 CRAFTED = [
     "Dr. Smith went to Washington. He arrived at 5 p.m. on Tuesday. Mr. and Mrs. Jones followed.",
@@ -70,7 +70,7 @@ def test_crafted_contexts_match_nltk():
 
 
 def test_docstring_contexts_match_nltk():
-    from coco_accel.docstrings import docstring_documents
+    from coco_accel.preprocessing.docstrings import docstring_documents
 
     texts = [f"{d.get('title', '')} {d['text']}".strip() for d in docstring_documents()]
     assert _assert_same(texts) > 1000
@@ -93,7 +93,7 @@ def test_nltk_is_imported_without_scipy_which_stays_importable():
     import sys
 
     pytest.importorskip("scipy")
-    code = ("import sys; from coco_accel.breaks import load_sentence_splitter; s, _ = load_sentence_splitter(); "
+    code = ("import sys; from coco_accel.preprocessing.breaks import load_sentence_splitter; s, _ = load_sentence_splitter(); "
             "assert 'scipy' not in sys.modules, 'scipy imported'; "
             "assert s.tokenize('Dr. Smith left. He came back.') == ['Dr. Smith left.', 'He came back.']; "
             "import scipy.stats; print('ok')")

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from coco_accel.config import ConfigError, TrainConfig, parse_config
+from coco_accel.training.config import ConfigError, TrainConfig, parse_config
 
 REQUIRED = ["--output_dir", "o", "--model_name_or_path", "m", "--train_dir", "t"]
 
@@ -37,18 +37,19 @@ def test_help_lists_every_reference_flag():
 
 
 def test_run_as_a_file_it_imports_as_the_package_with_its_flags_and_arguments(tmp_path):
-    # Run as a file, the package's folder comes first on the import path, and coco_accel/evaluate.py would be
-    # what `import evaluate` finds for every library. An installed package of that name (here on PYTHONPATH)
-    # must win; the process is the one started (no re-execution). A startup hook records, at the process's
-    # exit, its command line, what `evaluate` resolves to and whether the package's folder is on the path.
-    (tmp_path / "evaluate").mkdir()
-    (tmp_path / "evaluate" / "__init__.py").write_text("")
+    # Run as a file, Python puts the file's folder first on the import path, where the package's own
+    # subpackages (model, training, evaluation, ...) would be what `import model` finds for every library.
+    # An installed package of that name (here on PYTHONPATH) must win; the process is the one started (no
+    # re-execution). A startup hook records, at the process's exit, its command line, what `model` resolves
+    # to and whether the package's folder is on the path.
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "__init__.py").write_text("")
     (tmp_path / "sitecustomize.py").write_text(
         "import atexit, importlib.util, json, os, sys\n"
         "def _record():\n"
-        "    spec = importlib.util.find_spec('evaluate')\n"
+        "    spec = importlib.util.find_spec('model')\n"
         "    with open(os.environ['RECORD'], 'w') as fh:\n"
-        "        json.dump({'argv': sys.orig_argv, 'evaluate': spec and spec.origin, 'path': sys.path}, fh)\n"
+        "        json.dump({'argv': sys.orig_argv, 'model': spec and spec.origin, 'path': sys.path}, fh)\n"
         "atexit.register(_record)\n")
     record = tmp_path / "record.json"
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "RECORD": str(record)}
@@ -57,7 +58,7 @@ def test_run_as_a_file_it_imports_as_the_package_with_its_flags_and_arguments(tm
     assert "--per_device_train_batch_size" in done.stdout
     seen = json.loads(record.read_text())
     assert seen["argv"][1:] == ["-W", "ignore::UserWarning", "coco_accel/train.py", "--help"]
-    assert seen["evaluate"] == str(tmp_path / "evaluate" / "__init__.py"), seen
+    assert seen["model"] == str(tmp_path / "model" / "__init__.py"), seen
     assert str(REPO / "coco_accel") not in [os.path.realpath(p) for p in seen["path"]]
 
 
@@ -172,10 +173,11 @@ def test_the_commands_are_installed_as_scripts():
     from pathlib import Path
 
     scripts = {ep.name: ep for ep in entry_points(group="console_scripts") if ep.value.startswith("coco_accel.")}
-    assert set(scripts) == {f"coco-{name}" for name in
-                            ("preprocess", "evaluate", "experiment", "report", "checkpoint", "demo")}
+    commands = {f"coco-{name}": f"coco_accel.{name}:main" for name in
+                ("preprocess", "experiment", "report", "checkpoint", "demo")}
+    commands["coco-evaluate"] = "coco_accel.evaluation.__main__:main"  # python -m coco_accel.evaluation
+    assert {name: ep.value for name, ep in scripts.items()} == commands
     for name, ep in scripts.items():
-        assert ep.value == f"coco_accel.{name[len('coco-'):]}:main"
         assert ep.load() is importlib.import_module(ep.value.split(":")[0]).main
     run = subprocess.run([str(Path(sys.executable).parent / "coco-checkpoint"), "--help"], capture_output=True,
                          text=True, timeout=120)

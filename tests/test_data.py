@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from coco_accel.data import BatchPlan, SpanCollator, TrainBatches, load_train_data
-from coco_accel.span_store import fetch_spans
+from coco_accel.training.batches import BatchPlan, SpanCollator, TrainBatches, load_train_data
+from coco_accel.training.span_store import fetch_spans
 
 
 def test_plan_slices_cover_the_global_batch_for_any_world_size():
@@ -27,7 +27,7 @@ def test_plan_slices_cover_the_global_batch_for_any_world_size():
 
 
 def test_keyed_permutation_is_a_bijection_of_any_size():
-    from coco_accel.keyed_random import keyed_permutation
+    from coco_accel.common.keyed_random import keyed_permutation
 
     for n in (1, 2, 3, 5, 16, 17, 117, 1000, 4097):
         perm = keyed_permutation(np.arange(n), n, 42, 0, 21)
@@ -72,7 +72,7 @@ def test_many_ranks_cover_each_epoch_once_with_the_single_process_batches(world,
 def test_a_batch_costs_its_own_size_whatever_the_corpus_and_step(monkeypatch):
     """The epoch order is evaluated at the batch's positions only: a 47M-document corpus and step 150,000
     (a resume) cost one batch's work, with nothing replayed or built for the whole corpus."""
-    import coco_accel.data as data
+    import coco_accel.training.batches as data
 
     sizes = []
     real = data.keyed_permutation
@@ -134,7 +134,7 @@ def test_long_spans_are_cut_to_a_keyed_window(tokenizer):
 
 
 def test_documents_with_one_span_are_an_error(tokenizer):
-    from coco_accel.data import DataError
+    from coco_accel.training.batches import DataError
 
     collator = SpanCollator(tokenizer, 32, 0.15, seed=1)
     with pytest.raises(DataError, match="fewer than two spans"):
@@ -163,7 +163,7 @@ def test_the_span_store_reads_what_the_rows_hold(tmp_path, token_type):
     (several shards, record batches of 7 rows), sliced (a nonzero offset into the buffers) and concatenated."""
     import datasets
 
-    from coco_accel.span_store import SpanStore
+    from coco_accel.training.span_store import SpanStore
 
     rng = np.random.default_rng(0)
     rows = [[rng.integers(0, 30000, rng.integers(1, 9)).tolist() for _ in range(rng.integers(2, 6))] for _ in range(300)]
@@ -189,7 +189,7 @@ def test_the_span_store_reads_what_the_rows_hold(tmp_path, token_type):
 
 def test_the_span_store_falls_back_where_it_cannot_address_the_buffers():
     """An indices mapping (a shuffled, unflattened dataset) goes through datasets' own gather, same result."""
-    from coco_accel.span_store import SpanStore
+    from coco_accel.training.span_store import SpanStore
 
     dataset = _spans_dataset([[[i, i + 1], [i + 2]] for i in range(50)]).shuffle(seed=0)
     assert dataset._indices is not None
@@ -204,7 +204,7 @@ def test_the_span_store_is_rebuilt_in_a_new_process(span_data):
     """Pickled into a spawned loader worker, the store carries no addresses: the worker builds its own."""
     import pickle
 
-    from coco_accel.span_store import SpanStore
+    from coco_accel.training.span_store import SpanStore
 
     store = SpanStore(load_train_data(str(span_data)).with_format("arrow"))
     docs = np.array([0, 5, 2])

@@ -141,7 +141,7 @@ class Parity:
 
 @pytest.fixture(scope="module")
 def data(span_data):
-    from coco_accel.data import load_train_data
+    from coco_accel.training.batches import load_train_data
 
     assert len(load_train_data(str(span_data))) == DOCS
     return span_data
@@ -193,8 +193,8 @@ def _short_last_batch_is_uneven(nproc: int, chunk: int) -> None:
     """The subject of the short-last-batch checks, asserted so that it cannot silently vanish: step 5 is the
     epoch's short batch, its documents split unevenly over the processes, and with the gradient cache
     their chunk counts would differ without equalisation."""
-    from coco_accel.data import BatchPlan
-    from coco_accel.step import chunk_sizes
+    from coco_accel.training.batches import BatchPlan
+    from coco_accel.training.step import chunk_sizes
 
     plan = BatchPlan(DOCS, GLOBAL_DOCS, seed=42, drop_last=False, world_size=nproc)
     assert plan.steps_per_epoch == STEPS

@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
-from coco_accel.beir import EvalError, load_beir
-from coco_accel.evaluate import Encoder, evaluate, exact_search, main, trec_metrics
+from coco_accel.evaluation.beir import EvalError, load_beir
+from coco_accel.evaluation.__main__ import main
+from coco_accel.evaluation.retrieval import Encoder, evaluate, exact_search, trec_metrics
 
 from conftest import SHARED_DATA
 
@@ -102,7 +103,7 @@ def test_clear_errors(tmp_path, tiny_bert):
 
 
 def test_every_folder_and_argument_is_checked_before_the_model_loads(tmp_path, tiny_bert, caplog, monkeypatch):
-    import coco_accel.evaluate as ev
+    import coco_accel.evaluation.retrieval as ev
 
     loaded = []
     monkeypatch.setattr(ev.Encoder, "__init__", lambda self, *a, **k: loaded.append(a))

@@ -61,7 +61,7 @@ class _FullDisk:
 
 
 def test_a_failed_checkpoint_write_leaves_the_previous_one_latest(tmp_path):
-    from coco_accel.checkpoint import STATE_FILE, CheckpointError, latest_checkpoint, save_checkpoint
+    from coco_accel.training.checkpoint import STATE_FILE, CheckpointError, latest_checkpoint, save_checkpoint
 
     good = tmp_path / "checkpoint-2"
     good.mkdir()

@@ -76,8 +76,8 @@ def test_step_planned_from_the_host_never_waits_for_the_device(chunk):
     next step while the device still runs this one. Backward is left out: embedding backward syncs."""
     from transformers import BertConfig, BertForMaskedLM
 
-    from coco_accel.model import Condenser
-    from coco_accel.step import StepSettings, cached_step, plain_step
+    from coco_accel.model.condenser import Condenser
+    from coco_accel.training.step import StepSettings, cached_step, plain_step
 
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
@@ -103,7 +103,7 @@ def test_step_planned_from_the_host_never_waits_for_the_device(chunk):
 
 def _first_and_replayed_cls(model, lengths, chunk: int, monkeypatch, width: int = 20, vocab: int = 120) -> list:
     """The CLS vectors of a bf16 gradient-cached step's first pass and of its replay, chunk by chunk."""
-    from coco_accel.step import StepSettings, cached_step
+    from coco_accel.training.step import StepSettings, cached_step
 
     ids, mask, labels = span_batch(lengths, width=width, vocab=vocab, label_rate=0.15 if width > 20 else 0.4)
     host = {"input_ids": ids, "attention_mask": mask, "labels": labels}
@@ -122,7 +122,7 @@ def test_gradient_cache_replays_the_first_pass_dropout_on_the_gpu(compiled, monk
     chunk's replay computes bit for bit the CLS vectors of its first pass; compiled too (Triton's dropout)."""
     from transformers import BertConfig, BertForMaskedLM
 
-    from coco_accel.model import Condenser
+    from coco_accel.model.condenser import Condenser
 
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)
@@ -140,7 +140,7 @@ def test_gradient_cache_replays_the_first_pass_dropout_at_bert_base_size(monkeyp
     reference's lengths."""
     from transformers import BertConfig, BertForMaskedLM
 
-    from coco_accel.model import Condenser
+    from coco_accel.model.condenser import Condenser
 
     torch.manual_seed(0)
     model = Condenser(BertForMaskedLM(BertConfig()), n_head_layers=2, skip_from=6, late_mlm=True,
@@ -163,8 +163,8 @@ def test_partial_last_layer_is_as_exact_as_the_full_layer_in_bf16_at_bert_base_s
     import numpy as np
     from transformers import BertConfig, BertForMaskedLM
 
-    from coco_accel.model import layer_at
-    from coco_accel.packing import query_layout
+    from coco_accel.model.condenser import layer_at
+    from coco_accel.model.packing import query_layout
 
     torch.manual_seed(0)
     layer64 = BertForMaskedLM(BertConfig(attn_implementation="sdpa")).bert.encoder.layer[0].double().cuda().eval()

@@ -197,7 +197,7 @@ def test_report_input_mistakes(tmp_path, caplog):
     cases = [([str(tmp_path / "afile")], "no such folder"),
              ([str(run)], "metrics.jsonl:2: malformed JSON"),
              ([str(run), "--before", str(tmp_path / "none.json")], "--before"),
-             ([str(run), "--after", str(tmp_path / "list.json")], "not an evaluate.py result")]
+             ([str(run), "--after", str(tmp_path / "list.json")], "not a `coco_accel.evaluation` result")]
     for n, (args, words) in enumerate(cases):
         if n == 2:
             (run / "metrics.jsonl").write_text(json.dumps(record) + "\n")

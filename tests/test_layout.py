@@ -1,6 +1,7 @@
-"""The package's shape: docs/layout.md lists every module once, and each imports only modules listed
-before it (so the import graph has no cycles and no upward arrows); no function runs past one screen;
-imports sit at the top of a module unless deferred for start-up time."""
+"""The package's shape: its folders are the pipeline's stages, docs/layout.md lists every module once, each
+module imports only modules listed before it (so the import graph has no cycles and no upward arrows) and
+the stages import one way (common <- preprocessing, model, evaluation <- training <- the commands); no
+function runs past one screen; imports sit at the top of a module unless deferred for start-up time."""
 
 import ast
 import re
@@ -17,8 +18,24 @@ DEFERRED = {"torch", "transformers", "datasets", "accelerate", "deepspeed", "nlt
 LONGEST_FUNCTION = 60  # lines, decorators excluded
 
 
+# The stages each stage may import: the one-way arrows between the package's folders. The commands (the
+# package's top-level modules) sit on top and may import every stage.
+STAGES = {"common": set(), "preprocessing": {"common"}, "model": {"common"}, "evaluation": {"common"},
+          "training": {"common", "model", "evaluation"},
+          "commands": {"common", "preprocessing", "model", "evaluation", "training", "commands"}}
+
+
+def _name(path) -> str:
+    """coco_accel/training/batches.py -> training.batches; coco_accel/train.py -> train."""
+    return ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+
+
+def _stage(name: str) -> str:
+    return name.split(".")[0] if "." in name else "commands"
+
+
 def _modules() -> dict[str, ast.Module]:
-    return {p.stem: ast.parse(p.read_text(encoding="utf-8")) for p in sorted(PACKAGE.glob("*.py"))
+    return {_name(p): ast.parse(p.read_text(encoding="utf-8")) for p in sorted(PACKAGE.rglob("*.py"))
             if p.stem != "__init__"}
 
 
@@ -26,37 +43,41 @@ def _package_imports(tree: ast.Module) -> set[str]:
     """The package modules a module imports anywhere in it, function-level imports included."""
     found = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("coco_accel"):
-            found.update([node.module.split(".")[1]] if "." in node.module else [a.name for a in node.names])
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("coco_accel."):
+            module = node.module.removeprefix("coco_accel.")
+            found.update([f"{module}.{a.name}" for a in node.names] if module in STAGES else [module])
+        elif isinstance(node, ast.ImportFrom) and node.module == "coco_accel":  # from coco_accel import report
+            found.update(a.name for a in node.names if a.name != "__version__")
         elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("coco_accel."))
+            found.update(a.name.removeprefix("coco_accel.") for a in node.names if a.name.startswith("coco_accel."))
     return found
 
 
-def _documented_order() -> tuple[list[str], set[str]]:
-    """(every module in the order docs/layout.md lists them, those listed under Foundations)."""
-    order, foundations, section = [], set(), ""
-    for line in (REPO / "docs" / "layout.md").read_text(encoding="utf-8").splitlines():
-        if line.startswith("## "):
-            section = line
-        match = re.match(r"\| `(\w+)\.py` \|", line)
-        if match:
-            order.append(match.group(1))
-            if section.startswith("## Foundations"):
-                foundations.add(match.group(1))
-    return order, foundations
+def _documented_order() -> list[str]:
+    """Every module in the order docs/layout.md lists them."""
+    return [".".join(m.group(1).removesuffix(".py").split("/"))
+            for line in (REPO / "docs" / "layout.md").read_text(encoding="utf-8").splitlines()
+            for m in [re.match(r"\| `([\w/]+\.py)` \|", line)] if m]
+
+
+def test_the_folders_are_the_stages_and_import_one_way():
+    modules = _modules()
+    assert {_stage(name) for name in modules} == set(STAGES)
+    against = {name: sorted(m for m in _package_imports(tree) if _stage(m) not in STAGES[_stage(name)] | {_stage(name)})
+               for name, tree in modules.items()}
+    assert {name: found for name, found in against.items() if found} == {}
+    common = {name: sorted(_package_imports(tree)) for name, tree in modules.items() if _stage(name) == "common"}
+    assert {name: found for name, found in common.items() if found} == {}, "common imports nothing of the package"
 
 
 def test_every_module_is_listed_once_and_imports_only_earlier_ones():
     modules = _modules()
-    order, foundations = _documented_order()
+    order = _documented_order()
     assert sorted(order) == sorted(modules), "docs/layout.md must list each module of coco_accel/ exactly once"
     position = {name: i for i, name in enumerate(order)}
     upward = {name: sorted(m for m in _package_imports(tree) if position.get(m, len(order)) >= position[name])
               for name, tree in modules.items()}
     assert {name: later for name, later in upward.items() if later} == {}
-    assert {name: sorted(_package_imports(modules[name])) for name in foundations
-            if _package_imports(modules[name])} == {}
 
 
 def test_no_function_is_longer_than_a_screen():
@@ -69,7 +90,9 @@ def test_no_function_is_longer_than_a_screen():
 def _imported(node) -> list[str]:
     if isinstance(node, ast.Import):
         return [a.name for a in node.names]
-    return [f"coco_accel.{a.name}" for a in node.names] if node.module == "coco_accel" else [node.module]
+    if node.module == "coco_accel" or node.module.removeprefix("coco_accel.") in STAGES:  # from coco_accel.common import dist
+        return [f"{node.module}.{a.name}" for a in node.names]
+    return [node.module]
 
 
 def test_imports_are_at_the_top_unless_deferred_for_start_up_time():
@@ -78,10 +101,9 @@ def test_imports_are_at_the_top_unless_deferred_for_start_up_time():
            for name, tree in modules.items()}
 
     def heavy(module: str, seen: tuple = ()) -> bool:
-        root, _, rest = module.partition(".")
+        root, _, name = module.partition(".")
         if root != "coco_accel":
             return root in DEFERRED
-        name = rest.split(".")[0]
         return name not in seen and any(heavy(m, seen + (name,)) for m in top.get(name, []))
 
     light = []
@@ -91,5 +113,5 @@ def test_imports_are_at_the_top_unless_deferred_for_start_up_time():
                        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test) for n in ast.walk(node)}
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in at_top | typing_only:
-                light += [f"{name}.py:{node.lineno} {m}" for m in _imported(node) if not heavy(m)]
+                light += [f"{name}:{node.lineno} {m}" for m in _imported(node) if not heavy(m)]
     assert light == [], "imports with no start-up cost belong at the top of the module"

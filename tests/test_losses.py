@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import record_cls, span_batch
-from coco_accel.losses import masked_lm_loss, span_contrastive_loss
+from coco_accel.training.losses import masked_lm_loss, span_contrastive_loss
 
 # Two documents, two spans each, rows in pairs: (a0, a1) and (b0, b1).
 X = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [2.0, 0.0]])
@@ -99,7 +99,7 @@ def test_masked_lm_loss_is_sum_over_normaliser():
 def test_decoder_cross_entropy_equals_the_loss_on_full_logits(monkeypatch, chunk_rows):
     """Chunked, gradients-in-forward == cross-entropy on all the logits: loss and the gradients of the
     features, the (tied) weight and the bias, in float64; several chunks and one."""
-    from coco_accel import losses
+    from coco_accel.training import losses
 
     monkeypatch.setattr(losses, "DECODER_CHUNK_ELEMENTS", chunk_rows * 50)
     torch.manual_seed(0)
@@ -121,7 +121,7 @@ def test_decoder_cross_entropy_equals_the_loss_on_full_logits(monkeypatch, chunk
 
 @pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
 def test_decoder_cross_entropy_under_autocast_and_its_fallbacks(half):
-    from coco_accel.losses import decoder_cross_entropy
+    from coco_accel.training.losses import decoder_cross_entropy
 
     torch.manual_seed(0)
     decoder = torch.nn.Linear(16, 40)
@@ -165,7 +165,7 @@ def test_decoder_cross_entropy_is_as_accurate_as_mixed_precision_on_full_logits(
             loss = loss_fn(f, d)
         return [g.double() / scale for g in torch.autograd.grad(loss.float() * scale, [f, d.weight, d.bias])]
 
-    from coco_accel import losses
+    from coco_accel.training import losses
 
     exact = grads(lambda f, d: masked_lm_loss(d(f), targets, float(n)), torch.float64, 1.0)
     chunked = grads(lambda f, d: losses.decoder_cross_entropy(f, d, targets, float(n)), torch.float32, 2.0 ** 16)
@@ -181,10 +181,10 @@ def test_a_step_planned_from_the_host_batch_equals_one_planned_from_the_device(c
     the counts from it alone, and give the same losses and gradients as when they read the device."""
     from transformers import BertConfig, BertForMaskedLM
 
-    from coco_accel import model as model_module
-    from coco_accel import step as step_module
-    from coco_accel.model import Condenser
-    from coco_accel.step import StepSettings, cached_step, plain_step
+    from coco_accel.model import condenser as model_module
+    from coco_accel.training import step as step_module
+    from coco_accel.model.condenser import Condenser
+    from coco_accel.training.step import StepSettings, cached_step, plain_step
 
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=120, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
@@ -230,9 +230,9 @@ def test_the_trainers_autocast_reaches_the_vocabulary_projection(monkeypatch):
     from accelerate.state import AcceleratorState
     from transformers import BertConfig, BertForMaskedLM
 
-    from coco_accel import losses
-    from coco_accel.model import Condenser
-    from coco_accel.step import StepSettings, plain_step
+    from coco_accel.model.condenser import Condenser
+    from coco_accel.training import losses
+    from coco_accel.training.step import StepSettings, plain_step
 
     seen = []
     real = losses._DecoderCrossEntropy.apply
@@ -263,8 +263,8 @@ def test_gradient_cache_replays_the_first_pass_dropout(pack, compiled, monkeypat
     graphs to compile at 7 (C++ compilation is most of this test's time on a CPU)."""
     from transformers import BertConfig, BertForMaskedLM
 
-    from coco_accel.model import Condenser
-    from coco_accel.step import StepSettings, cached_step
+    from coco_accel.model.condenser import Condenser
+    from coco_accel.training.step import StepSettings, cached_step
 
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=120, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
@@ -291,8 +291,8 @@ def _two_process_step(rank: int, port: int, out_dir: str) -> None:
     import torch.distributed as td
     from transformers import BertConfig, BertForMaskedLM
 
-    from coco_accel.model import Condenser
-    from coco_accel.step import StepSettings, plain_step
+    from coco_accel.model.condenser import Condenser
+    from coco_accel.training.step import StepSettings, plain_step
 
     td.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
@@ -325,8 +325,8 @@ def test_step_parts_keep_the_losses_dtype_and_the_cache_equals_the_plain_step(la
     rounding an fp64 run's report), and the cached step's parts are the plain step's to 1e-12."""
     from transformers import BertConfig, BertForMaskedLM
 
-    from coco_accel.model import Condenser
-    from coco_accel.step import StepSettings, cached_step, chunk_sizes, plain_step
+    from coco_accel.model.condenser import Condenser
+    from coco_accel.training.step import StepSettings, cached_step, chunk_sizes, plain_step
 
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=120, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,

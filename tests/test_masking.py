@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from coco_accel.keyed_random import keyed_uniform
-from coco_accel.masking import continuation_table, whole_word_mask
+from coco_accel.common.keyed_random import keyed_uniform
+from coco_accel.training.masking import continuation_table, whole_word_mask
 
 
 def test_keyed_uniform_is_a_pure_function_of_its_keys():
@@ -83,7 +83,7 @@ def test_replacements_are_the_keyed_draws_of_their_positions(tokenizer):
     """Which masked token becomes [MASK], a random token or itself is the keyed draw of (row keys, position):
     the definition, evaluated here on the whole grid, pins the values (runs resumed under a later
     version see the same masks)."""
-    from coco_accel.keyed_random import MASK_ACTION, RANDOM_TOKEN
+    from coco_accel.common.keyed_random import MASK_ACTION, RANDOM_TOKEN
 
     ids, special = _batch(tokenizer, TEXTS * 8)
     n = ids.shape[0]

@@ -6,9 +6,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from conftest import span_batch
-from coco_accel.export import save_export
-from coco_accel.model import Condenser, ModelError
-from coco_accel.warm_start import HEAD_FILE, load_condenser
+from coco_accel.model.condenser import Condenser, ModelError
+from coco_accel.model.export import save_export
+from coco_accel.model.warm_start import HEAD_FILE, load_condenser
 
 
 def _tiny(vocab=120, layers=4):
@@ -162,7 +162,7 @@ def test_length_buckets_give_the_padded_result(width):
 
 
 def test_length_groups_merge_only_where_cheaper():
-    from coco_accel.packing import length_groups
+    from coco_accel.model.packing import length_groups
 
     lengths = [10, 12, 30, 31, 100, 128, 9]
     # no call cost: every rounded width is its own group (8-token buckets), rows kept exactly once
@@ -204,7 +204,7 @@ def test_merged_length_groups_give_the_padded_result(call_cost):
 
 
 def test_pack_rows_places_every_span_once():
-    from coco_accel.packing import pack_rows
+    from coco_accel.model.packing import pack_rows
 
     rng = torch.Generator().manual_seed(0)
     lengths = torch.randint(1, 40, (200,), generator=rng).tolist() + [64, 64]
@@ -329,7 +329,7 @@ def test_roberta_backbone_dispatches_on_model_type():
 def test_reference_backbone_without_dropout_keeps_head_dropout():
     from transformers import BertConfig, BertForMaskedLM
 
-    from coco_accel.model import disable_backbone_dropout
+    from coco_accel.model.condenser import disable_backbone_dropout
 
     mlm = BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                                      intermediate_size=32, hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.5))
@@ -345,8 +345,8 @@ def test_reference_backbone_without_dropout_keeps_head_dropout():
 def test_chunked_decoder_loss_gives_the_full_logits_gradients(family, monkeypatch):
     """The step's MLM terms (vocabulary projection chunk by chunk, never all logits) == cross-entropy on
     the full logits: every parameter's gradient, the decoder weight tied to the word embeddings included."""
-    from coco_accel import losses
-    from coco_accel.step import _mlm_terms
+    from coco_accel.training import losses
+    from coco_accel.training.step import _mlm_terms
 
     monkeypatch.setattr(losses, "DECODER_CHUNK_ELEMENTS", 5 * 120)  # 5 rows per chunk
     torch.manual_seed(1)
@@ -375,7 +375,7 @@ def test_chunked_decoder_loss_gives_the_full_logits_gradients(family, monkeypatc
 def test_a_layout_from_the_host_plans_without_reading_the_device(layout_kind, monkeypatch):
     """Given the layout read from the collator's batch, packing and length groups never look at the
     device tensors for it, and compute exactly what they compute after reading them."""
-    from coco_accel import model as model_module
+    from coco_accel.model import condenser as model_module
 
     torch.manual_seed(1)
     extra = dict(pack_length=24) if layout_kind == "pack" else dict(length_bucket_width=4, length_bucket_call_cost=0)
@@ -399,7 +399,7 @@ def test_a_layout_from_the_host_plans_without_reading_the_device(layout_kind, mo
 def test_fused_qkv_projections_give_the_separate_result(family, monkeypatch):
     """One matmul for query, key and value (the default) == the model's own three Linears: CLS vectors,
     MLM losses and every parameter's gradient, in fp64; parameter names are unchanged."""
-    from coco_accel.model import FusedQKV
+    from coco_accel.model.condenser import FusedQKV
 
     calls = []
     real = FusedQKV.query
@@ -432,7 +432,7 @@ def test_fused_qkv_projections_give_the_separate_result(family, monkeypatch):
 def test_fused_qkv_falls_back_to_separate_linears():
     """Key or value asked for another input than the query's, or ZeRO-3 parameters (only the called
     module's are gathered): each Linear computes on its own."""
-    from coco_accel.model import FusedQKV
+    from coco_accel.model.condenser import FusedQKV
 
     torch.manual_seed(0)
     q, k, v = (torch.nn.Linear(6, 4) for _ in range(3))
@@ -501,8 +501,8 @@ def test_cls_only_skips_the_head_and_gives_the_full_forwards_cls(layout):
 def test_layer_at_is_the_full_layer_at_the_wanted_slots():
     """`layer_at` (keys from every slot, the rest at wanted slots only) == the whole layer read at those
     slots, for wanted sets in any order, several per row or none in a row, and none at all."""
-    from coco_accel.model import layer_at
-    from coco_accel.packing import query_layout
+    from coco_accel.model.condenser import layer_at
+    from coco_accel.model.packing import query_layout
 
     torch.manual_seed(3)
     layer = _bert_or_roberta("bert", "sdpa").bert.encoder.layer[0].double().eval()
@@ -527,7 +527,7 @@ def test_export_loads_in_sentence_transformers_with_the_evaluation_protocol(tmp_
     are the evaluator's (fp32, same weights; batches pad differently, and masked padding changes attention
     sums by float32 rounding only: 1e-5 of vectors of norm ~5)."""
     st = pytest.importorskip("sentence_transformers", reason="needs sentence-transformers (make install)")
-    from coco_accel.evaluate import Encoder
+    from coco_accel.evaluation.retrieval import Encoder
 
     model = Condenser(_tiny(vocab=len(tokenizer)), n_head_layers=2, skip_from=2, late_mlm=True)
     save_export(model, tokenizer, str(tmp_path))

@@ -9,9 +9,9 @@ import datasets
 import numpy as np
 import pytest
 
-from coco_accel.corpora import InputError
 from coco_accel.preprocess import main, preprocess
-from coco_accel.spans import drop_reason, group_spans
+from coco_accel.preprocessing.corpora import InputError
+from coco_accel.preprocessing.spans import drop_reason, group_spans
 
 from conftest import REPO, SHARED_DATA
 
@@ -166,7 +166,7 @@ def test_held_out_split_is_deterministic_and_disjoint(tmp_path, small_corpus, mi
 
 
 def test_corpus_recipe_reports_missing_corpora_by_name(tmp_path, minilm_path, caplog):
-    from coco_accel.corpora import resolve_recipe
+    from coco_accel.preprocessing.corpora import resolve_recipe
 
     recipe = REPO_CONFIGS / "coco_corpora.yaml"
     root = tmp_path / "beir"
@@ -184,7 +184,7 @@ def test_corpus_recipe_reports_missing_corpora_by_name(tmp_path, minilm_path, ca
 
 
 def test_reference_tokenized_folder_is_accepted_as_train_dir(tmp_path):
-    from coco_accel.data import DataError, load_train_data
+    from coco_accel.training.batches import DataError, load_train_data
 
     _write(tmp_path / "ref" / "part0.json", [json.dumps({"spans": [[5, 6, 7], [8, 9]]}),
                                              json.dumps({"spans": [[1, 2, 3], [4, 5, 6], [7]]})])
@@ -217,7 +217,7 @@ def test_rerun_into_the_same_folder_replaces_the_layout(tmp_path, small_corpus, 
 
 
 def test_large_files_are_read_in_shards_with_true_line_numbers(tmp_path, minilm_path):
-    from coco_accel import corpora
+    from coco_accel.preprocessing import corpora
 
     lines = [_doc(i) for i in range(40)]
     lines[7] = '{"_id": "broken"'  # a reject in the first shard
@@ -266,9 +266,9 @@ def test_rerun_on_unchanged_input_reuses_the_cache(tmp_path, small_corpus, minil
 def test_span_cache_key_covers_every_setting(minilm_path, monkeypatch):
     """The spans' cache key (given to datasets.map) changes with the input, each span setting, the
     tokenizer, the Punkt parameters and the preprocessing code, and only with them."""
-    from coco_accel import spans as spans_module
-    from coco_accel.breaks import load_sentence_splitter
-    from coco_accel.wordpiece import load_backend_tokenizer
+    from coco_accel.preprocessing import spans as spans_module
+    from coco_accel.preprocessing.breaks import load_sentence_splitter
+    from coco_accel.preprocessing.wordpiece import load_backend_tokenizer
 
     tok = load_backend_tokenizer(minilm_path)
     splitter, _ = load_sentence_splitter()
@@ -289,7 +289,9 @@ def test_span_cache_key_covers_every_setting(minilm_path, monkeypatch):
         assert key() != base
     finally:
         splitter._params.abbrev_types.discard("zzq")
-    package = Path(spans_module.__file__).parent
+    package = Path(spans_module.__file__).parents[1]
     assert all((package / name).is_file() for name in spans_module.PIPELINE_SOURCES)
+    stage = {str(p.relative_to(package)) for p in (package / "preprocessing").glob("*.py") if p.stem != "__init__"}
+    assert stage - {"preprocessing/docstrings.py"} <= set(spans_module.PIPELINE_SOURCES)  # all its code is keyed
     monkeypatch.setattr(spans_module, "pipeline_key", lambda: "code changed")
     assert key() != base

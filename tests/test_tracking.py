@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from coco_accel.tracking import useful_flops_per_token
-from coco_accel.step import StepParts
-from coco_accel.tracking import Meter
+from coco_accel.training.step import StepParts
+from coco_accel.training.tracking import useful_flops_per_token
+from coco_accel.training.tracking import Meter
 
 
 def test_useful_flops_count_by_hand():
@@ -94,7 +94,7 @@ def test_fp16_overflow_steps_are_counted_and_leave_the_weights(fused):
     from accelerate import Accelerator
     from accelerate.optimizer import AcceleratedOptimizer
 
-    from coco_accel.optim import step_counting_overflow
+    from coco_accel.training.optim import step_counting_overflow
 
     Accelerator(cpu=True)  # the state AcceleratedOptimizer reads (Accelerate builds no fp16 scaler on the CPU)
     torch.manual_seed(0)

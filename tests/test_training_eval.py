@@ -1,4 +1,4 @@
-"""Zero-shot retrieval measured during training (--eval_data): the numbers coco_accel.evaluate gives the export,
+"""Zero-shot retrieval measured during training (--eval_data): the numbers coco_accel.evaluation.retrieval gives the export,
 the same on 1 and 2 processes, logged at step 0, every --eval_steps and at the end."""
 
 import json
@@ -46,11 +46,11 @@ def test_training_eval_is_the_export_evaluation_and_the_same_on_two_processes(tm
     first_two = _evaluations(two)[0]
     assert first_two["step"] == 0 and {k: evals[0][k] for k in keys} == {k: first_two[k] for k in keys}
 
-    # The last evaluation of each run is what `python -m coco_accel.evaluate` gives its export: the same
+    # The last evaluation of each run is what `python -m coco_accel.evaluation` gives its export: the same
     # backbone weights, batches and code, the trained weights merged from two processes included.
     for run_dir in (one, two):
         out = run_dir / "export_eval.json"
-        run = run_main("evaluate", "--model", run_dir, "--data", beir, "--batch_size", "16", "--output", out)
+        run = run_main("evaluation.__main__", "--model", run_dir, "--data", beir, "--batch_size", "16", "--output", out)
         assert run.returncode == 0, run.stderr[-3000:]
         exported = json.loads(out.read_text())["datasets"]["docstrings"]
         last = _evaluations(run_dir)[-1]

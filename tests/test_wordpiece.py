@@ -6,7 +6,7 @@ import pytest
 
 from conftest import SHARED_DATA
 
-from coco_accel.wordpiece import SentenceEncoder
+from coco_accel.preprocessing.wordpiece import SentenceEncoder
 
 CRAFTED = [
     "The quick brown fox -- jumped over 3.14 lazy dogs!!!", "e.g. U.S.A. (1999) [x] {y} <z> a/b\\c ~`^_|@#$%&*+=",
@@ -61,7 +61,7 @@ def test_other_tokenizers_use_rust_unchanged():
 
 @pytest.mark.skipif(not (SHARED_DATA / "cisi").is_dir(), reason="needs ../shared/data/cisi")
 def test_real_corpus_sentences_match_rust(tokenizer_path):
-    from coco_accel.breaks import load_sentence_splitter
+    from coco_accel.preprocessing.breaks import load_sentence_splitter
 
     splitter, _ = load_sentence_splitter()
     sentences = []
@@ -85,7 +85,7 @@ def test_backend_tokenizer_is_what_auto_tokenizer_builds(tmp_path, tokenizer_pat
 
     from transformers import AutoTokenizer
 
-    from coco_accel.wordpiece import load_backend_tokenizer
+    from coco_accel.preprocessing.wordpiece import load_backend_tokenizer
 
     folder = tmp_path / "tok"
     shutil.copytree(tokenizer_path, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))

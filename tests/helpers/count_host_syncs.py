@@ -13,7 +13,11 @@ import sys
 
 import torch
 
-from coco_accel import dist, step, train
+from coco_accel.common import dist
+
+from coco_accel.training import step
+
+from coco_accel import train
 
 ACTIVE = [False]
 COUNTS: dict = {}

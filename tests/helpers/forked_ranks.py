@@ -39,11 +39,11 @@ def _preimport(deepspeed: bool) -> None:
     import torch  # noqa: F401
     from transformers import AutoModelForMaskedLM, AutoTokenizer, BertForMaskedLM  # noqa: F401
 
-    import coco_accel.build  # noqa: F401
-    import coco_accel.data  # noqa: F401
-    import coco_accel.model  # noqa: F401
-    import coco_accel.step  # noqa: F401
-    import coco_accel.tracking  # noqa: F401
+    import coco_accel.model.condenser  # noqa: F401
+    import coco_accel.training.batches  # noqa: F401
+    import coco_accel.training.build  # noqa: F401
+    import coco_accel.training.step  # noqa: F401
+    import coco_accel.training.tracking  # noqa: F401
     if deepspeed:
         import deepspeed.ops
 

@@ -14,9 +14,9 @@ from typing import Callable, ContextManager, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from coco_accel import dist
-from coco_accel.losses import at_least_fp32, decoder_cross_entropy, span_contrastive_loss
-from coco_accel.packing import host_layout, to_device
+from coco_accel.common import dist
+from coco_accel.model.packing import host_layout, to_device
+from coco_accel.training.losses import at_least_fp32, decoder_cross_entropy, span_contrastive_loss
 
 
 @dataclass(frozen=True)

@@ -98,7 +98,7 @@ class TrainConfig:
     eval_max_docs: int = _f(1024, "Held-out documents scored per corpus at each evaluation.", "evaluation")
     eval_data: Optional[list] = _f(None, "BEIR folders (corpus.jsonl, queries.jsonl, qrels/) whose zero-shot retrieval "
                                    "(nDCG@10, Recall@100, MRR@10) is measured at step 0, every --eval_steps and at the "
-                                   "end, with the protocol of `python -m coco_accel.evaluate`.", "evaluation")
+                                   "end, with the protocol of `python -m coco_accel.evaluation`.", "evaluation")
     eval_split: str = _f("test", "qrels split of --eval_data.", "evaluation")
     eval_pooling: Literal["cls", "mean"] = _f("cls", "Pooling of --eval_data's vectors.", "evaluation")
     eval_score: Literal["dot", "cos"] = _f("dot", "Scoring of --eval_data (dot product or cosine).", "evaluation")

@@ -11,10 +11,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from coco_accel import dist
-from coco_accel.data import BatchPlan, SpanCollator
-from coco_accel.span_store import fetch_spans
-from coco_accel.losses import span_contrastive_loss
+from coco_accel.common import dist
+from coco_accel.training.batches import BatchPlan, SpanCollator
+from coco_accel.training.losses import span_contrastive_loss
+from coco_accel.training.span_store import fetch_spans
 
 
 def heldout_batches(dataset, collator: SpanCollator, plan: BatchPlan, max_docs: int) -> dict[str, list[dict]]:

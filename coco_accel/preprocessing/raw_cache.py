@@ -10,8 +10,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Optional
 
-from coco_accel import corpora
-from coco_accel.spans import pipeline_key
+from coco_accel.preprocessing import corpora
+from coco_accel.preprocessing.spans import pipeline_key
 
 
 def _raw_cache_file(shard: corpora.Shard, cache_dir: Path) -> Path:

@@ -22,9 +22,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from coco_accel.keyed_random import DOC_ORDER, SPAN_CHOICE, TRUNCATE, keyed_permutation, keyed_uniform
-from coco_accel.masking import continuation_table, whole_word_mask
-from coco_accel.span_store import SpanStore
+from coco_accel.common.keyed_random import DOC_ORDER, SPAN_CHOICE, TRUNCATE, keyed_permutation, keyed_uniform
+from coco_accel.training.masking import continuation_table, whole_word_mask
+from coco_accel.training.span_store import SpanStore
 
 
 class DataError(ValueError):

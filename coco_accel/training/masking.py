@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from coco_accel.keyed_random import MASK_ACTION, MASK_WORD, RANDOM_TOKEN, keyed_hash, uniform_of
+from coco_accel.common.keyed_random import MASK_ACTION, MASK_WORD, RANDOM_TOKEN, keyed_hash, uniform_of
 
 logger = logging.getLogger(__name__)
 

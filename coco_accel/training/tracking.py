@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
-from coco_accel import dist
-from coco_accel.step import StepParts
+from coco_accel.common import dist
+from coco_accel.training.step import StepParts
 
 if TYPE_CHECKING:
-    from coco_accel.config import TrainConfig
+    from coco_accel.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 

@@ -20,14 +20,16 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 
-from coco_accel.keyed_random import HELD_OUT, SPAN_BREAK, keyed_uniform
-from coco_accel.wordpiece import SentenceEncoder
+from coco_accel.common.keyed_random import HELD_OUT, SPAN_BREAK, keyed_uniform
+from coco_accel.preprocessing.wordpiece import SentenceEncoder
 
 BREAK_PROBABILITY = 0.1
 MAP_BATCH_SIZE = 1024  # documents per datasets.map batch
-# The code that turns corpus files into spans: part of both caches' keys, with the libraries below.
-PIPELINE_SOURCES = ("corpora.py", "keyed_random.py", "breaks.py", "wordpiece.py", "spans.py", "raw_cache.py",
-                    "outcomes.py", "preprocess.py")
+# The code that turns corpus files into spans (paths in the package): part of both caches' keys, with the
+# libraries below.
+PIPELINE_SOURCES = ("preprocessing/corpora.py", "common/keyed_random.py", "common/tokenizer_files.py",
+                    "preprocessing/breaks.py", "preprocessing/wordpiece.py", "preprocessing/spans.py",
+                    "preprocessing/raw_cache.py", "preprocessing/outcomes.py", "preprocess.py")
 PIPELINE_LIBRARIES = ("nltk", "tokenizers", "datasets")
 
 
@@ -38,7 +40,7 @@ def pipeline_key() -> str:
     version built (no version number to remember to bump)."""
     h = hashlib.blake2b(digest_size=16)
     for name in PIPELINE_SOURCES:
-        h.update((Path(__file__).parent / name).read_bytes())
+        h.update((Path(__file__).parents[1] / name).read_bytes())
     h.update(repr([version(lib) for lib in PIPELINE_LIBRARIES]).encode())
     return h.hexdigest()
 
@@ -82,7 +84,7 @@ class SpanBuilder:
         self.max_span_tokens = max_span_tokens
         self.seed = seed
         self.eval_fraction = eval_fraction
-        from coco_accel import breaks  # nltk is imported on first use only
+        from coco_accel.preprocessing import breaks  # nltk is imported on first use only
 
         self.encoder = SentenceEncoder(tokenizer)  # a tokenizers.Tokenizer without truncation or padding
         self._sentences = breaks.punkt_sentences(splitter)
@@ -91,7 +93,7 @@ class SpanBuilder:
         # What `datasets` pickles for each worker process: the configuration, not the memo tables (which
         # fill up with use) nor what is rebuilt from the configuration. As one blob of the C pickler,
         # because datasets pickles with dill, in pure Python, several times slower on the Punkt tables.
-        from coco_accel import breaks
+        from coco_accel.preprocessing import breaks
 
         state = dict(vars(self))
         state["splitter"] = breaks.forget_breaks(self.splitter)
@@ -99,7 +101,7 @@ class SpanBuilder:
         return {"blob": pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)}
 
     def __setstate__(self, state: dict) -> None:
-        from coco_accel import breaks
+        from coco_accel.preprocessing import breaks
 
         vars(self).update(pickle.loads(state["blob"]))
         breaks.remember_breaks(self.splitter)
@@ -123,7 +125,7 @@ class SpanBuilder:
 
     def _sentence_tokens(self, texts: list[str]) -> list[list[list[int]]]:
         """Per document, the token ids of each Punkt sentence (no special tokens), all sentences of the
-        batch at once (coco_accel.wordpiece: the tokenizer's exact ids)."""
+        batch at once (coco_accel.preprocessing.wordpiece: the tokenizer's exact ids)."""
         split = self._sentences  # == self.splitter.tokenize
         sentences = [split(t) if t else [] for t in texts]
         ids = self.encoder.encode([s for doc in sentences for s in doc])

@@ -9,8 +9,8 @@ import json
 import os
 from typing import Optional
 
-from coco_accel.model import Condenser
-from coco_accel.warm_start import HEAD_FILE
+from coco_accel.model.condenser import Condenser
+from coco_accel.model.warm_start import HEAD_FILE
 
 # sentence-transformers' own file names and module types
 ST_MODULES = "modules.json"
@@ -52,7 +52,7 @@ def save_export(model: Condenser, tokenizer, output_dir: str, state_dict: Option
 def write_sentence_transformers_files(output_dir: str, hidden_size: int, max_positions: Optional[int],
                                       max_seq_length: int = 128) -> None:
     """modules.json (the HF model, then pooling), CLS pooling, dot-product similarity, no Normalize module:
-    `SentenceTransformer(output_dir)` then encodes as `python -m coco_accel.evaluate` does (documents cut at
+    `SentenceTransformer(output_dir)` then encodes as `python -m coco_accel.evaluation` does (documents cut at
     128 tokens; sentence-transformers keeps one length for queries and documents)."""
     length = min(max_seq_length, max_positions) if max_positions else max_seq_length
     files = {

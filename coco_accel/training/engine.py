@@ -10,8 +10,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
-from coco_accel.checkpoint import is_universal
-from coco_accel.config import ConfigError, TrainConfig
+from coco_accel.training.checkpoint import is_universal
+from coco_accel.training.config import ConfigError, TrainConfig
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from coco_accel.model import Condenser, ModelError
+from coco_accel.model.condenser import Condenser, ModelError
 
 logger = logging.getLogger(__name__)
 

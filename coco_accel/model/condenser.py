@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from coco_accel.packing import auto_call_cost, host_layout, length_groups, plan_packing, to_device
+from coco_accel.model.packing import auto_call_cost, host_layout, length_groups, plan_packing, to_device
 
 
 # Where each supported family keeps its (tied) MLM head: dispatch on config.model_type.

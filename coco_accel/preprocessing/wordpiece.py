@@ -14,12 +14,10 @@ sentence, over every character of the Basic Multilingual Plane.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from itertools import chain
 from pathlib import Path
-from typing import Optional
 
 _WORDS = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")  # after lowercasing ASCII: words and single punctuation marks
 _UNSAFE = re.compile(r"[^\t\n\r\x20-\x7e]")  # anything but printable ASCII and \t \n \r
@@ -39,26 +37,6 @@ def _is_bert_uncased(spec: dict) -> bool:
 # BertNormalizer fields they set
 _BERT_OPTIONS = {"do_lower_case": "lowercase", "strip_accents": "strip_accents",
                  "tokenize_chinese_chars": "handle_chinese_chars"}
-
-
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model")
-
-
-def tokenizer_folder_problem(folder: str) -> Optional[str]:
-    """What keeps `folder` from being a tokenizer folder (None when nothing does), for an error message."""
-    path = Path(folder)
-    if not path.exists():
-        return "no such folder"
-    if not path.is_dir():
-        return "a file, not a folder"
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        return f"holds no tokenizer files (one of {', '.join(TOKENIZER_FILES)})"
-    return None
-
-
-def vocab_sha256(vocab: dict) -> str:
-    """A tokenizer's identity for checks: the hash of its token -> id table, added tokens included."""
-    return hashlib.sha256(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode()).hexdigest()
 
 
 def load_backend_tokenizer(folder: str):

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Iterator
 
-from coco_accel.files import json_lines
+from coco_accel.common.files import json_lines
 
 logger = logging.getLogger(__name__)
 

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
-from coco_accel.beir import EvalError
-from coco_accel.checkpoint import (check_resume, checkpoint_to_resume, load_checkpoint, provenance, read_state,
+from coco_accel.common.files import output_folder_problem
+from coco_accel.common.tokenizer_files import tokenizer_folder_problem, vocab_sha256
+from coco_accel.evaluation.beir import EvalError
+from coco_accel.training.checkpoint import (check_resume, checkpoint_to_resume, load_checkpoint, provenance, read_state,
                                    remove_partial, remove_stale_checkpoints)
-from coco_accel.config import ConfigError, TrainConfig
-from coco_accel.engine import build_accelerator, fill_deepspeed_config, growable_cuda_segments, setup_logging
-from coco_accel.files import output_folder_problem
-from coco_accel.wordpiece import tokenizer_folder_problem, vocab_sha256
+from coco_accel.training.config import ConfigError, TrainConfig
+from coco_accel.training.engine import build_accelerator, fill_deepspeed_config, growable_cuda_segments, setup_logging
 
 if TYPE_CHECKING:  # the types only: the modules themselves load torch, imported where they are used
     import datasets
@@ -25,9 +25,9 @@ if TYPE_CHECKING:  # the types only: the modules themselves load torch, imported
     from accelerate import Accelerator
     from transformers import PreTrainedTokenizerBase
 
-    from coco_accel.data import BatchPlan, SpanCollator, TrainBatches
-    from coco_accel.evaluate import TrainingEvaluation
-    from coco_accel.step import StepParts
+    from coco_accel.evaluation.retrieval import TrainingEvaluation
+    from coco_accel.training.batches import BatchPlan, SpanCollator, TrainBatches
+    from coco_accel.training.step import StepParts
 
 logger = logging.getLogger("coco_accel.train")  # what it logs is the start of the training run
 
@@ -113,10 +113,10 @@ def _read_inputs(cfg: TrainConfig, accelerator) -> _Inputs:
     """Load and check every input on this process, running no collective (see dist.fail_together)."""
     from transformers import AutoTokenizer
 
-    from coco_accel.data import BatchPlan, DataError, SpanCollator, check_token_range, load_train_data
-    from coco_accel.heldout import heldout_batches
-    from coco_accel.warm_start import load_condenser
-    from coco_accel.optim import warmup_steps_for
+    from coco_accel.model.warm_start import load_condenser
+    from coco_accel.training.batches import BatchPlan, DataError, SpanCollator, check_token_range, load_train_data
+    from coco_accel.training.heldout import heldout_batches
+    from coco_accel.training.optim import warmup_steps_for
 
     resume = checkpoint_to_resume(cfg)
     _check_inputs(cfg)
@@ -167,7 +167,7 @@ def _read_inputs(cfg: TrainConfig, accelerator) -> _Inputs:
 
 def _retrieval(cfg: TrainConfig, accelerator):
     """--eval_data read and checked (every folder before the first step), or None."""
-    from coco_accel.evaluate import TrainingEvaluation
+    from coco_accel.evaluation.retrieval import TrainingEvaluation
 
     if not cfg.eval_data:
         return None
@@ -175,7 +175,7 @@ def _retrieval(cfg: TrainConfig, accelerator):
     if plugin is not None and plugin.zero_stage == 3:
         raise ConfigError("--eval_data is not available under ZeRO-3: its parameters are gathered per module call, "
                           "and the processes encode different numbers of batches. Use ZeRO-1/2, or evaluate "
-                          "the export with `python -m coco_accel.evaluate`.")
+                          "the export with `python -m coco_accel.evaluation`.")
     try:
         return TrainingEvaluation(cfg.eval_data, cfg.eval_split, query_max_len=cfg.eval_query_max_len,
                                   doc_max_len=cfg.eval_doc_max_len, pooling=cfg.eval_pooling, score=cfg.eval_score,
@@ -187,9 +187,9 @@ def _retrieval(cfg: TrainConfig, accelerator):
 def build(cfg: TrainConfig) -> Run:
     from accelerate.utils import set_seed
 
-    from coco_accel import dist
-    from coco_accel.data import TrainBatches
-    from coco_accel.optim import build_optimizer, linear_schedule
+    from coco_accel.common import dist
+    from coco_accel.training.batches import TrainBatches
+    from coco_accel.training.optim import build_optimizer, linear_schedule
 
     accelerator = build_accelerator(cfg)
     setup_logging(accelerator.is_main_process)
@@ -205,7 +205,7 @@ def build(cfg: TrainConfig) -> Run:
         remove_stale_checkpoints(cfg.output_dir)
     model, plan, deepspeed = inputs.model, inputs.plan, accelerator.state.deepspeed_plugin is not None
     if cfg.reference_backbone_without_dropout:
-        from coco_accel.model import disable_backbone_dropout
+        from coco_accel.model.condenser import disable_backbone_dropout
 
         logger.info("Backbone dropout off in %d modules (--reference_backbone_without_dropout).",
                     disable_backbone_dropout(model))
@@ -234,7 +234,7 @@ def build(cfg: TrainConfig) -> Run:
 
 def _step_function(cfg: TrainConfig, accelerator, model, deepspeed: bool) -> Callable:
     """step(batch on the device, batch on the host, rows per process) -> loss parts, gradients accumulated."""
-    from coco_accel.step import StepSettings, cached_step, plain_step
+    from coco_accel.training.step import StepSettings, cached_step, plain_step
 
     def backward(loss, last: bool):
         if deepspeed:  # DeepSpeed owns the accumulation boundary and steps inside backward at the last one
