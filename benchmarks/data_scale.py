@@ -105,7 +105,7 @@ def measure(what: str, folder: str, tokenizer: str, global_docs: int, world: int
     "batches" (one open dataset, as a worker holds, then batches at random steps, and its memory)."""
     from transformers import AutoTokenizer
 
-    from coco_accel.data import BatchPlan, SpanCollator, TrainBatches, load_train_data
+    from coco_accel.training.batches import BatchPlan, SpanCollator, TrainBatches, load_train_data
 
     collator = SpanCollator(AutoTokenizer.from_pretrained(tokenizer), 128, 0.15, seed)
     start = time.perf_counter()

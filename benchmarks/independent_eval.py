@@ -1,4 +1,4 @@
-"""The experiment's numbers recomputed by a second evaluator that shares no code with coco_accel.evaluate.
+"""The experiment's numbers recomputed by a second evaluator that shares no code with coco_accel.evaluation.retrieval.
 
 For each model folder, the queries and documents of a BEIR folder are read here with json/csv, encoded by
 sentence-transformers (a Transformer module and CLS pooling, no normalisation: the COCO-DR protocol), scored
@@ -89,12 +89,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, required=True, help="the BEIR folder")
     parser.add_argument("--split", default="test")
     parser.add_argument("--pair", nargs=2, action="append", metavar=("MODEL", "EVAL_JSON"), required=True,
-                        help="a model folder and the coco_accel.evaluate JSON written for it")
+                        help="a model folder and the coco_accel.evaluation.retrieval JSON written for it")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     corpus, queries, qrels = read_folder(args.data, args.split)
     name = args.data.name
-    print("| evaluation | metric | coco_accel.evaluate | independent | queries that differ |")
+    print("| evaluation | metric | coco_accel.evaluation.retrieval | independent | queries that differ |")
     print("|---|---|---|---|---|")
     summary, notes = [], []
     for model_dir, eval_json in args.pair:

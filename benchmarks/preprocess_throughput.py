@@ -34,10 +34,10 @@ def _ref_init(tokenizer_path: str) -> None:
     import nltk  # noqa: F401  (plainly, as the reference does: scipy included)
     from transformers import AutoTokenizer
 
-    from coco_accel.breaks import forget_breaks, load_sentence_splitter
+    from coco_accel.preprocessing.breaks import forget_breaks, load_sentence_splitter
 
     _REF["tok"] = AutoTokenizer.from_pretrained(tokenizer_path)
-    # the same Punkt model, with nltk's own break decisions (not coco_accel.breaks' remembered ones)
+    # the same Punkt model, with nltk's own break decisions (not coco_accel.preprocessing.breaks' remembered ones)
     _REF["split"] = forget_breaks(load_sentence_splitter()[0])
 
 
@@ -186,7 +186,7 @@ def main(argv=None) -> int:
         if args.corpus:
             n = build_corpus(Path(args.corpus), args.repeat, tmp / "corpus", args.mix, args.unicode)
         else:
-            from coco_accel.docstrings import write_corpus
+            from coco_accel.preprocessing.docstrings import write_corpus
 
             write_corpus(tmp / "one")
             n = build_corpus(tmp / "one", args.repeat, tmp / "corpus", args.mix, args.unicode)

@@ -5,7 +5,7 @@ rate, steps, documents per step, warm-up, the backbone MLM loss, the masking rat
 initialisation) and pretrains on the
 target's own corpus with one seed, through the same steps as `python -m coco_accel.experiment` (its
 preprocessed data, warm-start evaluation and finished runs in `--output_dir` are reused, so point it at
-the experiment's folder). Each model is evaluated with `coco_accel.evaluate`; the table gives nDCG@10 on
+the experiment's folder). Each model is evaluated with `coco_accel.evaluation.retrieval`; the table gives nDCG@10 on
 the TUNING queries only (the share `--report_fraction` sets aside stays unseen, as in the experiment)
 and a paired randomisation test against the recipe itself.
 

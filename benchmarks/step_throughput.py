@@ -34,10 +34,10 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
-from coco_accel.losses import span_contrastive_loss
-from coco_accel.model import Condenser
-from coco_accel.tracking import peak_tflops, useful_flops_per_token
-from coco_accel.step import StepSettings, cached_step, plain_step
+from coco_accel.model.condenser import Condenser
+from coco_accel.training.losses import span_contrastive_loss
+from coco_accel.training.step import StepSettings, cached_step, plain_step
+from coco_accel.training.tracking import peak_tflops, useful_flops_per_token
 
 PRESETS = {  # (layers, hidden, heads, intermediate)
     "tiny": (2, 64, 2, 128),  # the GPU checks' CPU dry run
