@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     ours = TrainBatches(dataset, plan, SpanCollator(tok, args.max_seq_length, 0.15, seed=0))
     ours[0]  # first touch of the Arrow file
     start = time.perf_counter()
-    our_batches = [ours[s] for s in range(steps)]
+    our_batches = [ours[s].tensors for s in range(steps)]
     t_ours = time.perf_counter() - start
     padded = sum(b["attention_mask"].numel() for b in our_batches)
     real = sum(int(b["attention_mask"].sum()) for b in our_batches)

@@ -127,7 +127,7 @@ def measure(what: str, folder: str, tokenizer: str, global_docs: int, world: int
         wall, cpu = time.perf_counter(), time.process_time()
         for s in steps:
             batch = loader[int(s)]
-            assert batch["input_ids"].shape[0] == 2 * int(batch["rank_docs"][loader.plan.rank])
+            assert batch.tensors["input_ids"].shape[0] == batch.row_counts[loader.plan.rank]
         return ((time.perf_counter() - wall) / count * 1000, (time.process_time() - cpu) / count * 1000)
 
     ours[0], theirs[0]  # the first call sets up the allocator, the formatting and the view of the buffers

@@ -35,6 +35,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 
 from coco_accel.model.condenser import Condenser
+from coco_accel.model.packing import host_layout
 from coco_accel.training.losses import span_contrastive_loss
 from coco_accel.training.step import StepSettings, cached_step, plain_step
 from coco_accel.training.tracking import peak_tflops, useful_flops_per_token
@@ -134,7 +135,7 @@ def same_loss(preset: str, docs: int, max_len: int, width: int, device, layout: 
     with torch.no_grad():
         a = float(reference_loss(ref, on(device, make_batch(docs, max_len, True, 0)), None))
         host = make_batch(docs, max_len, False, 0)
-        b = float(plain_step(ours, on(device, host), lambda loss, last: None, StepSettings(), host=host).loss)
+        b = float(plain_step(ours, on(device, host), lambda loss, last: None, StepSettings(), layout=host_layout(host["attention_mask"], host["labels"])).loss)
     return {"reference_loss": a, "ours_loss": b, "abs_diff": abs(a - b)}
 
 
@@ -146,9 +147,9 @@ def our_step(model: Condenser, batch: dict, host: dict, optimizer, autocast_dtyp
     compute = lambda: torch.autocast(batch["input_ids"].device.type, dtype=autocast_dtype,
                                      enabled=autocast_dtype is not None)
     if cache_chunk > 0:
-        parts = cached_step(model, batch, backward, settings, chunk_size=cache_chunk, host=host, compute=compute)
+        parts = cached_step(model, batch, backward, settings, chunk_size=cache_chunk, layout=host_layout(host["attention_mask"], host["labels"]), compute=compute)
     else:
-        parts = plain_step(model, batch, backward, settings, host=host, compute=compute)
+        parts = plain_step(model, batch, backward, settings, layout=host_layout(host["attention_mask"], host["labels"]), compute=compute)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return parts.computed_tokens

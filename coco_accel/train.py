@@ -19,7 +19,6 @@ if __name__ == "__main__" and not __package__:
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
@@ -49,25 +48,18 @@ def train(cfg: TrainConfig) -> dict:
     if evaluating and run.start_step == 0:
         evaluated_at = _evaluate(run, log, 0)  # the baseline every later value is compared with
     run.model.train()
-    skipped, lr = 0, None
+    lr = None
     for batch in make_loader(run.batches, run.start_step, run.total_steps, cfg.dataloader_num_workers):
-        step = int(batch.pop("step")) + 1  # optimizer steps done once this one is
-        global_docs = int(batch.pop("global_docs"))
-        row_counts = [2 * n for n in batch.pop("rank_docs").tolist()]  # host tensors: no device sync
-        parts = run.step_fn({k: v.to(run.accelerator.device, non_blocking=True) for k, v in batch.items()}, batch,
-                            row_counts)
-        stop_now, finite = _agree(run, stop, parts)
-        if finite:
-            lr = _update(run, parts, log.meter)
-        else:
-            skipped = _nonfinite(cfg, step, parts, skipped)
-            run.optimizer.zero_grad(set_to_none=True)
-        run.scheduler.step()
-        run.docs_seen += global_docs
-        log.step_done(step, lr, skipped)
+        step = batch.step + 1  # optimizer steps done once this one is
+        outcome = run.train_step(batch, stop.requested)
+        if outcome.applied:
+            lr = outcome.lr
+            log.meter.add(outcome.parts, outcome.grad_norm, overflow=outcome.overflow)
+        run.docs_seen += batch.global_docs
+        log.step_done(step, lr, run.train_step.skipped)
         if evaluating and cfg.eval_steps and step % cfg.eval_steps == 0:
             evaluated_at = _evaluate(run, log, step)
-        if stop_now:
+        if outcome.stop:
             return _preempted(run, log, stop, step)
         if cfg.save_steps and step % cfg.save_steps == 0 and step < run.total_steps:
             _checkpoint(run, step)
@@ -109,32 +101,6 @@ def _prepare_output(run: Run) -> StopRequest:
     return StopRequest(out_dir / STOP_FILE if acc.is_main_process else None)
 
 
-def _agree(run: Run, stop: StopRequest, parts) -> tuple[bool, bool]:
-    """(stop now, loss finite), the same on every process: one tiny all-reduce per step, the only host
-    sync outside logging."""
-    import torch
-
-    from coco_accel.common import dist
-
-    device = run.accelerator.device
-    control = dist.all_reduce_sum(torch.stack([torch.tensor(float(stop.requested), device=device, dtype=torch.float64),
-                                               parts.loss.double()])).tolist()
-    return control[0] > 0, math.isfinite(control[1])
-
-
-def _update(run: Run, parts, meter) -> float:
-    """Clip, step the optimizer, count the step; returns the learning rate the step used."""
-    from coco_accel.training.optim import step_counting_overflow
-
-    acc, cfg = run.accelerator, run.cfg
-    grad_norm = _clip(acc, run.model, cfg.max_grad_norm, deepspeed=run.deepspeed) if cfg.max_grad_norm > 0 else None
-    lr = run.scheduler.get_last_lr()[0]
-    overflow = step_counting_overflow(run.optimizer, acc.scaler)
-    run.optimizer.zero_grad(set_to_none=True)
-    meter.add(parts, grad_norm, overflow=overflow)
-    return lr
-
-
 def _checkpoint(run: Run, step: int) -> None:
     state = {"step": step, "docs_seen": run.docs_seen, **run.provenance}
     save_checkpoint(run.accelerator, run.cfg.output_dir, step, state, total_limit=run.cfg.save_total_limit)
@@ -150,29 +116,6 @@ def _preempted(run: Run, log: TrainingLog, stop: StopRequest, step: int) -> dict
     log.bar.close()
     finish(run.accelerator)
     return {"first": log.first, "last": log.last, "steps": step, "preempted": True}
-
-
-def _clip(acc, model, max_norm: float, deepspeed: bool):
-    """The norm before clipping. DeepSpeed clips inside its step and reports its own norm; otherwise the
-    gradients are unscaled (fp16) and clipped by `optim.clip_grad_norm`."""
-    from coco_accel.training.optim import clip_grad_norm
-
-    if deepspeed:
-        return acc.clip_grad_norm_(model.parameters(), max_norm)
-    acc.unscale_gradients()
-    return clip_grad_norm(model.parameters(), max_norm)
-
-
-def _nonfinite(cfg: TrainConfig, step: int, parts, skipped: int) -> int:
-    detail = (f"mlm_head={parts.mlm_head.item():.4g}, mlm_backbone={parts.mlm_backbone.item():.4g}, "
-              f"contrastive={parts.contrastive.item():.4g} (this process's shares)")
-    if skipped >= cfg.max_nonfinite_skips:
-        raise FloatingPointError(
-            f"non-finite loss at step {step}: {detail}. Lower --learning_rate, prefer bf16 to fp16, or allow "
-            f"skipping with --max_nonfinite_skips (now {cfg.max_nonfinite_skips}).")
-    logger.warning("Non-finite loss at step %d (%s): step skipped (%d of %d allowed).", step, detail, skipped + 1,
-                   cfg.max_nonfinite_skips)
-    return skipped + 1
 
 
 def _export(run: Run) -> None:

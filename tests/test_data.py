@@ -91,13 +91,15 @@ def test_batches_are_the_same_for_one_and_two_processes(span_data, tokenizer):
     for step in (0, 1, 5):
         full = single[step]
         row = 0
-        for part in (h[step] for h in halves):
-            n, width = part["input_ids"].shape
+        for rank, part in enumerate(h[step] for h in halves):
+            n, width = part.tensors["input_ids"].shape
             for key in ("input_ids", "labels", "attention_mask"):
-                assert torch.equal(full[key][row:row + n, :width], part[key])
-            assert not full["attention_mask"][row:row + n, width:].any()  # the rest is padding
+                assert torch.equal(full.tensors[key][row:row + n, :width], part.tensors[key])
+            assert not full.tensors["attention_mask"][row:row + n, width:].any()  # the rest is padding
+            assert np.array_equal(part.layout, full.layout[row:row + n, :1 + width])  # the host's view of the rows
+            assert (part.step, part.global_docs, part.rank_docs, part.row_counts[rank]) == (step, 8, (4, 4), n)
             row += n
-        assert row == full["input_ids"].shape[0] == 16
+        assert row == full.tensors["input_ids"].shape[0] == 16 and full.rank_docs == (8,)
 
 
 def test_rows_are_two_distinct_spans_of_each_document(span_data, tokenizer):

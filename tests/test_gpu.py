@@ -77,6 +77,7 @@ def test_step_planned_from_the_host_never_waits_for_the_device(chunk):
     from transformers import BertConfig, BertForMaskedLM
 
     from coco_accel.model.condenser import Condenser
+    from coco_accel.model.packing import host_layout
     from coco_accel.training.step import StepSettings, cached_step, plain_step
 
     torch.manual_seed(0)
@@ -93,9 +94,9 @@ def test_step_planned_from_the_host_never_waits_for_the_device(chunk):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             if chunk:  # its first pass needs no backward; the replay's backward is the no-op below
                 parts = cached_step(model, batch, lambda loss, last: losses.append(loss), StepSettings(),
-                                    chunk_size=chunk, host=host)
+                                    chunk_size=chunk, layout=host_layout(host["attention_mask"], host["labels"]))
             else:
-                parts = plain_step(model, batch, lambda loss, last: losses.append(loss), StepSettings(), host=host)
+                parts = plain_step(model, batch, lambda loss, last: losses.append(loss), StepSettings(), layout=host_layout(host["attention_mask"], host["labels"]))
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert losses and math.isfinite(float(parts.loss))
@@ -103,6 +104,7 @@ def test_step_planned_from_the_host_never_waits_for_the_device(chunk):
 
 def _first_and_replayed_cls(model, lengths, chunk: int, monkeypatch, width: int = 20, vocab: int = 120) -> list:
     """The CLS vectors of a bf16 gradient-cached step's first pass and of its replay, chunk by chunk."""
+    from coco_accel.model.packing import host_layout
     from coco_accel.training.step import StepSettings, cached_step
 
     ids, mask, labels = span_batch(lengths, width=width, vocab=vocab, label_rate=0.15 if width > 20 else 0.4)
@@ -110,7 +112,7 @@ def _first_and_replayed_cls(model, lengths, chunk: int, monkeypatch, width: int 
     batch = {k: v.cuda() for k, v in host.items()}
     seen = record_cls(monkeypatch)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        cached_step(model, batch, lambda loss, last: loss.backward(), StepSettings(), chunk_size=chunk, host=host)
+        cached_step(model, batch, lambda loss, last: loss.backward(), StepSettings(), chunk_size=chunk, layout=host_layout(host["attention_mask"], host["labels"]))
     chunks = len(seen) // 2
     assert len(seen) == 2 * chunks and chunks == -(-len(lengths) // chunk)
     return seen[:chunks], seen[chunks:]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import record_cls, span_batch
+from coco_accel.model.packing import host_layout
 from coco_accel.training.losses import masked_lm_loss, span_contrastive_loss
 
 # Two documents, two spans each, rows in pairs: (a0, a1) and (b0, b1).
@@ -176,50 +177,43 @@ def test_decoder_cross_entropy_is_as_accurate_as_mixed_precision_on_full_logits(
 
 
 @pytest.mark.parametrize("chunk", [0, 3])
-def test_a_step_planned_from_the_host_batch_equals_one_planned_from_the_device(chunk, monkeypatch):
-    """plain_step and cached_step given the batch's host copy (the trainer's CPU batch) take the layout and
-    the counts from it alone, and give the same losses and gradients as when they read the device."""
+@pytest.mark.parametrize("layout_kind", ["pack", "groups"])
+def test_a_batch_is_planned_once_on_the_host(chunk, layout_kind, monkeypatch):
+    """The layout (lengths, masked slots) is computed once, when the batch is built on the host; the step
+    and the model (packed rows, length groups, the gradient cache's chunks) plan from it and never compute
+    it again, nor read the device tensors to learn it (on a GPU each read waits for the queued work)."""
     from transformers import BertConfig, BertForMaskedLM
 
-    from coco_accel.model import condenser as model_module
-    from coco_accel.training import step as step_module
+    from coco_accel.model import packing
     from coco_accel.model.condenser import Condenser
+    from coco_accel.training.batches import Batch
     from coco_accel.training.step import StepSettings, cached_step, plain_step
 
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=120, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = Condenser(BertForMaskedLM(cfg), n_head_layers=2, skip_from=2, late_mlm=True, pack_length=24).double()
+    extra = dict(pack_length=24) if layout_kind == "pack" else dict(length_bucket_width=4, length_bucket_call_cost=0)
+    model = Condenser(BertForMaskedLM(cfg), n_head_layers=2, skip_from=2, late_mlm=True, **extra).double()
     ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20, 9, 4])
-    host = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    device_batch = {k: v.clone() for k, v in host.items()}  # stands for the copy on the device
-    real = step_module.host_layout
-    seen = []
-
-    def spy(attention_mask, labels):
-        seen.append(attention_mask is host["attention_mask"] and labels is host["labels"])
-        return real(attention_mask, labels)
+    batch = Batch.of({"input_ids": ids, "attention_mask": mask, "labels": labels}, step=0, rank_docs=[4])
+    assert batch.layout[:, 0].tolist() == [20, 3, 7, 12, 5, 20, 9, 4] and batch.row_counts == [8]
 
     def no_reads(*args):
-        raise AssertionError("the model read the layout from the device tensors")
+        raise AssertionError("the layout was computed again")
 
-    results = []
-    for given in (None, host):
-        model.zero_grad()
-        monkeypatch.setattr(step_module, "host_layout", spy if given is not None else real)
-        monkeypatch.setattr(model_module, "host_layout", no_reads if given is not None else real)
-        backward = lambda loss, last: loss.backward()
-        if chunk:
-            parts = cached_step(model, device_batch, backward, StepSettings(), chunk_size=chunk, host=given)
-        else:
-            parts = plain_step(model, device_batch, backward, StepSettings(), host=given)
-        results.append((parts, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    assert seen and all(seen)
-    (a, ga), (b, gb) = results
-    assert torch.equal(a.loss, b.loss)
-    assert (a.spans, a.real_tokens, a.computed_tokens) == (b.spans, b.real_tokens, b.computed_tokens)
-    for name in ga:
-        assert torch.equal(ga[name], gb[name]), name
+    monkeypatch.setattr(packing, "host_layout", no_reads)
+    for tensor_read in ("tolist", "numpy", "cpu", "item"):  # what reading the device tensors would call
+        real = getattr(torch.Tensor, tensor_read)
+        monkeypatch.setattr(torch.Tensor, tensor_read, lambda t, *a, _real=real, **k: (
+            _real(t, *a, **k) if t.dim() != 2 or t.dtype != torch.int64  # the batch's rows, or chunks of them
+            else pytest.fail(f"read {tensor_read} of a batch tensor")))
+    device_batch = {k: v.clone() for k, v in batch.tensors.items()}
+    backward = lambda loss, last: loss.backward()
+    if chunk:
+        parts = cached_step(model, device_batch, backward, StepSettings(), layout=batch.layout, chunk_size=chunk)
+    else:
+        parts = plain_step(model, device_batch, backward, StepSettings(), layout=batch.layout)
+    assert parts.spans == 8 and parts.real_tokens == 80 and torch.isfinite(parts.loss)
 
 
 def test_the_trainers_autocast_reaches_the_vocabulary_projection(monkeypatch):
@@ -247,7 +241,7 @@ def test_the_trainers_autocast_reaches_the_vocabulary_projection(monkeypatch):
     try:
         for compute in (accelerator.autocast, None):
             extra = {"compute": compute} if compute else {}
-            plain_step(model, batch, lambda loss, last: loss.backward(), StepSettings(), host=batch, **extra)
+            plain_step(model, batch, lambda loss, last: loss.backward(), StepSettings(), layout=host_layout(mask, batch["labels"]), **extra)
     finally:
         AcceleratorState._reset_state(True)
     assert seen == [torch.bfloat16, torch.bfloat16, torch.float32, torch.float32]  # head and backbone, twice
@@ -277,13 +271,13 @@ def test_gradient_cache_replays_the_first_pass_dropout(pack, compiled, monkeypat
     ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20, 9, 4])
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     seen = record_cls(monkeypatch)
-    cached_step(model, batch, lambda loss, last: loss.backward(), StepSettings(), chunk_size=chunk, host=batch)
+    cached_step(model, batch, lambda loss, last: loss.backward(), StepSettings(), chunk_size=chunk, layout=host_layout(batch["attention_mask"], batch["labels"]))
     n = -(-8 // chunk)
     first, replay = seen[:n], seen[n:]
     assert len(first) == len(replay) == n
     for a, b in zip(first, replay):
         assert torch.equal(a, b)
-    unseeded = model(ids[:chunk], mask[:chunk], labels[:chunk]).cls.detach()  # another draw of the dropout
+    unseeded = model(ids[:chunk], mask[:chunk], labels[:chunk], host_layout(mask[:chunk], labels[:chunk])).cls.detach()  # another draw of the dropout
     assert not torch.equal(unseeded, first[0])
 
 
@@ -302,7 +296,7 @@ def _two_process_step(rank: int, port: int, out_dir: str) -> None:
         model = Condenser(BertForMaskedLM(cfg), n_head_layers=1, skip_from=1, late_mlm=True, pack_length=24)
         ids, mask, labels = span_batch([20, 3, 7, 12])
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-        parts = plain_step(model, batch, lambda loss, last: loss.backward(), StepSettings(), host=batch)
+        parts = plain_step(model, batch, lambda loss, last: loss.backward(), StepSettings(), layout=host_layout(batch["attention_mask"], batch["labels"]))
         dtypes = {str(t.dtype) for t in (parts.mlm_head, parts.mlm_backbone, parts.contrastive)}
         (Path(out_dir) / f"rank{rank}").write_text(",".join(sorted(dtypes)))
     finally:
@@ -335,8 +329,8 @@ def test_step_parts_keep_the_losses_dtype_and_the_cache_equals_the_plain_step(la
                       pack_length=24).double().train()
     ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20, 9, 4])
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    plain = plain_step(model, batch, lambda loss, last: None, StepSettings(), host=batch)
-    cached = cached_step(model, batch, lambda loss, last: None, StepSettings(), chunk_size=3, host=batch)
+    plain = plain_step(model, batch, lambda loss, last: None, StepSettings(), layout=host_layout(batch["attention_mask"], batch["labels"]))
+    cached = cached_step(model, batch, lambda loss, last: None, StepSettings(), chunk_size=3, layout=host_layout(batch["attention_mask"], batch["labels"]))
     for name in ("mlm_head", "mlm_backbone", "contrastive"):
         a, b = getattr(plain, name), getattr(cached, name)
         assert a.dtype == b.dtype == torch.float64, name

@@ -6,6 +6,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from conftest import span_batch
+from coco_accel.model.packing import host_layout
 from coco_accel.model.condenser import Condenser, ModelError
 from coco_accel.model.export import save_export
 from coco_accel.model.warm_start import HEAD_FILE, load_condenser
@@ -35,7 +36,7 @@ def test_head_reads_last_layer_cls_and_skip_from_tokens():
     seen = {}
     model.c_head[0].register_forward_pre_hook(lambda mod, args: seen.setdefault("input", args[0].detach()))
     ids, mask, labels = _inputs()
-    out = model(ids, mask, labels)
+    out = model(ids, mask, labels, host_layout(mask, labels))
     hidden = model.mlm.base_model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
     assert torch.allclose(seen["input"][:, 0], hidden[-1][:, 0])
     assert torch.allclose(seen["input"][:, 1:], hidden[2][:, 1:])
@@ -45,13 +46,13 @@ def test_head_reads_last_layer_cls_and_skip_from_tokens():
 def test_logits_only_at_masked_positions():
     model = Condenser(_tiny(), n_head_layers=2, skip_from=2, late_mlm=True)
     ids, mask, labels = _inputs()
-    out = model(ids, mask, labels)
+    out = model(ids, mask, labels, host_layout(mask, labels))
     assert out.head_logits.shape == (4, 120) and out.backbone_logits.shape == (4, 120)
     assert torch.equal(out.targets, labels[labels != -100])
     # The backbone logits are the backbone's own MLM head on its last layer.
     full = model.mlm(input_ids=ids, attention_mask=mask).logits
     assert torch.allclose(out.backbone_logits, full[labels != -100], atol=1e-5)
-    assert Condenser(_tiny(), n_head_layers=2, skip_from=2, late_mlm=False)(ids, mask, labels).backbone_logits is None
+    assert Condenser(_tiny(), n_head_layers=2, skip_from=2, late_mlm=False)(ids, mask, labels, host_layout(mask, labels)).backbone_logits is None
 
 
 def test_head_is_the_backbones_layer_class_with_its_init():
@@ -75,7 +76,7 @@ def test_backbone_dropout_stays_on_in_training():
                                      intermediate_size=32, hidden_dropout_prob=0.5))
     model = Condenser(mlm, n_head_layers=1, skip_from=1, late_mlm=False).train()
     ids, mask, labels = _inputs(vocab=50)
-    assert not torch.allclose(model(ids, mask, labels).cls, model(ids, mask, labels).cls)
+    assert not torch.allclose(model(ids, mask, labels, host_layout(mask, labels)).cls, model(ids, mask, labels, host_layout(mask, labels)).cls)
 
 
 def test_export_reloads_with_automodel_and_head_round_trips(tmp_path, tokenizer):
@@ -103,7 +104,7 @@ def test_reference_condenser_checkpoint_with_model_pt(tmp_path):
     for a, b in zip(model.c_head.parameters(), loaded.c_head.parameters()):
         assert torch.equal(a, b)
     ids, mask, labels = _inputs()
-    torch.testing.assert_close(loaded(ids, mask, labels).head_logits, model(ids, mask, labels).head_logits)
+    torch.testing.assert_close(loaded(ids, mask, labels, host_layout(mask, labels)).head_logits, model(ids, mask, labels, host_layout(mask, labels)).head_logits)
 
 
 def test_plain_mlm_checkpoint_gets_a_fresh_head_unless_strict(tmp_path, caplog):
@@ -151,7 +152,8 @@ def test_length_buckets_give_the_padded_result(width):
     for r in range(n):
         labels[r, 1] = ids[r, 1]
         labels[r, int(lengths[r]) - 2] = ids[r, int(lengths[r]) - 2]
-    a, b = plain(ids, mask, labels), bucketed(ids, mask, labels)
+    layout = host_layout(mask, labels)
+    a, b = plain(ids, mask, labels, layout), bucketed(ids, mask, labels, layout)
     torch.testing.assert_close(a.cls, b.cls, atol=1e-5, rtol=1e-5)
     # masked positions come grouped by bucket; what the loss sees is their summed cross-entropy
     ce = torch.nn.functional.cross_entropy
@@ -196,7 +198,8 @@ def test_merged_length_groups_give_the_padded_result(call_cost):
     ids = torch.randint(5, 120, (9, 20)) * (torch.arange(20)[None, :] < lengths[:, None])
     mask = (ids != 0).long()
     labels = torch.where(torch.rand(9, 20) < 0.3, ids, -100).masked_fill(mask == 0, -100)
-    a, b = plain(ids, mask, labels), grouped(ids, mask, labels)
+    layout = host_layout(mask, labels)
+    a, b = plain(ids, mask, labels, layout), grouped(ids, mask, labels, layout)
     torch.testing.assert_close(a.cls, b.cls, atol=1e-5, rtol=1e-5)
     assert a.computed_tokens == 9 * 20 and b.computed_tokens <= a.computed_tokens
     if call_cost == 0:
@@ -247,7 +250,7 @@ def test_packed_rows_give_the_padded_result(family, attn, pack):
     ce = torch.nn.functional.cross_entropy
     losses = []
     for model in (plain, packed):
-        out = model(ids, mask, labels)
+        out = model(ids, mask, labels, host_layout(mask, labels))
         loss = (ce(out.head_logits, out.targets, reduction="sum") + ce(out.backbone_logits, out.targets, reduction="sum")
                 + (out.cls ** 2).sum())
         loss.backward()
@@ -289,7 +292,7 @@ def test_compiled_parts_give_the_eager_result():
             # SDPA's math kernel: torch 2.11's compiled CPU flash-attention backward fails in float64
             # ("expected scalar type Double but found Float"; its log-sum-exp is float32).
             with sdpa_kernel(SDPBackend.MATH):
-                out = model(ids, mask, labels)
+                out = model(ids, mask, labels, host_layout(mask, labels))
                 loss = ce(out.head_logits, out.targets) + ce(out.backbone_logits, out.targets) + (out.cls ** 2).sum()
                 loss.backward()
             results.append((loss, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
@@ -317,7 +320,7 @@ def test_roberta_backbone_dispatches_on_model_type():
     model = Condenser(mlm, n_head_layers=2, skip_from=1, late_mlm=True, length_bucket_width=4)
     assert type(model.c_head[0]) is type(mlm.roberta.encoder.layer[0])
     ids, mask, labels = _inputs()
-    out = model(ids, mask, labels)
+    out = model(ids, mask, labels, host_layout(mask, labels))
     full = mlm(input_ids=ids, attention_mask=mask).logits
     where = labels != -100
     assert out.head_logits.shape == (int(where.sum()), 120)
@@ -336,7 +339,7 @@ def test_reference_backbone_without_dropout_keeps_head_dropout():
     model = Condenser(mlm, n_head_layers=1, skip_from=1, late_mlm=False).train()
     assert disable_backbone_dropout(model) > 0
     ids, mask, labels = _inputs(vocab=50)
-    assert torch.allclose(model(ids, mask, labels).cls, model(ids, mask, labels).cls)  # backbone deterministic
+    assert torch.allclose(model(ids, mask, labels, host_layout(mask, labels)).cls, model(ids, mask, labels, host_layout(mask, labels)).cls)  # backbone deterministic
     head_dropouts = [m for m in model.c_head.modules() if isinstance(m, torch.nn.Dropout)]
     assert head_dropouts and all(m.p == 0.5 for m in head_dropouts)
 
@@ -356,7 +359,7 @@ def test_chunked_decoder_loss_gives_the_full_logits_gradients(family, monkeypatc
     grads = []
     for chunked in (True, False):
         model.zero_grad()
-        out = model(ids, mask, labels)
+        out = model(ids, mask, labels, host_layout(mask, labels))
         if chunked:
             head, backbone = _mlm_terms(out, 7.0)
         else:
@@ -369,30 +372,6 @@ def test_chunked_decoder_loss_gives_the_full_logits_gradients(family, monkeypatc
     assert model.mlm.get_input_embeddings().weight.grad is not None
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-10, rtol=1e-8, msg=name)
-
-
-@pytest.mark.parametrize("layout_kind", ["pack", "groups"])
-def test_a_layout_from_the_host_plans_without_reading_the_device(layout_kind, monkeypatch):
-    """Given the layout read from the collator's batch, packing and length groups never look at the
-    device tensors for it, and compute exactly what they compute after reading them."""
-    from coco_accel.model import condenser as model_module
-
-    torch.manual_seed(1)
-    extra = dict(pack_length=24) if layout_kind == "pack" else dict(length_bucket_width=4, length_bucket_call_cost=0)
-    model = Condenser(_bert_or_roberta("bert", "sdpa"), n_head_layers=2, skip_from=2, late_mlm=True, **extra).double()
-    ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20, 9, 4])
-    read = model(ids, mask, labels)
-    layout = model_module.host_layout(mask, labels)
-    assert layout.shape == (8, 21) and layout[:, 0].tolist() == [20, 3, 7, 12, 5, 20, 9, 4]
-
-    def no_reads(*args):
-        raise AssertionError("read the layout from the device tensors")
-
-    monkeypatch.setattr(model_module, "host_layout", no_reads)
-    planned = model(ids, mask, labels, layout=layout)
-    for field in ("cls", "head_features", "backbone_features", "targets"):
-        assert torch.equal(getattr(read, field), getattr(planned, field)), field
-    assert read.computed_tokens == planned.computed_tokens
 
 
 @pytest.mark.parametrize("family", ["bert", "roberta"])
@@ -415,7 +394,7 @@ def test_fused_qkv_projections_give_the_separate_result(family, monkeypatch):
     ce = torch.nn.functional.cross_entropy
     results = []
     for model in (separate, fused):
-        out = model(ids, mask, labels)
+        out = model(ids, mask, labels, host_layout(mask, labels))
         loss = (ce(out.head_logits, out.targets, reduction="sum") + ce(out.backbone_logits, out.targets,
                                                                         reduction="sum") + (out.cls ** 2).sum())
         loss.backward()
@@ -460,7 +439,7 @@ def test_packed_rows_with_partial_last_layers_give_the_padded_result(n_head, ski
                        pack_length=32).double()
     packed.load_state_dict(plain.state_dict())
     ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20, 9, 4, 16, 2], label_rate=0.3)
-    outs = [model(ids, mask, labels) for model in (plain, packed)]
+    outs = [model(ids, mask, labels, host_layout(mask, labels)) for model in (plain, packed)]
     for field in ("cls", "head_features", "backbone_features"):
         a, b = (getattr(o, field) for o in outs)
         if a is None:
@@ -469,7 +448,7 @@ def test_packed_rows_with_partial_last_layers_give_the_padded_result(n_head, ski
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=field)  # both in (span, position) order
     with torch.no_grad():
         unlabelled = torch.full_like(labels, -100)
-        a, b = (model(ids, mask, unlabelled) for model in (plain, packed))
+        a, b = (model(ids, mask, unlabelled, host_layout(mask, unlabelled)) for model in (plain, packed))
     torch.testing.assert_close(a.cls, b.cls, atol=1e-10, rtol=1e-10)
     assert b.head_features.shape[0] == 0
 
@@ -483,13 +462,13 @@ def test_cls_only_skips_the_head_and_gives_the_full_forwards_cls(layout):
                       pack_length=32 if layout == "pack" else 0,
                       length_bucket_width=4 if layout == "groups" else 0).double()
     ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20, 9, 4, 16, 2], label_rate=0.3)
-    full = model(ids, mask, labels)
+    full = model(ids, mask, labels, host_layout(mask, labels))
     calls = []
     hooks = [layer.register_forward_hook(lambda *args: calls.append(1)) for layer in model.c_head]
     try:
         for grad in (True, False):
             with torch.set_grad_enabled(grad):
-                out = model(ids, mask, labels, cls_only=True)
+                out = model(ids, mask, labels, host_layout(mask, labels), cls_only=True)
             torch.testing.assert_close(out.cls, full.cls, atol=1e-12, rtol=1e-12)
             assert out.head_features.shape == (0, 16) and out.backbone_features is None and out.targets.numel() == 0
     finally:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from coco_accel.model.packing import auto_call_cost, host_layout, length_groups, plan_packing, to_device
+from coco_accel.model.packing import auto_call_cost, length_groups, plan_packing, to_device
 
 
 # Where each supported family keeps its (tied) MLM head: dispatch on config.model_type.
@@ -216,10 +216,10 @@ class Condenser(nn.Module):
         return out.last_hidden_state[:, 0]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                layout: Optional[np.ndarray] = None, cls_only: bool = False) -> CondenserOutput:
+                layout: np.ndarray, cls_only: bool = False) -> CondenserOutput:
         """input_ids, attention_mask, labels: [N, L] (right-padded); labels hold -100 where nothing is predicted.
-        layout: `host_layout` of the same rows, read from the batch while it was still on the host; without
-        it, packing and length groups read it from the device, a wait for all the work queued before.
+        layout: `host_layout` of the same rows, computed once on the host (`Batch.layout`): packing and
+        length groups plan from it, so the forward never reads the device to learn what the host knew.
         cls_only: only `cls` is wanted (the gradient cache's first pass, the held-out signal). The head and
         the MLM transform are skipped; the backbone computes exactly what it computes otherwise (with
         packed rows its last layer still runs at the masked slots too), so it draws the same dropout and
@@ -231,11 +231,9 @@ class Condenser(nn.Module):
         the result is the padded computation's up to float rounding; CLS rows come back in input order.
         """
         if self.pack_length > 0:
-            layout = host_layout(attention_mask, labels) if layout is None else layout
             return self._forward_packed(input_ids, labels, layout, cls_only)
         if self.length_bucket_width <= 0 or input_ids.shape[0] <= 1:
             return self._forward_rows(input_ids, attention_mask, labels, cls_only)
-        layout = host_layout(attention_mask, labels) if layout is None else layout
         lengths = layout[:, 0].tolist()  # group shapes must be known on the host
         call_cost = self.length_bucket_call_cost
         call_cost = call_cost if call_cost >= 0 else auto_call_cost(input_ids.device)

@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import gzip
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 from coco_accel.common.keyed_random import DOC_ORDER, SPAN_CHOICE, TRUNCATE, keyed_permutation, keyed_uniform
+from coco_accel.model.packing import host_layout
 from coco_accel.training.masking import continuation_table, whole_word_mask
 from coco_accel.training.span_store import SpanStore
 
@@ -286,6 +288,32 @@ def keep_freed_memory() -> None:
     mallopt(m_trim_threshold, 1 << 30)
 
 
+@dataclass(frozen=True)
+class Batch:
+    """One process's rows of one global batch, on the host, with what the host knows about them: the step
+    and every layer below it read these instead of asking the device (each question would wait for it)."""
+
+    tensors: dict[str, torch.Tensor]  # input_ids, attention_mask, labels: [2 x documents, width], doc pairs
+    layout: np.ndarray  # `host_layout` of the rows (lengths, masked slots): packing and length groups plan from it
+    step: int  # the global step it belongs to, 0-based (held-out batches: 0)
+    global_docs: int  # documents in the whole global batch
+    rank_docs: tuple[int, ...]  # every process's documents in it, in rank order
+
+    @classmethod
+    def of(cls, tensors: dict[str, torch.Tensor], step: int, rank_docs: Sequence[int]) -> "Batch":
+        return cls(tensors, host_layout(tensors["attention_mask"], tensors["labels"]), step, sum(rank_docs),
+                   tuple(rank_docs))
+
+    @property
+    def row_counts(self) -> list[int]:
+        """Every process's rows (two spans a document): the gather's sizes, known without an exchange."""
+        return [2 * n for n in self.rank_docs]
+
+    def pin_memory(self) -> "Batch":
+        """The loader's pinning (on a GPU) calls this: the tensors pinned, so their copies are queued."""
+        return dataclasses.replace(self, tensors={k: v.pin_memory() for k, v in self.tensors.items()})
+
+
 class TrainBatches(torch.utils.data.Dataset):
     """Map-style over GLOBAL STEPS: item s is this process's collated batch of global step s."""
 
@@ -299,15 +327,11 @@ class TrainBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return 1 << 62  # indexed by step; the sampler bounds it
 
-    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, step: int) -> Batch:
         keep_freed_memory()  # in whichever process builds batches: the trainer's, or each loader worker
         epoch, global_docs = self.plan.global_batch(step)
         docs = global_docs[self.plan.local_slice(len(global_docs))]
-        batch = self.collator(epoch, docs, *self.store.fetch(docs))
-        batch["global_docs"] = torch.tensor(len(global_docs))
-        batch["rank_docs"] = torch.tensor(self.plan.shares(len(global_docs)))
-        batch["step"] = torch.tensor(step)
-        return batch
+        return Batch.of(self.collator(epoch, docs, *self.store.fetch(docs)), step, self.plan.shares(len(global_docs)))
 
 
 def make_loader(batches: TrainBatches, start_step: int, total_steps: int, num_workers: int):

@@ -9,7 +9,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Optional
 
 from coco_accel.common.files import output_folder_problem
 from coco_accel.common.tokenizer_files import tokenizer_folder_problem, vocab_sha256
@@ -26,8 +26,8 @@ if TYPE_CHECKING:  # the types only: the modules themselves load torch, imported
     from transformers import PreTrainedTokenizerBase
 
     from coco_accel.evaluation.retrieval import TrainingEvaluation
-    from coco_accel.training.batches import BatchPlan, SpanCollator, TrainBatches
-    from coco_accel.training.step import StepParts
+    from coco_accel.training.batches import Batch, BatchPlan, SpanCollator, TrainBatches
+    from coco_accel.training.step import TrainStep
 
 logger = logging.getLogger("coco_accel.train")  # what it logs is the start of the training run
 
@@ -82,10 +82,9 @@ class Run:
     plan: BatchPlan
     batches: TrainBatches
     total_steps: int
-    step_fn: Callable[[dict, dict, list], StepParts]  # (device batch, host batch, rows per process)
-    heldout: dict[str, list[dict]]  # per corpus: this process's held-out batches
+    train_step: TrainStep  # a host batch in, the update applied
+    heldout: dict[str, list[Batch]]  # per corpus: this process's held-out batches
     provenance: dict
-    deepspeed: bool = False
     retrieval: Optional[TrainingEvaluation] = None
     start_step: int = 0
     docs_seen: int = 0
@@ -102,7 +101,7 @@ class _Inputs:
     dataset: datasets.Dataset
     plan: BatchPlan
     collator: SpanCollator
-    heldout: dict[str, list[dict]]
+    heldout: dict[str, list[Batch]]
     retrieval: Optional[TrainingEvaluation]  # over --eval_data
     total_steps: int
     warmup: int
@@ -190,6 +189,7 @@ def build(cfg: TrainConfig) -> Run:
     from coco_accel.common import dist
     from coco_accel.training.batches import TrainBatches
     from coco_accel.training.optim import build_optimizer, linear_schedule
+    from coco_accel.training.step import TrainStep
 
     accelerator = build_accelerator(cfg)
     setup_logging(accelerator.is_main_process)
@@ -219,8 +219,8 @@ def build(cfg: TrainConfig) -> Run:
     accelerator.register_for_checkpointing(scheduler)  # stepped by us once per optimizer step
     run = Run(cfg=cfg, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
               tokenizer=inputs.tokenizer, plan=plan, batches=TrainBatches(inputs.dataset, plan, inputs.collator),
-              total_steps=inputs.total_steps, step_fn=_step_function(cfg, accelerator, model, deepspeed),
-              heldout=inputs.heldout, provenance=inputs.provenance, deepspeed=deepspeed, retrieval=inputs.retrieval)
+              total_steps=inputs.total_steps, train_step=TrainStep(cfg, accelerator, model, optimizer, scheduler),
+              heldout=inputs.heldout, provenance=inputs.provenance, retrieval=inputs.retrieval)
     if inputs.resume is not None:
         state = load_checkpoint(accelerator, inputs.resume)
         run.start_step, run.docs_seen = state["step"], state["docs_seen"]
@@ -230,29 +230,6 @@ def build(cfg: TrainConfig) -> Run:
     _log_run(cfg, accelerator, plan, documents=len(inputs.dataset), total_steps=inputs.total_steps,
              warmup=inputs.warmup, deepspeed=deepspeed)
     return run
-
-
-def _step_function(cfg: TrainConfig, accelerator, model, deepspeed: bool) -> Callable:
-    """step(batch on the device, batch on the host, rows per process) -> loss parts, gradients accumulated."""
-    from coco_accel.training.step import StepSettings, cached_step, plain_step
-
-    def backward(loss, last: bool):
-        if deepspeed:  # DeepSpeed owns the accumulation boundary and steps inside backward at the last one
-            accelerator.deepspeed_engine_wrapped.backward(loss, sync_gradients=last)
-        else:
-            accelerator.backward(loss)
-
-    settings = StepSettings(cfg.temperature, cfg.normalize)
-    no_sync = (lambda: accelerator.no_sync(model)) if (accelerator.num_processes > 1 and not deepspeed) else None
-
-    def step(batch, host, row_counts):
-        if cfg.cache_chunk_size > 0:
-            return cached_step(model, batch, backward, settings, chunk_size=cfg.cache_chunk_size, no_sync=no_sync,
-                               host=host, compute=accelerator.autocast, row_counts=row_counts)
-        return plain_step(model, batch, backward, settings, host=host, compute=accelerator.autocast,
-                          row_counts=row_counts)
-
-    return step
 
 
 def _log_run(cfg: TrainConfig, accelerator, plan, *, documents: int, total_steps: int, warmup: int,

@@ -12,15 +12,15 @@ import numpy as np
 import torch
 
 from coco_accel.common import dist
-from coco_accel.training.batches import BatchPlan, SpanCollator
+from coco_accel.training.batches import Batch, BatchPlan, SpanCollator
 from coco_accel.training.losses import span_contrastive_loss
 from coco_accel.training.span_store import fetch_spans
 
 
-def heldout_batches(dataset, collator: SpanCollator, plan: BatchPlan, max_docs: int) -> dict[str, list[dict]]:
+def heldout_batches(dataset, collator: SpanCollator, plan: BatchPlan, max_docs: int) -> dict[str, list[Batch]]:
     """Per corpus: this process's slices of fixed global batches over up to `max_docs` held-out documents."""
     corpora = np.asarray(dataset.with_format("arrow")[:].column("corpus").to_numpy(zero_copy_only=False))
-    out: dict[str, list[dict]] = {}
+    out: dict[str, list[Batch]] = {}
     for corpus in sorted(set(corpora.tolist())):
         docs = np.nonzero(corpora == corpus)[0][:max_docs]
         batches = []
@@ -29,14 +29,15 @@ def heldout_batches(dataset, collator: SpanCollator, plan: BatchPlan, max_docs: 
             if len(chunk) < max(2, plan.world_size):
                 continue  # too few documents to give every process one and every span a negative
             mine = chunk[plan.local_slice(len(chunk))]
-            batches.append(collator(0, mine, *fetch_spans(dataset, mine), mask=False))
+            batches.append(Batch.of(collator(0, mine, *fetch_spans(dataset, mine), mask=False), 0,
+                                    plan.shares(len(chunk))))
         if batches:
             out[corpus] = batches
     return out
 
 
 @torch.no_grad()
-def heldout_signal(model, batches: dict[str, list[dict]], device, *, temperature: float = 1.0,
+def heldout_signal(model, batches: dict[str, list[Batch]], device, *, temperature: float = 1.0,
                    normalize: bool = False) -> dict[str, float]:
     """{'heldout/<corpus>/contrastive': mean loss, '.../contrastive_acc': accuracy} over each corpus."""
     was_training = model.training
@@ -45,10 +46,10 @@ def heldout_signal(model, batches: dict[str, list[dict]], device, *, temperature
     for corpus, corpus_batches in batches.items():
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, spans
         for batch in corpus_batches:
-            b = {k: v.to(device) for k, v in batch.items()}
+            b = {k: v.to(device) for k, v in batch.tensors.items()}
             cls = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"],
-                        cls_only=True).cls
-            columns, offset = dist.gather_with_grad(cls)
+                        layout=batch.layout, cls_only=True).cls
+            columns, offset = dist.gather_with_grad(cls, batch.row_counts)
             loss, correct = span_contrastive_loss(cls, columns, row_offset=offset, normalizer=1.0,
                                                   temperature=temperature, normalize=normalize)
             sums += torch.stack([loss.double(), correct.double(), torch.tensor(cls.shape[0], device=device).double()])

@@ -1,22 +1,33 @@
-"""One training step's forward and backward, plain or gradient-cached, with the same signature and result.
+"""The training step, whole: `TrainStep` takes one host batch to the applied update.
 
-Both compute, on every process, its share of the loss over the GLOBAL batch (normalised by global
-counts over the world size), so that gradient averaging across processes gives exactly the
-single-process gradient. The optimizer step, clipping and logging belong to the caller.
+Its forward and backward are `plain_step` or `cached_step` (the gradient cache), with the same signature
+and result: both compute, on every process, its share of the loss over the GLOBAL batch (normalised by
+global counts over the world size), so that gradient averaging across processes gives exactly the
+single-process gradient. Then every process agrees on (stop, loss finite), and the update is clipped and
+applied, or the step skipped. Logging belongs to the loop.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, ContextManager, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from coco_accel.common import dist
-from coco_accel.model.packing import host_layout, to_device
+from coco_accel.model.packing import to_device
+from coco_accel.training.config import TrainConfig
 from coco_accel.training.losses import at_least_fp32, decoder_cross_entropy, span_contrastive_loss
+from coco_accel.training.optim import clip_grad_norm, step_counting_overflow
+
+if TYPE_CHECKING:
+    from coco_accel.training.batches import Batch
+
+logger = logging.getLogger("coco_accel.train")
 
 
 @dataclass(frozen=True)
@@ -73,19 +84,17 @@ Backward = Callable[[torch.Tensor, bool], None]  # (loss, is the step's last bac
 Compute = Callable[[], ContextManager]  # what the forward and the losses run in: the trainer's autocast
 
 
-def plain_step(model, batch: dict, backward: Backward, settings: StepSettings, *,
-               host: Optional[dict] = None, compute: Compute = nullcontext,
-               row_counts: Optional[Sequence[int]] = None) -> StepParts:
+def plain_step(model, batch: dict, backward: Backward, settings: StepSettings, *, layout: np.ndarray,
+               compute: Compute = nullcontext, row_counts: Optional[Sequence[int]] = None) -> StepParts:
     """Encode the whole local batch with graph, score against the gathered global batch, backward once.
 
-    host: the same batch still on the host (the collator's CPU tensors), to plan from without waiting
-    for the device. row_counts: every process's span count, in rank order, when the host knows them
-    (the trainer's batch plan does): the gather then needs no exchange of sizes, which would wait
-    for the device. compute: the context of the forward and the losses, not of backward. The MLM
+    batch: the rows' tensors on the device; layout: their `host_layout`, computed on the host (the
+    counts, packing and length groups come from it, never from the device). row_counts: every
+    process's span count, in rank order, when the host knows them (the trainer's batch plan does): the
+    gather then needs no exchange of sizes, which would wait for the device. compute: the context of the forward and the losses, not of backward. The MLM
     vocabulary projection takes its matmul dtype from it: the trainer passes `accelerator.autocast`,
     because Accelerate's own autocast covers only the model's forward and left the projection (about
     6% of the step's FLOPs) in fp32."""
-    layout = _layout(batch, host)
     mlm_norm, span_norm = _global_counts(batch, layout)
     with compute():
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
@@ -111,12 +120,6 @@ class _RandState:
         torch.set_rng_state(self.cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state(self.cuda, self.device)
-
-
-def _layout(batch: dict, host: Optional[dict]) -> np.ndarray:
-    """The batch's `host_layout`: from its host copy when there is one, else read from the device."""
-    source = batch if host is None else host
-    return host_layout(source["attention_mask"], source["labels"])
 
 
 def chunk_sizes(rows: int, size: int, row_counts: Optional[Sequence[int]] = None) -> list[int]:
@@ -150,9 +153,9 @@ def _chunks(batch: dict, sizes: Sequence[int], layout: np.ndarray) -> list[tuple
     return out
 
 
-def cached_step(model, batch: dict, backward: Backward, settings: StepSettings, *, chunk_size: int,
-                no_sync: Optional[Callable] = None, host: Optional[dict] = None,
-                compute: Compute = nullcontext, row_counts: Optional[Sequence[int]] = None) -> StepParts:
+def cached_step(model, batch: dict, backward: Backward, settings: StepSettings, *, layout: np.ndarray,
+                chunk_size: int, no_sync: Optional[Callable] = None, compute: Compute = nullcontext,
+                row_counts: Optional[Sequence[int]] = None) -> StepParts:
     """Gradient cache (Gao et al., 2021): the contrastive loss of the full global batch in bounded memory.
 
     1. Encode the local batch chunk by chunk without graph and without the head (CLS only), keeping each
@@ -163,9 +166,8 @@ def cached_step(model, batch: dict, backward: Backward, settings: StepSettings, 
     `no_sync` (DDP) defers the gradient all-reduce to the last chunk; under DeepSpeed, `backward`
     marks only the last chunk as the accumulation boundary (no loss scaling by chunk count: the
     chunks' losses already add up to the step's loss), and every process runs as many chunks as the
-    others (`chunk_sizes`). `host`, `compute` and `row_counts` as in plain_step.
+    others (`chunk_sizes`). `layout`, `compute` and `row_counts` as in plain_step.
     """
-    layout = _layout(batch, host)
     mlm_norm, span_norm = _global_counts(batch, layout)
     chunks = _chunks(batch, chunk_sizes(layout.shape[0], chunk_size, row_counts), layout)
     device = batch["input_ids"].device
@@ -203,3 +205,100 @@ def cached_step(model, batch: dict, backward: Backward, settings: StepSettings, 
     return StepParts(head_total, backbone_total, contrastive.detach(), correct, layout.shape[0],
                      int(layout[:, 0].sum()), computed)
 
+
+# ---------------------------------------------------------------------------------------------------------
+# the loop's step
+
+
+@dataclass
+class StepOutcome:
+    """What one optimizer step of the loop did."""
+
+    parts: StepParts
+    stop: bool  # a stop was requested on some process: every process stops after this step
+    applied: bool  # the update was applied; False: the loss was not finite and the step skipped
+    grad_norm: Optional[torch.Tensor] = None  # before clipping, where clipping is on
+    overflow: Optional[torch.Tensor] = None  # fp16: 1 when the loss scaler skipped the update (on the device)
+    lr: Optional[float] = None  # the learning rate the update used
+
+
+class TrainStep:
+    """The loop's step, whole: a host batch in, the update applied. Forward and backward (plain, or
+    gradient-cached with --cache_chunk_size), the agreement of every process on (stop, loss finite),
+    clipping, the optimizer's and the scheduler's steps, or a step skipped for a non-finite loss."""
+
+    def __init__(self, cfg: TrainConfig, accelerator, model, optimizer, scheduler):
+        self.cfg, self.accelerator, self.model = cfg, accelerator, model
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.deepspeed = accelerator.state.deepspeed_plugin is not None
+        self.settings = StepSettings(cfg.temperature, cfg.normalize)
+        self.skipped = 0  # steps skipped so far for a non-finite loss
+
+    def __call__(self, batch: Batch, stop_requested: bool) -> StepOutcome:
+        acc = self.accelerator
+        tensors = {k: v.to(acc.device, non_blocking=True) for k, v in batch.tensors.items()}
+        parts = self.forward_backward(tensors, batch.layout, batch.row_counts)
+        stop, finite = self._agree(stop_requested, parts.loss)
+        if finite:
+            outcome = self._update(parts, stop)
+        else:
+            self._skip(batch.step + 1, parts)
+            self.optimizer.zero_grad(set_to_none=True)
+            outcome = StepOutcome(parts, stop, applied=False)
+        self.scheduler.step()
+        return outcome
+
+    def forward_backward(self, tensors: dict, layout: np.ndarray, row_counts: Sequence[int]) -> StepParts:
+        """This process's loss parts over the global batch, its gradients accumulated (not yet reduced
+        under DeepSpeed, which reduces in its step)."""
+        if self.cfg.cache_chunk_size > 0:
+            multi_ddp = self.accelerator.num_processes > 1 and not self.deepspeed
+            return cached_step(self.model, tensors, self._backward, self.settings, layout=layout,
+                               chunk_size=self.cfg.cache_chunk_size, row_counts=row_counts,
+                               no_sync=(lambda: self.accelerator.no_sync(self.model)) if multi_ddp else None,
+                               compute=self.accelerator.autocast)
+        return plain_step(self.model, tensors, self._backward, self.settings, layout=layout, row_counts=row_counts,
+                          compute=self.accelerator.autocast)
+
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        if self.deepspeed:  # DeepSpeed owns the accumulation boundary and steps inside backward at the last one
+            self.accelerator.deepspeed_engine_wrapped.backward(loss, sync_gradients=last)
+        else:
+            self.accelerator.backward(loss)
+
+    def _agree(self, stop_requested: bool, loss: torch.Tensor) -> tuple[bool, bool]:
+        """(stop now, loss finite), the same on every process: one tiny all-reduce per step, the only host
+        sync outside logging."""
+        device = self.accelerator.device
+        flags = torch.stack([torch.tensor(float(stop_requested), device=device, dtype=torch.float64), loss.double()])
+        control = dist.all_reduce_sum(flags).tolist()
+        return control[0] > 0, math.isfinite(control[1])
+
+    def _update(self, parts: StepParts, stop: bool) -> StepOutcome:
+        """Clip, step the optimizer, clear the gradients."""
+        grad_norm = self._clip() if self.cfg.max_grad_norm > 0 else None
+        lr = self.scheduler.get_last_lr()[0]
+        overflow = step_counting_overflow(self.optimizer, self.accelerator.scaler)
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepOutcome(parts, stop, applied=True, grad_norm=grad_norm, overflow=overflow, lr=lr)
+
+    def _clip(self) -> torch.Tensor:
+        """The norm before clipping. DeepSpeed clips inside its step and reports its own norm; otherwise the
+        gradients are unscaled (fp16) and clipped by `optim.clip_grad_norm`."""
+        acc, max_norm = self.accelerator, self.cfg.max_grad_norm
+        if self.deepspeed:
+            return acc.clip_grad_norm_(self.model.parameters(), max_norm)
+        acc.unscale_gradients()
+        return clip_grad_norm(self.model.parameters(), max_norm)
+
+    def _skip(self, step: int, parts: StepParts) -> None:
+        allowed = self.cfg.max_nonfinite_skips
+        detail = (f"mlm_head={parts.mlm_head.item():.4g}, mlm_backbone={parts.mlm_backbone.item():.4g}, "
+                  f"contrastive={parts.contrastive.item():.4g} (this process's shares)")
+        if self.skipped >= allowed:
+            raise FloatingPointError(
+                f"non-finite loss at step {step}: {detail}. Lower --learning_rate, prefer bf16 to fp16, or allow "
+                f"skipping with --max_nonfinite_skips (now {allowed}).")
+        self.skipped += 1
+        logger.warning("Non-finite loss at step %d (%s): step skipped (%d of %d allowed).", step, detail,
+                       self.skipped, allowed)

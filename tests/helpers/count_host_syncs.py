@@ -1,5 +1,5 @@
 """Runs coco_accel/train.py (same flags) with every call that makes the host wait for the device counted
-inside the training step (the step function and the gradient clipping), per process; writes
+inside the training step (its forward and backward, and the gradient clipping), per process; writes
 {rank, steps, counts, control} to $SYNC_COUNTS_DIR/rank<R>.json.
 
 On the CPU nothing waits, so the calls themselves are counted: .item(), .tolist(), bool/int/float of a
@@ -13,11 +13,9 @@ import sys
 
 import torch
 
-from coco_accel.common import dist
-
-from coco_accel.training import step
-
 from coco_accel import train
+from coco_accel.common import dist
+from coco_accel.training import step
 
 ACTIVE = [False]
 COUNTS: dict = {}
@@ -47,9 +45,8 @@ def main() -> int:
     for name in SYNCING:
         setattr(torch.Tensor, name, _counting(name, getattr(torch.Tensor, name)))
     steps = [0]
-    step.plain_step = _windowed(step.plain_step, steps)
-    step.cached_step = _windowed(step.cached_step, steps)
-    train._clip = _windowed(train._clip, [0])
+    step.TrainStep.forward_backward = _windowed(step.TrainStep.forward_backward, steps)
+    step.TrainStep._clip = _windowed(step.TrainStep._clip, [0])
     code = train.main(sys.argv[1:])
     in_steps = dict(COUNTS)
     COUNTS.clear()
