@@ -9,9 +9,9 @@ import sys
 if __name__ == "__main__" and not __package__:
     # Run as a file (accelerate launch coco_accel/train.py, the reference's way to launch), Python put this
     # folder first on the import path, where the package's own subpackages and commands (model, training,
-    # evaluation, report, ...) would shadow installed packages of those names for every library in the process. The package's parent
-    # folder takes its place, and the package's module runs as `python -m coco_accel.train` would run it
-    # (in this process: same pid, arguments and interpreter flags).
+    # evaluation, report, ...) would shadow installed packages of those names for every library in the
+    # process. The package's parent folder takes its place, and the package's module runs as
+    # `python -m coco_accel.train` would run it (in this process: same pid, arguments and interpreter flags).
     _here = os.path.dirname(os.path.realpath(__file__))
     if sys.path and os.path.realpath(sys.path[0] or ".") == _here:
         sys.path[0] = os.path.dirname(_here)
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 from coco_accel.training.build import Run, build
 from coco_accel.training.checkpoint import (PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, STOP_FILE, CheckpointError, StopRequest,
                                    save_checkpoint)
-from coco_accel.training.config import ConfigError, TrainConfig, parse_config, to_dict
+from coco_accel.training.config import ConfigError, TrainConfig, parse_config
 from coco_accel.training.engine import finish
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ def train(cfg: TrainConfig) -> dict:
         evaluated_at = _evaluate(run, log, 0)  # the baseline every later value is compared with
     run.model.train()
     lr = None
-    for batch in make_loader(run.batches, run.start_step, run.total_steps, cfg.dataloader_num_workers):
+    for batch in make_loader(run.batches, run.start_step, run.total_steps, cfg.data.dataloader_num_workers):
         step = batch.step + 1  # optimizer steps done once this one is
         outcome = run.train_step(batch, stop.requested)
         if outcome.applied:
@@ -57,11 +57,11 @@ def train(cfg: TrainConfig) -> dict:
             log.meter.add(outcome.parts, outcome.grad_norm, overflow=outcome.overflow)
         run.docs_seen += batch.global_docs
         log.step_done(step, lr, run.train_step.skipped)
-        if evaluating and cfg.eval_steps and step % cfg.eval_steps == 0:
+        if evaluating and cfg.evaluation.eval_steps and step % cfg.evaluation.eval_steps == 0:
             evaluated_at = _evaluate(run, log, step)
         if outcome.stop:
             return _preempted(run, log, stop, step)
-        if cfg.save_steps and step % cfg.save_steps == 0 and step < run.total_steps:
+        if cfg.checkpoints.save_steps and step % cfg.checkpoints.save_steps == 0 and step < run.total_steps:
             _checkpoint(run, step)
     if evaluating and evaluated_at != run.total_steps:
         _evaluate(run, log, run.total_steps)  # what the export scores
@@ -78,8 +78,8 @@ def _evaluate(run: Run, log: "TrainingLog", step: int) -> int:
     acc = run.accelerator
     record = {"step": step}
     if run.heldout:
-        record.update(heldout_signal(run.model, run.heldout, acc.device, temperature=run.cfg.temperature,
-                                     normalize=run.cfg.normalize))
+        record.update(heldout_signal(run.model, run.heldout, acc.device, temperature=run.cfg.model.temperature,
+                                     normalize=run.cfg.model.normalize))
     if run.retrieval is not None:
         backbone = acc.unwrap_model(run.model).mlm.base_model  # what AutoModel loads from the export
         record.update(run.retrieval(backbone, run.tokenizer, acc.process_index, acc.num_processes))
@@ -90,27 +90,27 @@ def _evaluate(run: Run, log: "TrainingLog", step: int) -> int:
 def _prepare_output(run: Run) -> StopRequest:
     """The run folder (recipe, stale markers removed), trackers, and the stop request every process polls."""
     acc, cfg = run.accelerator, run.cfg
-    out_dir = Path(cfg.output_dir)
+    out_dir = Path(cfg.io.output_dir)
     if acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+        (out_dir / "train_config.json").write_text(json.dumps(cfg.sections(), indent=2) + "\n")
         (out_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
         (out_dir / STOP_FILE).unlink(missing_ok=True)
-    acc.init_trackers("coco-accel", config={k: v for k, v in to_dict(cfg).items() if v is not None})
+    acc.init_trackers("coco-accel", config={k: v for k, v in cfg.flags().items() if v is not None})
     acc.wait_for_everyone()  # nobody looks for a STOP file before the main process removed a stale one
     return StopRequest(out_dir / STOP_FILE if acc.is_main_process else None)
 
 
 def _checkpoint(run: Run, step: int) -> None:
     state = {"step": step, "docs_seen": run.docs_seen, **run.provenance}
-    save_checkpoint(run.accelerator, run.cfg.output_dir, step, state, total_limit=run.cfg.save_total_limit)
+    save_checkpoint(run.accelerator, run.cfg.io.output_dir, step, state, total_limit=run.cfg.checkpoints.save_total_limit)
 
 
 def _preempted(run: Run, log: TrainingLog, stop: StopRequest, step: int) -> dict:
     """A stop request (signal or STOP file) on any process: checkpoint, leave the marker, exit cleanly."""
     _checkpoint(run, step)
     if run.accelerator.is_main_process:
-        (Path(run.cfg.output_dir) / PREEMPTED_MARKER).write_text(f"{stop.signal_name or 'signal'} at step {step}\n")
+        (Path(run.cfg.io.output_dir) / PREEMPTED_MARKER).write_text(f"{stop.signal_name or 'signal'} at step {step}\n")
     logger.warning("Stopped by %s at step %d; checkpoint written. Resume with the same command.",
                    stop.signal_name or "a signal on another process", step)
     log.bar.close()
@@ -125,10 +125,10 @@ def _export(run: Run) -> None:
     acc.wait_for_everyone()
     state = acc.get_state_dict(run.model)  # gathers ZeRO-3 shards onto the main process
     if acc.is_main_process:
-        save_export(acc.unwrap_model(run.model), run.tokenizer, run.cfg.output_dir, state)
+        save_export(acc.unwrap_model(run.model), run.tokenizer, run.cfg.io.output_dir, state)
     acc.wait_for_everyone()
     logger.info("Exported model: %s (AutoModel.from_pretrained loads it; Condenser head in condenser_head.safetensors)",
-                os.path.abspath(run.cfg.output_dir))
+                os.path.abspath(run.cfg.io.output_dir))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -20,9 +20,10 @@ REFERENCE_COMMAND = """--output_dir out --model_name_or_path cond --do_train --s
 
 def test_the_reference_command_line_parses_with_its_meaning():
     cfg = parse_config(REFERENCE_COMMAND)
-    assert cfg.per_device_train_batch_size == 200 and cfg.fp16 and cfg.late_mlm and cfg.dataloader_drop_last
-    assert cfg.skip_from == 6 and cfg.learning_rate == 1e-4 and cfg.num_train_epochs == 8
-    assert cfg.model_type == "bert" and cfg.save_steps == 30000
+    assert cfg.data.per_device_train_batch_size == 200 and cfg.compute.fp16 and cfg.model.late_mlm
+    assert cfg.data.dataloader_drop_last
+    assert cfg.model.skip_from == 6 and cfg.optim.learning_rate == 1e-4 and cfg.optim.num_train_epochs == 8
+    assert cfg.io.model_type == "bert" and cfg.checkpoints.save_steps == 30000
 
 
 def test_help_lists_every_reference_flag():
@@ -66,8 +67,8 @@ def test_yaml_sets_fields_and_the_command_line_wins(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("learning_rate: 3.0e-4\nlate_mlm: true\nskip_from: 3\n")
     cfg = parse_config(REQUIRED + ["--config", str(recipe), "--skip_from", "4"])
-    assert cfg.learning_rate == 3e-4 and cfg.late_mlm and cfg.skip_from == 4
-    assert parse_config(REQUIRED + ["--late_mlm", "false", "--config", str(recipe)]).late_mlm is False
+    assert cfg.optim.learning_rate == 3e-4 and cfg.model.late_mlm and cfg.model.skip_from == 4
+    assert parse_config(REQUIRED + ["--late_mlm", "false", "--config", str(recipe)]).model.late_mlm is False
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -99,20 +100,20 @@ def test_missing_required_and_bad_yaml(tmp_path):
 
 
 def test_skip_from_is_checked_against_the_backbone():
-    cfg = TrainConfig(output_dir="o", model_name_or_path="m", train_dir="t", skip_from=8).validate()
+    cfg = TrainConfig.from_flags(output_dir="o", model_name_or_path="m", train_dir="t", skip_from=8).validate()
     with pytest.raises(ConfigError, match="beyond the backbone's 6 layers"):
         cfg.validate_against_model(6, "bert")
     with pytest.raises(ConfigError, match="model_type"):
-        TrainConfig(output_dir="o", model_name_or_path="m", train_dir="t", skip_from=2,
+        TrainConfig.from_flags(output_dir="o", model_name_or_path="m", train_dir="t", skip_from=2,
                     model_type="roberta").validate().validate_against_model(6, "bert")
 
 
 def test_global_batch_size_derives_the_per_process_size():
-    cfg = TrainConfig(output_dir="o", model_name_or_path="m", train_dir="t", global_batch_size=2048).validate()
+    cfg = TrainConfig.from_flags(output_dir="o", model_name_or_path="m", train_dir="t", global_batch_size=2048).validate()
     assert cfg.per_device_docs(8) == 256 and cfg.per_device_docs(1) == 2048
     with pytest.raises(ConfigError, match="not divisible by the 3 processes: use 2046 or 2049"):
         cfg.per_device_docs(3)
-    assert TrainConfig(output_dir="o", model_name_or_path="m", train_dir="t").per_device_docs(4) == 8
+    assert TrainConfig.from_flags(output_dir="o", model_name_or_path="m", train_dir="t").per_device_docs(4) == 8
 
 
 @pytest.mark.parametrize("text, match", [
@@ -140,11 +141,12 @@ def test_recipe_mistakes_name_the_file_key_and_fix(tmp_path, text, match):
 def test_out_of_range_flags_are_refused(argv, match):
     with pytest.raises(ConfigError, match=match):
         parse_config(REQUIRED + argv)
-    assert parse_config(REQUIRED + ["--max_steps", "1e3"]).max_steps == 1000  # a whole number in any notation
+    assert parse_config(REQUIRED + ["--max_steps", "1e3"]).optim.max_steps == 1000  # a whole number in any notation
 
 
 def test_sequence_length_is_checked_against_the_position_embeddings():
-    cfg = TrainConfig(output_dir="o", model_name_or_path="m", train_dir="t", skip_from=2, max_seq_length=4096).validate()
+    cfg = TrainConfig.from_flags(output_dir="o", model_name_or_path="m", train_dir="t", skip_from=2,
+                                 max_seq_length=4096).validate()
     with pytest.raises(ConfigError, match="--max_seq_length 4096 is longer than m can embed \\(512 positions\\)"):
         cfg.validate_against_model(6, "bert", 512)
 
@@ -153,16 +155,19 @@ def test_the_engine_rules_and_the_recipe_that_runs():
     """Under DeepSpeed: --max_nonfinite_skips refused; under ZeRO-3 the gradient cache refused and length
     groups turned off in the recipe itself (a copy: the caller's stays), so that what is recorded is what ran."""
     base = dict(output_dir="o", model_name_or_path="m", train_dir="t", skip_from=2)
-    cfg = TrainConfig(**base, length_bucket_width=8, pack_length=0).validate()
+    cfg = TrainConfig.from_flags(**base, length_bucket_width=8, pack_length=0).validate()
     assert cfg.for_engine(None) is cfg and cfg.for_engine(2) is cfg
     zero3 = cfg.for_engine(3)
-    assert zero3.length_bucket_width == 0 and cfg.length_bucket_width == 8
-    assert TrainConfig(**base, length_bucket_width=8, pack_length=64).for_engine(3).length_bucket_width == 8
+    assert zero3.layout.length_bucket_width == 0 and cfg.layout.length_bucket_width == 8
+    assert TrainConfig.from_flags(**base, length_bucket_width=8, pack_length=64).for_engine(3).layout.length_bucket_width == 8
     with pytest.raises(ConfigError, match="--max_nonfinite_skips is not available under DeepSpeed"):
-        TrainConfig(**base, max_nonfinite_skips=2).for_engine(1)
+        TrainConfig.from_flags(**base, max_nonfinite_skips=2).for_engine(1)
     with pytest.raises(ConfigError, match="--cache_chunk_size with ZeRO-3 is not supported"):
-        TrainConfig(**base, cache_chunk_size=4).for_engine(3)
-    assert TrainConfig(**base, cache_chunk_size=4).for_engine(2).cache_chunk_size == 4
+        TrainConfig.from_flags(**base, cache_chunk_size=4).for_engine(3)
+    assert TrainConfig.from_flags(**base, cache_chunk_size=4).for_engine(2).compute.cache_chunk_size == 4
+    with pytest.raises(ConfigError, match="--eval_data is not available under ZeRO-3"):
+        TrainConfig.from_flags(**base, eval_data=["beir/scifact"]).for_engine(3)
+    assert TrainConfig.from_flags(**base, eval_data=["beir/scifact"]).for_engine(2).evaluation.eval_data
 
 
 def test_the_commands_are_installed_as_scripts():
@@ -194,6 +199,36 @@ def test_a_fixed_set_of_values_is_checked_wherever_it_comes_from(tmp_path):
     with pytest.raises(ConfigError, match="key 'eval_score' expects one of dot, cos, got 'cosine'"):
         parse_config(REQUIRED + ["--config", str(recipe)])
     recipe.write_text("eval_score: cos\n")
-    assert parse_config(REQUIRED + ["--config", str(recipe)]).eval_score == "cos"
+    assert parse_config(REQUIRED + ["--config", str(recipe)]).evaluation.eval_score == "cos"
     with pytest.raises(ConfigError, match="--head_init must be one of random, copy; got 'backbone'"):
-        TrainConfig(output_dir="o", model_name_or_path="m", train_dir="t", head_init="backbone").validate()
+        TrainConfig.from_flags(output_dir="o", model_name_or_path="m", train_dir="t", head_init="backbone").validate()
+
+
+def test_the_recipe_is_in_sections_and_its_record_is_a_recipe(tmp_path):
+    """Each flag lives in one section (cfg.optim.learning_rate); a YAML recipe may give flags at the top
+    level or under their section, and one under the wrong section is refused naming its own; the run
+    folder's train_config.json (cfg.sections()) read back as --config gives the same recipe."""
+    from coco_accel.training.config import SECTIONS
+
+    names = TrainConfig.field_names()
+    assert len(names) == len(set(names)) == 55  # one flag per field, unique across sections
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("optim:\n  learning_rate: 2.0e-4\n  max_steps: 7\nlate_mlm: true\nlayout: {pack_length: 0}\n")
+    cfg = parse_config(REQUIRED + ["--config", str(recipe), "--max_steps", "9"])
+    assert (cfg.optim.learning_rate, cfg.optim.max_steps, cfg.model.late_mlm, cfg.layout.pack_length) == (2e-4, 9, True, 0)
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("optim:\n  pack_length: 0\n")
+    with pytest.raises(ConfigError, match="key 'pack_length' under 'optim' belongs to section 'layout'"):
+        parse_config(REQUIRED + ["--config", str(wrong)])
+    wrong.write_text("optim:\n  learning_rat: 1.0e-4\n")
+    with pytest.raises(ConfigError, match="unknown key 'optim.learning_rat'. Did you mean 'learning_rate'"):
+        parse_config(REQUIRED + ["--config", str(wrong)])
+
+    recorded = tmp_path / "train_config.json"
+    recorded.write_text(json.dumps(cfg.sections()))
+    assert parse_config(["--config", str(recorded)]) == cfg
+    assert TrainConfig.from_flags(**cfg.flags()) == cfg and cfg.replace(seed=1).job.seed == 1 and cfg.job.seed == 42
+    help_text = subprocess.run([sys.executable, "coco_accel/train.py", "--help"], capture_output=True, text=True,
+                               check=True).stdout
+    titles = [title for _, title in SECTIONS.values()]
+    assert [help_text.index(f"\n{t}:") for t in titles] == sorted(help_text.index(f"\n{t}:") for t in titles)

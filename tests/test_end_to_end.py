@@ -88,7 +88,7 @@ def test_bf16_autocast_trains_on_cpu(tmp_path, tiny_bert, span_data):
     assert run_main("train", *[str(fp32) if f is None else f for f in flags]).returncode == 0
     low, full = (metrics(out) for out in (bf16, fp32))
     assert [r["step"] for r in low] == [1, 2]
-    assert json.loads((bf16 / "train_config.json").read_text())["bf16"] is True
+    assert json.loads((bf16 / "train_config.json").read_text())["compute"]["bf16"] is True
     for key in ("mlm_head", "mlm_backbone"):
         assert low[0][key] == pytest.approx(full[0][key], rel=1e-2) and low[0][key] != full[0][key], key
     assert all(math.isfinite(r["loss"]) and r["model_tflops_per_s"] > 0 and "mfu" in r for r in low)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from coco_accel.common.tokenizer_files import vocab_sha256
-from coco_accel.training.config import ConfigError, TrainConfig, to_dict
+from coco_accel.training.config import ConfigError, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -162,18 +162,18 @@ def checkpoint_to_resume(cfg: TrainConfig) -> Optional[Path]:
     """The checkpoint a run continues from (--resume PATH, or under --resume auto the newest in --output_dir),
     or None for a fresh start. A fresh start into a folder holding other files is refused unless
     --overwrite_output_dir (never overwrite by accident)."""
-    if cfg.resume not in ("auto", "none"):
-        path = Path(cfg.resume)
+    if cfg.checkpoints.resume not in ("auto", "none"):
+        path = Path(cfg.checkpoints.resume)
         if not (path / STATE_FILE).is_file():
-            raise ConfigError(f"--resume {cfg.resume}: not a complete checkpoint (no {STATE_FILE}).")
+            raise ConfigError(f"--resume {cfg.checkpoints.resume}: not a complete checkpoint (no {STATE_FILE}).")
         return path
-    found = latest_checkpoint(cfg.output_dir) if cfg.resume == "auto" else None
+    found = latest_checkpoint(cfg.io.output_dir) if cfg.checkpoints.resume == "auto" else None
     if found is not None:
         return found
-    out = Path(cfg.output_dir)
+    out = Path(cfg.io.output_dir)
     if out.is_dir() and any(p.name not in (STOP_FILE, PREEMPTED_MARKER) for p in out.iterdir()):
-        if not cfg.overwrite_output_dir:
-            raise ConfigError(f"--output_dir {cfg.output_dir} is not empty and holds no checkpoint to resume: "
+        if not cfg.io.overwrite_output_dir:
+            raise ConfigError(f"--output_dir {cfg.io.output_dir} is not empty and holds no checkpoint to resume: "
                               "pass --overwrite_output_dir to write into it, or choose another folder.")
     return None
 
@@ -215,13 +215,13 @@ class StopRequest:
 def provenance(cfg: TrainConfig, accelerator, dataset, tokenizer, plan) -> dict:
     """What a checkpoint is made from, recorded in it and checked on resume."""
     plugin = accelerator.state.deepspeed_plugin
-    return {"seed": cfg.seed, "global_docs": plan.global_docs, "world_size": accelerator.num_processes,
+    return {"seed": cfg.job.seed, "global_docs": plan.global_docs, "world_size": accelerator.num_processes,
             "engine": f"deepspeed-zero{plugin.zero_stage}" if plugin is not None else "ddp",
-            "data": {"train_dir": os.path.abspath(cfg.train_dir), "documents": len(dataset),
+            "data": {"train_dir": os.path.abspath(cfg.io.train_dir), "documents": len(dataset),
                      "fingerprint": getattr(dataset, "_fingerprint", None)},
-            "tokenizer": {"name_or_path": cfg.model_name_or_path, "size": len(tokenizer),
+            "tokenizer": {"name_or_path": cfg.io.model_name_or_path, "size": len(tokenizer),
                           "vocab_sha256": vocab_sha256(tokenizer.get_vocab())},
-            "recipe": to_dict(cfg)}
+            "recipe": cfg.flags()}
 
 
 def check_resume(cfg: TrainConfig, path: Path, saved: dict, now: dict) -> bool:
@@ -237,7 +237,7 @@ def check_resume(cfg: TrainConfig, path: Path, saved: dict, now: dict) -> bool:
     override = " (or pass --resume_allow_changed_data if you mean to continue on it)"
     data, was = now["data"], saved.get("data")
     if was and (was["documents"], was["fingerprint"]) != (data["documents"], data["fingerprint"]):
-        if not cfg.resume_allow_changed_data:
+        if not cfg.checkpoints.resume_allow_changed_data:
             raise ConfigError(f"{path} was made from --train_dir {was['train_dir']} ({was['documents']} documents, "
                               f"fingerprint {was['fingerprint']}); this run's {data['train_dir']} has "
                               f"{data['documents']} documents, fingerprint {data['fingerprint']}. Its position in the "
@@ -245,7 +245,7 @@ def check_resume(cfg: TrainConfig, path: Path, saved: dict, now: dict) -> bool:
         logger.warning("Resuming %s on other data (--resume_allow_changed_data).", path)
     tok, was = now["tokenizer"], saved.get("tokenizer")
     if was and was["vocab_sha256"] != tok["vocab_sha256"]:
-        if not cfg.resume_allow_changed_data:
+        if not cfg.checkpoints.resume_allow_changed_data:
             raise ConfigError(f"{path} was trained with the tokenizer of {was['name_or_path']} ({was['size']} tokens); "
                               f"this run's {tok['name_or_path']} has another vocabulary ({tok['size']} tokens): the "
                               f"embeddings would mean other tokens. Use the original --model_name_or_path{override}.")

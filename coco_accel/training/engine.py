@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 def mixed_precision(cfg: TrainConfig) -> Optional[str]:
     """--fp16/--bf16 (the reference's flags) must agree with the launch config, which owns precision."""
-    wanted = "fp16" if cfg.fp16 else "bf16" if cfg.bf16 else None
+    wanted = "fp16" if cfg.compute.fp16 else "bf16" if cfg.compute.bf16 else None
     launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
     if wanted and launched and launched not in ("no", wanted):
         raise ConfigError(f"--{wanted} contradicts the accelerate config's mixed_precision: {launched}. "
@@ -38,7 +38,7 @@ def build_accelerator(cfg: TrainConfig):
         skip_shared_memory_allreduce_build()
     if launched_world > 1:
         # A collective that waits longer than this fails, so one dead rank ends the job instead of hanging it.
-        group = {"timeout": timedelta(seconds=cfg.ddp_timeout)}
+        group = {"timeout": timedelta(seconds=cfg.job.ddp_timeout)}
         if not torch.cuda.is_available():
             # CPU runs: NCCL needs a GPU. DeepSpeed needs gloo named explicitly (cpu=True would silently
             # turn it off); DDP needs cpu=True, or every process quietly trains alone as rank 0.
@@ -47,8 +47,8 @@ def build_accelerator(cfg: TrainConfig):
             else:
                 kwargs["cpu"] = True
         kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(**group)]
-    accelerator = Accelerator(mixed_precision=mixed_precision(cfg), log_with=trackers(cfg.report_to),
-                              project_dir=cfg.output_dir, **kwargs)
+    accelerator = Accelerator(mixed_precision=mixed_precision(cfg), log_with=trackers(cfg.job.report_to),
+                              project_dir=cfg.io.output_dir, **kwargs)
     if accelerator.num_processes != launched_world:
         raise ConfigError(f"the launcher started {launched_world} processes but they formed a group of "
                           f"{accelerator.num_processes}: check the accelerate config (on CPU use --multi_gpu "
@@ -90,12 +90,12 @@ def fill_deepspeed_config(accelerator, cfg: TrainConfig, per_device: int, resume
     for key, value in (("train_micro_batch_size_per_gpu", per_device),
                        ("gradient_accumulation_steps", 1),
                        ("train_batch_size", per_device * accelerator.num_processes),
-                       ("gradient_clipping", cfg.max_grad_norm)):
+                       ("gradient_clipping", cfg.optim.max_grad_norm)):
         if ds.get(key, "auto") != "auto" and ds[key] != value:
             raise ConfigError(f"the DeepSpeed config sets {key}={ds[key]} but the recipe implies {value}: "
                               f"set it to \"auto\" in the JSON so the recipe stays the single source.")
         ds[key] = value
-    if cfg.optimizer == "sgd":  # ZeRO partitions any torch optimizer; DeepSpeed asks to be told for untested ones
+    if cfg.optim.optimizer == "sgd":  # ZeRO partitions any torch optimizer; DeepSpeed asks to be told for untested ones
         ds["zero_allow_untested_optimizer"] = True
     if resume is not None and is_universal(resume):
         ds["checkpoint"] = {"load_universal": True}

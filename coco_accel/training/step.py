@@ -91,10 +91,10 @@ def plain_step(model, batch: dict, backward: Backward, settings: StepSettings, *
     batch: the rows' tensors on the device; layout: their `host_layout`, computed on the host (the
     counts, packing and length groups come from it, never from the device). row_counts: every
     process's span count, in rank order, when the host knows them (the trainer's batch plan does): the
-    gather then needs no exchange of sizes, which would wait for the device. compute: the context of the forward and the losses, not of backward. The MLM
-    vocabulary projection takes its matmul dtype from it: the trainer passes `accelerator.autocast`,
-    because Accelerate's own autocast covers only the model's forward and left the projection (about
-    6% of the step's FLOPs) in fp32."""
+    gather then needs no exchange of sizes, which would wait for the device. compute: the context of
+    the forward and the losses, not of backward. The MLM vocabulary projection takes its matmul dtype
+    from it: the trainer passes `accelerator.autocast`, because Accelerate's own autocast covers only
+    the model's forward and left the projection (about 6% of the step's FLOPs) in fp32."""
     mlm_norm, span_norm = _global_counts(batch, layout)
     with compute():
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
@@ -231,7 +231,7 @@ class TrainStep:
         self.cfg, self.accelerator, self.model = cfg, accelerator, model
         self.optimizer, self.scheduler = optimizer, scheduler
         self.deepspeed = accelerator.state.deepspeed_plugin is not None
-        self.settings = StepSettings(cfg.temperature, cfg.normalize)
+        self.settings = StepSettings(cfg.model.temperature, cfg.model.normalize)
         self.skipped = 0  # steps skipped so far for a non-finite loss
 
     def __call__(self, batch: Batch, stop_requested: bool) -> StepOutcome:
@@ -251,10 +251,10 @@ class TrainStep:
     def forward_backward(self, tensors: dict, layout: np.ndarray, row_counts: Sequence[int]) -> StepParts:
         """This process's loss parts over the global batch, its gradients accumulated (not yet reduced
         under DeepSpeed, which reduces in its step)."""
-        if self.cfg.cache_chunk_size > 0:
+        if self.cfg.compute.cache_chunk_size > 0:
             multi_ddp = self.accelerator.num_processes > 1 and not self.deepspeed
             return cached_step(self.model, tensors, self._backward, self.settings, layout=layout,
-                               chunk_size=self.cfg.cache_chunk_size, row_counts=row_counts,
+                               chunk_size=self.cfg.compute.cache_chunk_size, row_counts=row_counts,
                                no_sync=(lambda: self.accelerator.no_sync(self.model)) if multi_ddp else None,
                                compute=self.accelerator.autocast)
         return plain_step(self.model, tensors, self._backward, self.settings, layout=layout, row_counts=row_counts,
@@ -276,7 +276,7 @@ class TrainStep:
 
     def _update(self, parts: StepParts, stop: bool) -> StepOutcome:
         """Clip, step the optimizer, clear the gradients."""
-        grad_norm = self._clip() if self.cfg.max_grad_norm > 0 else None
+        grad_norm = self._clip() if self.cfg.optim.max_grad_norm > 0 else None
         lr = self.scheduler.get_last_lr()[0]
         overflow = step_counting_overflow(self.optimizer, self.accelerator.scaler)
         self.optimizer.zero_grad(set_to_none=True)
@@ -285,14 +285,14 @@ class TrainStep:
     def _clip(self) -> torch.Tensor:
         """The norm before clipping. DeepSpeed clips inside its step and reports its own norm; otherwise the
         gradients are unscaled (fp16) and clipped by `optim.clip_grad_norm`."""
-        acc, max_norm = self.accelerator, self.cfg.max_grad_norm
+        acc, max_norm = self.accelerator, self.cfg.optim.max_grad_norm
         if self.deepspeed:
             return acc.clip_grad_norm_(self.model.parameters(), max_norm)
         acc.unscale_gradients()
         return clip_grad_norm(self.model.parameters(), max_norm)
 
     def _skip(self, step: int, parts: StepParts) -> None:
-        allowed = self.cfg.max_nonfinite_skips
+        allowed = self.cfg.job.max_nonfinite_skips
         detail = (f"mlm_head={parts.mlm_head.item():.4g}, mlm_backbone={parts.mlm_backbone.item():.4g}, "
                   f"contrastive={parts.contrastive.item():.4g} (this process's shares)")
         if self.skipped >= allowed:

@@ -149,7 +149,7 @@ class TrainingLog:
         from tqdm.auto import tqdm
 
         self.run, acc = run, run.accelerator
-        self.metrics = (MetricsFile(Path(run.cfg.output_dir) / "metrics.jsonl", keep_until=run.start_step)
+        self.metrics = (MetricsFile(Path(run.cfg.io.output_dir) / "metrics.jsonl", keep_until=run.start_step)
                         if acc.is_main_process else None)
         self.meter = make_meter(run.cfg, acc, acc.unwrap_model(run.model).config)
         self.bar = tqdm(total=run.total_steps, initial=run.start_step, desc="train", disable=not acc.is_main_process,
@@ -172,7 +172,7 @@ class TrainingLog:
     def step_done(self, step: int, lr: Optional[float], skipped: int) -> None:
         cfg, acc = self.run.cfg, self.run.accelerator
         self.bar.update(1)
-        if self.meter.steps and (step == 1 or step % cfg.logging_steps == 0 or step == self.run.total_steps):
+        if self.meter.steps and (step == 1 or step % cfg.job.logging_steps == 0 or step == self.run.total_steps):
             self.last = self.meter.flush(step, lr=lr, docs_seen=self.run.docs_seen, skipped_steps=skipped,
                                          loss_scale=acc.scaler.get_scale() if acc.scaler is not None else None)
             self.first = self.first or self.last
@@ -190,7 +190,7 @@ class TrainingLog:
 
 def make_meter(cfg: TrainConfig, acc, model_config):
     """The metrics meter, with the model's FLOPs per token and, where known, the GPU's peak (MFU)."""
-    flops = lambda avg_len: useful_flops_per_token(model_config, n_head_layers=cfg.n_head_layers, avg_len=avg_len,
-                                                   mlm_fraction=cfg.mlm_probability, late_mlm=cfg.late_mlm)
+    flops = lambda avg_len: useful_flops_per_token(model_config, n_head_layers=cfg.model.n_head_layers, avg_len=avg_len,
+                                                   mlm_fraction=cfg.data.mlm_probability, late_mlm=cfg.model.late_mlm)
     sixteen_bit = acc.mixed_precision in ("bf16", "fp16")
-    return Meter(acc.device, flops, cfg.peak_tflops or (peak_tflops(acc.device) if sixteen_bit else None))
+    return Meter(acc.device, flops, cfg.job.peak_tflops or (peak_tflops(acc.device) if sixteen_bit else None))
