@@ -35,28 +35,42 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 
 from coco_accel.model.condenser import Condenser
+from coco_accel.model.families.base import Rows
 from coco_accel.model.packing import host_layout
 from coco_accel.training.losses import span_contrastive_loss
 from coco_accel.training.step import StepSettings, cached_step, plain_step
 from coco_accel.training.tracking import peak_tflops, useful_flops_per_token
 
-PRESETS = {  # (layers, hidden, heads, intermediate)
-    "tiny": (2, 64, 2, 128),  # the GPU checks' CPU dry run
-    "minilm": (6, 384, 12, 1536),
-    "bert-base": (12, 768, 12, 3072),
+PRESETS = {  # (family, layers, hidden, heads, intermediate, vocabulary)
+    "tiny": ("bert", 2, 64, 2, 128, 30522),  # the GPU checks' CPU dry run
+    "minilm": ("bert", 6, 384, 12, 1536, 30522),
+    "bert-base": ("bert", 12, 768, 12, 3072, 30522),
+    # ModernBERT-base's shape (22 layers, 768 wide, GLU of 1152, 50,368 tokens, a global layer every third,
+    # 128-token windows between them), and a MiniLM-sized one of its family for the CPU
+    "modernbert-base": ("modernbert", 22, 768, 12, 1152, 50368),
+    "modernbert-mini": ("modernbert", 6, 384, 6, 576, 50368),
 }
+
+
+def _backbone(preset: str, attn: str):
+    from transformers import BertConfig, BertForMaskedLM, ModernBertConfig, ModernBertForMaskedLM
+
+    family, layers, hidden, heads, inter, vocab = PRESETS[preset]
+    if family == "modernbert":
+        return ModernBertForMaskedLM(ModernBertConfig(
+            vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+            intermediate_size=inter, local_attention=128, global_attn_every_n_layers=3, pad_token_id=0,
+            cls_token_id=101, sep_token_id=102, bos_token_id=101, eos_token_id=102, attn_implementation=attn))
+    return BertForMaskedLM(BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                                      num_attention_heads=heads, intermediate_size=inter, attn_implementation=attn))
 
 
 def make_model(preset: str, attn: str, bucket_width: int, device, layout: str = "", fused_qkv: bool = True) -> Condenser:
     """layout: "packN" (packed rows of N tokens), "bucketC" (length groups, merge cost C, -1 = auto), or "".
     fused_qkv=False keeps the model's own separate query/key/value projections (the reference's)."""
-    from transformers import BertConfig, BertForMaskedLM
-
-    layers, hidden, heads, inter = PRESETS[preset]
-    cfg = BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                     intermediate_size=inter, attn_implementation=attn)
     torch.manual_seed(0)
-    model = Condenser(BertForMaskedLM(cfg), n_head_layers=2, skip_from=min(6, layers // 2), late_mlm=True,
+    layers = PRESETS[preset][1]
+    model = Condenser(_backbone(preset, attn), n_head_layers=2, skip_from=min(6, layers // 2), late_mlm=True,
                       length_bucket_width=bucket_width if layout.startswith("bucket") else 0,
                       length_bucket_call_cost=int(layout[6:]) if layout.startswith("bucket") else -1,
                       pack_length=int(layout[4:]) if layout.startswith("pack") else 0, fused_qkv=fused_qkv)
@@ -115,10 +129,13 @@ def reference_loss(model: Condenser, batch: dict, autocast_dtype) -> torch.Tenso
                                    output_hidden_states=True)
         last, skip = out.hidden_states[-1], out.hidden_states[model.skip_from]
         hidden = torch.cat([last[:, :1], skip[:, 1:]], dim=1)
-        mask = model._attention_mask(hidden, batch["attention_mask"])
+        rows = Rows.padded(batch["attention_mask"])  # transformers' own masks (and rotary positions)
         for layer in model.c_head:
-            hidden = layer(hidden, mask)
-        head = model._mlm_head()
+            hidden = model.family.run_layer(layer, hidden, rows)
+        transform, decoder = model.family.mlm_parts()
+        head = lambda x: decoder(transform(x))  # noqa: E731  the whole MLM head, at every position
+        if model.c_head_norm is not None:  # pre-norm families: the head's states pass its final norm
+            hidden = model.c_head_norm(hidden)
         labels = batch["labels"]
         ce = torch.nn.functional.cross_entropy
         n_masked = max(int((labels != -100).sum()), 1)
@@ -135,7 +152,8 @@ def same_loss(preset: str, docs: int, max_len: int, width: int, device, layout: 
     with torch.no_grad():
         a = float(reference_loss(ref, on(device, make_batch(docs, max_len, True, 0)), None))
         host = make_batch(docs, max_len, False, 0)
-        b = float(plain_step(ours, on(device, host), lambda loss, last: None, StepSettings(), layout=host_layout(host["attention_mask"], host["labels"])).loss)
+        layout = host_layout(host["attention_mask"], host["labels"])
+        b = float(plain_step(ours, on(device, host), lambda loss, last: None, StepSettings(), layout=layout).loss)
     return {"reference_loss": a, "ours_loss": b, "abs_diff": abs(a - b)}
 
 
@@ -146,10 +164,11 @@ def our_step(model: Condenser, batch: dict, host: dict, optimizer, autocast_dtyp
     backward = lambda loss, last: loss.backward()
     compute = lambda: torch.autocast(batch["input_ids"].device.type, dtype=autocast_dtype,
                                      enabled=autocast_dtype is not None)
+    layout = host_layout(host["attention_mask"], host["labels"])
     if cache_chunk > 0:
-        parts = cached_step(model, batch, backward, settings, chunk_size=cache_chunk, layout=host_layout(host["attention_mask"], host["labels"]), compute=compute)
+        parts = cached_step(model, batch, backward, settings, chunk_size=cache_chunk, layout=layout, compute=compute)
     else:
-        parts = plain_step(model, batch, backward, settings, layout=host_layout(host["attention_mask"], host["labels"]), compute=compute)
+        parts = plain_step(model, batch, backward, settings, layout=layout, compute=compute)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return parts.computed_tokens

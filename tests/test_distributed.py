@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, exported_weights, forked_run, forked_torchrun, free_port, make_tiny_bert, metrics, run_main, torchrun, train_args, \
-    train_env
+from conftest import REPO, exported_weights, forked_run, forked_torchrun, free_port, make_tiny_bert, make_tiny_modernbert, \
+    metrics, run_main, torchrun, train_args, train_env
 
 pytestmark = pytest.mark.slow
 
@@ -113,7 +113,7 @@ class Parity:
         ref = ref or self.ref
         wr, wo = exported_weights(ref), exported_weights(out)
         assert wr.keys() == wo.keys() == self.initial.keys()
-        assert wo["bert.embeddings.word_embeddings.weight"].dtype == self.dtype
+        assert all(w.dtype == self.dtype for w in wo.values())
         eps = torch.finfo(self.dtype).eps
         updates = {k: (wr[k].double() - w0.double(), wo[k].double() - w0.double()) for k, w0 in self.initial.items()}
         largest = max(d_ref.abs().max().item() for d_ref, _ in updates.values())
@@ -158,6 +158,19 @@ def fp64(tmp_path_factory, tokenizer, data):
 def fp32(tmp_path_factory, tokenizer, data):
     root = tmp_path_factory.mktemp("parity32")
     return Parity(root, make_tiny_bert(root / "model", tokenizer, layers=3, dropout=0.0), data, torch.float32)
+
+
+@pytest.fixture(scope="module")
+def modernbert64(tmp_path_factory, tokenizer, data):
+    root = tmp_path_factory.mktemp("parity_modernbert")
+    return Parity(root, make_tiny_modernbert(root / "model", tokenizer, dtype=torch.float64), data, torch.float64)
+
+
+def test_modernbert_on_two_processes_and_with_the_gradient_cache_equals_one(modernbert64):
+    """The same parity for a ModernBERT backbone (packed rows with rotary positions and sliding-window
+    layers): 2 processes under DDP, and 2 processes with the gradient cache, == 1 process."""
+    modernbert64.assert_same(modernbert64.run("ddp2", 2))
+    modernbert64.assert_same(modernbert64.run("ddp2_cache", 2, "--cache_chunk_size", "5"))
 
 
 def test_two_and_three_processes_equal_one(fp64):

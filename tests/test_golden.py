@@ -20,25 +20,35 @@ from conftest import REPO, metrics, train_env
 
 pytestmark = pytest.mark.slow
 
-GOLDEN = REPO / "tests" / "assets" / "losses" / "tiny_fp64.json"
+GOLDEN = {"bert": REPO / "tests" / "assets" / "losses" / "tiny_fp64.json",
+          "modernbert": REPO / "tests" / "assets" / "losses" / "tiny_fp64_modernbert.json"}
 KEYS = ("loss", "mlm_head", "mlm_backbone", "contrastive", "contrastive_acc", "grad_norm")
 # fp64 sums of at most ~1e5 terms (u = 1.1e-16) in another order on another CPU or thread count: 1e-11 of
 # each value, grown over 6 plain-SGD steps (no Adam to amplify noise on near-zero gradients); 1e-9 bounds it.
 REL = 1e-9
 
 
-def _model(folder, tokenizer):
-    """A 3-layer BERT whose every weight comes from numpy's PCG64 stream (stable across versions)."""
-    from transformers import BertConfig, BertForMaskedLM
+def _model(folder, tokenizer, family: str):
+    """A 3-layer BERT or ModernBERT (global and 4-position sliding-window layers) whose every weight comes
+    from numpy's PCG64 stream (stable across versions)."""
+    from transformers import BertConfig, BertForMaskedLM, ModernBertConfig, ModernBertForMaskedLM
 
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
-    model = BertForMaskedLM(config).to(torch.float64)
+    if family == "bert":
+        config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.0)
+        model = BertForMaskedLM(config).to(torch.float64)
+    else:
+        config = ModernBertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64, local_attention=8,
+                                  global_attn_every_n_layers=2, pad_token_id=tokenizer.pad_token_id,
+                                  cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id,
+                                  bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
+        model = ModernBertForMaskedLM(config).to(torch.float64)
     rng = np.random.default_rng(20221207)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "LayerNorm" in name:
+            if "LayerNorm" in name or "norm." in name:
                 param.copy_(torch.from_numpy(1.0 + 0.1 * rng.standard_normal(param.shape)) if name.endswith("weight")
                             else torch.from_numpy(0.1 * rng.standard_normal(param.shape)))
             else:
@@ -68,8 +78,9 @@ def _data(folder, tokenizer):
     return folder
 
 
-def test_the_golden_trace(tmp_path, tokenizer):
-    model, data = _model(tmp_path / "model", tokenizer), _data(tmp_path / "data", tokenizer)
+@pytest.mark.parametrize("family", ["bert", "modernbert"])
+def test_the_golden_trace(tmp_path, tokenizer, family):
+    model, data = _model(tmp_path / "model", tokenizer, family), _data(tmp_path / "data", tokenizer)
     out = tmp_path / "run"
     subprocess.run([sys.executable, "coco_accel/train.py", "--output_dir", str(out), "--model_name_or_path", model,
                     "--train_dir", str(data), "--per_device_train_batch_size", "16", "--max_steps", "6",
@@ -79,8 +90,8 @@ def test_the_golden_trace(tmp_path, tokenizer):
     trace = [{k: r[k] for k in ("step", *KEYS)} for r in metrics(out)]
     assert len(trace) == 6
     if os.environ.get("COCO_ACCEL_UPDATE_GOLDEN") == "1":
-        GOLDEN.write_text(json.dumps(trace, indent=1) + "\n")
-    golden = json.loads(GOLDEN.read_text())
+        GOLDEN[family].write_text(json.dumps(trace, indent=1) + "\n")
+    golden = json.loads(GOLDEN[family].read_text())
     assert [r["step"] for r in trace] == [r["step"] for r in golden]
     for got, want in zip(trace, golden):
         for key in KEYS:

@@ -165,7 +165,7 @@ def test_partial_last_layer_is_as_exact_as_the_full_layer_in_bf16_at_bert_base_s
     import numpy as np
     from transformers import BertConfig, BertForMaskedLM
 
-    from coco_accel.model.condenser import layer_at
+    from coco_accel.model.families.bert import layer_at
     from coco_accel.model.packing import query_layout
 
     torch.manual_seed(0)

@@ -143,3 +143,94 @@ def test_mask_rate_on_multi_piece_words_reaches_the_budget(tokenizer):
                                 mlm_probability=0.15, mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer))
     share = (labels != -100).sum() / (~special).sum()
     assert share == pytest.approx(4 / 25, abs=0.004)
+
+
+# Whole words for every tokenizer kind, from tokenizers trained here on real text (the standard library's
+# docstrings, the demo's corpus) with a small vocabulary, so that most words split into several tokens.
+
+def _real_text(docs: int = 400) -> list[str]:
+    from itertools import islice
+
+    from coco_accel.preprocessing.docstrings import docstring_documents
+
+    return [d["text"] for d in islice(docstring_documents(), docs)]
+
+
+def _trained_tokenizer(kind: str, texts: list[str]):
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    if kind == "wordpiece":
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        trainer = trainers.WordPieceTrainer(vocab_size=800, special_tokens=specials)
+    elif kind == "byte-level bpe":  # RoBERTa's and ModernBERT's kind
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=800, special_tokens=specials,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    elif kind == "unigram":  # SentencePiece's, as XLM-R's
+        tok = Tokenizer(models.Unigram())
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(vocab_size=800, special_tokens=specials, unk_token="[UNK]")
+    else:  # BPE cut at whitespace and punctuation: nothing in a token says where its word starts
+        tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        trainer = trainers.BpeTrainer(vocab_size=800, special_tokens=specials)
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "byte-level bpe", "unigram"])
+def test_whole_words_from_each_tokenizer_kinds_own_boundaries(kind):
+    """The words the table derives are the text's whitespace-separated words (most of them several tokens
+    with an 800-token vocabulary), every token of a word is masked with it, and the masked share is the
+    rule's: about 15% of the tokens, a little less where a long word no longer fits a row's budget."""
+    texts = _real_text()
+    tokenizer = _trained_tokenizer(kind, texts)
+    table = continuation_table(tokenizer)
+    sample = [" ".join(t.split()[:40]) for t in texts[:64]]  # ~40 words a row
+    enc = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in sample]
+    multi = 0
+    for text, ids in zip(sample, enc):
+        starts = [i for i, tok in enumerate(ids) if i == 0 or not table[tok]]
+        words = [ids[a:b] for a, b in zip(starts, starts[1:] + [len(ids)])]
+        if kind == "wordpiece":  # BERT's words: its pre-tokenizer cuts punctuation off as words of their own
+            backend = tokenizer.backend_tokenizer
+            expected = [w for w, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(text))]
+            assert len(words) == len(expected), (kind, text[:80])
+        else:
+            assert [tokenizer.decode(w).strip() for w in words] == text.split(), (kind, text[:80])
+        multi += sum(len(w) > 1 for w in words)
+    assert multi > 0.3 * sum(len(t.split()) for t in sample)  # real multi-token words, plenty of them
+
+    width = 2 + max(map(len, enc))  # rows as the collator lays them out: [CLS] span [SEP], padded
+    ids = np.full((len(enc), width), tokenizer.pad_token_id, dtype=np.int64)
+    for row, span in enumerate(enc):
+        ids[row, :len(span) + 2] = [tokenizer.cls_token_id, *span, tokenizer.sep_token_id]
+    special = np.isin(ids, [tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id])
+    n = ids.shape[0]
+    keys = (np.full(n, 5), np.zeros(n), np.arange(n), np.zeros(n))
+    out, labels = whole_word_mask(ids, special, table, keys, mlm_probability=0.15,
+                                  mask_token_id=tokenizer.mask_token_id, vocab_size=len(tokenizer))
+    masked = labels != -100
+    later = table[ids] & ~special
+    later[:, 1:] &= ~special[:, :-1]  # the token after [CLS] starts a word, marked or not
+    rows, cols = np.nonzero(later)  # a word's later tokens go with the one before
+    np.testing.assert_array_equal(masked[rows, cols], masked[rows, cols - 1])
+    share = masked.sum() / (~special).sum()
+    assert 0.12 < share <= 0.151, share
+
+
+def test_a_tokenizer_without_word_boundaries_is_refused_unless_single_tokens_are_asked_for():
+    from coco_accel.training.masking import MaskingError
+
+    tokenizer = _trained_tokenizer("bpe without markers", _real_text(100))
+    with pytest.raises(MaskingError, match="--whole_word_mask false"):
+        continuation_table(tokenizer)
+    assert not continuation_table(tokenizer, whole_words=False).any()  # every token its own word

@@ -281,8 +281,8 @@ def test_compiled_parts_give_the_eager_result():
     assert [name for name, _ in compiled.named_parameters()] == names
     base = compiled.mlm.base_model
     assert all(getattr(m, "_compiled_call_impl", None) is not None
-               for m in [base.embeddings, *base.encoder.layer, compiled._mlm_parts()[0], *compiled.c_head])
-    assert compiled._layer_at is not eager._layer_at
+               for m in [base.embeddings, *base.encoder.layer, compiled.family.mlm_parts()[0], *compiled.c_head])
+    assert compiled.family.layer_at is not eager.family.layer_at
     ce = torch.nn.functional.cross_entropy
     for n in (9, 14):
         ids, mask, labels = span_batch(torch.randint(3, 21, (n,)), label_rate=0.3)
@@ -378,7 +378,7 @@ def test_chunked_decoder_loss_gives_the_full_logits_gradients(family, monkeypatc
 def test_fused_qkv_projections_give_the_separate_result(family, monkeypatch):
     """One matmul for query, key and value (the default) == the model's own three Linears: CLS vectors,
     MLM losses and every parameter's gradient, in fp64; parameter names are unchanged."""
-    from coco_accel.model.condenser import FusedQKV
+    from coco_accel.model.families.bert import FusedQKV
 
     calls = []
     real = FusedQKV.query
@@ -411,7 +411,7 @@ def test_fused_qkv_projections_give_the_separate_result(family, monkeypatch):
 def test_fused_qkv_falls_back_to_separate_linears():
     """Key or value asked for another input than the query's, or ZeRO-3 parameters (only the called
     module's are gathered): each Linear computes on its own."""
-    from coco_accel.model.condenser import FusedQKV
+    from coco_accel.model.families.bert import FusedQKV
 
     torch.manual_seed(0)
     q, k, v = (torch.nn.Linear(6, 4) for _ in range(3))
@@ -480,7 +480,7 @@ def test_cls_only_skips_the_head_and_gives_the_full_forwards_cls(layout):
 def test_layer_at_is_the_full_layer_at_the_wanted_slots():
     """`layer_at` (keys from every slot, the rest at wanted slots only) == the whole layer read at those
     slots, for wanted sets in any order, several per row or none in a row, and none at all."""
-    from coco_accel.model.condenser import layer_at
+    from coco_accel.model.families.bert import layer_at
     from coco_accel.model.packing import query_layout
 
     torch.manual_seed(3)

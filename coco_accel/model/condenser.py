@@ -8,19 +8,21 @@ all the logits at once.
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 from torch import nn
 
+from coco_accel.model.families.base import Family, Rows
+from coco_accel.model.families.bert import BertFamily
+from coco_accel.model.families.modernbert import ModernBertFamily
 from coco_accel.model.packing import auto_call_cost, length_groups, plan_packing, to_device
 
-
-# Where each supported family keeps its (tied) MLM head: dispatch on config.model_type.
-MLM_HEAD_ATTR = {"bert": "cls", "roberta": "lm_head", "xlm-roberta": "lm_head", "camembert": "lm_head"}
+# The encoder families, each one module of families/: adding one is its module and a line here.
+FAMILIES: tuple[type[Family], ...] = (BertFamily, ModernBertFamily)
+SUPPORTED_MODEL_TYPES = sorted(t for family in FAMILIES for t in family.model_types)
 
 
 class ModelError(ValueError):
@@ -45,105 +47,15 @@ class CondenserOutput:
         return None if self.backbone_features is None else self.decoder(self.backbone_features)
 
 
-def _layer_output(out):
-    """A transformers layer's hidden states, whether it returns them alone or first in a tuple."""
-    return out[0] if isinstance(out, tuple) else out
-
-
-def layer_at(layer: nn.Module, hidden: torch.Tensor, attn_mask: torch.Tensor, queries: torch.Tensor,
-             take: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
-    """One BERT-style layer's output at the `want` slots only: [len(want), H] from hidden [R, P, H].
-
-    Keys and values come from every slot; the queries, the attention output, the feed-forward block and
-    their layer norms only from the wanted ones. The layer's own submodules compute, so the numbers are
-    the full layer's at those slots, up to the rounding of smaller matmuls. attn_mask: [R, 1, Q, P] bool,
-    True where the query at that place may attend; queries, take: see `query_layout`."""
-    r, p, h = hidden.shape
-    attention = layer.attention.self
-    heads, size = attention.num_attention_heads, attention.attention_head_size
-    flat = hidden.reshape(r * p, h)
-    x_q = flat[queries].view(r, -1, h)
-    fused = getattr(attention, "fused_qkv", None)
-    with fused.separately() if fused is not None else nullcontext():  # queries and keys differ here
-        q = attention.query(x_q).view(r, -1, heads, size).transpose(1, 2)
-        k = attention.key(hidden).view(r, p, heads, size).transpose(1, 2)
-        v = attention.value(hidden).view(r, p, heads, size).transpose(1, 2)
-    context = nn.functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=attn_mask, dropout_p=attention.dropout.p if layer.training else 0.0, scale=size ** -0.5)
-    context = context.transpose(1, 2).reshape(-1, h)[take]
-    attended = layer.attention.output(context, flat[want])
-    return layer.output(layer.intermediate(attended), attended)
-
-
-class FusedQKV:
-    """Query, key and value of one self-attention module as ONE matmul over their concatenated weights.
-
-    The model's own attention code still calls `query(x)`, `key(x)` and `value(x)`; the first call
-    computes all three, the next two return their parts. The parameters stay where they are, so
-    checkpoints, the export and the optimizer see the model unchanged. Worth it on a GPU under
-    autocast, where each Linear casts the fp32 input to 16 bits on its own: one matmul reads and casts
-    the input once, and its backward forms the input's gradient in one matmul instead of three summed.
-    The same arithmetic, up to the rounding of a wider matmul. Falls back to the separate Linears when
-    the input is another tensor or under ZeRO-3 (which gathers only the called module's parameters).
-    """
-
-    def __init__(self, query: nn.Linear, key: nn.Linear, value: nn.Linear):
-        self.linears = (query, key, value)
-        self.pending = None  # (input, key part, value part) between the query call and the value call
-        self.fuse = True
-        query.forward, key.forward, value.forward = self.query, self.key, self.value
-
-    @contextmanager
-    def separately(self):
-        """Each Linear on its own inside (`layer_at` asks for queries of other tokens than its keys)."""
-        self.fuse = False
-        try:
-            yield
-        finally:
-            self.fuse = True
-
-    def query(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.linears
-        if not self.fuse or hasattr(q.weight, "ds_id"):
-            self.pending = None
-            return nn.functional.linear(x, q.weight, q.bias)
-        both = nn.functional.linear(x, torch.cat([q.weight, k.weight, v.weight]), torch.cat([q.bias, k.bias, v.bias]))
-        q_part, k_part, v_part = both.split([q.out_features, k.out_features, v.out_features], dim=-1)
-        self.pending = (x, k_part, v_part)
-        return q_part
-
-    def key(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pending is not None and self.pending[0] is x:
-            return self.pending[1]
-        return nn.functional.linear(x, self.linears[1].weight, self.linears[1].bias)
-
-    def value(self, x: torch.Tensor) -> torch.Tensor:
-        pending, self.pending = self.pending, None
-        if pending is not None and pending[0] is x:
-            return pending[2]
-        return nn.functional.linear(x, self.linears[2].weight, self.linears[2].bias)
-
-
-def fuse_qkv(module: nn.Module) -> int:
-    """Install FusedQKV in every self-attention block below `module` with query/key/value Linears that
-    have biases (BERT and RoBERTa families); returns how many."""
-    count = 0
-    for block in module.modules():
-        parts = [getattr(block, name, None) for name in ("query", "key", "value")]
-        if all(isinstance(p, nn.Linear) and p.bias is not None for p in parts):
-            block.fused_qkv = FusedQKV(*parts)
-            count += 1
-    return count
-
-
 class Condenser(nn.Module):
     def __init__(self, mlm: nn.Module, *, n_head_layers: int, skip_from: int, late_mlm: bool,
                  length_bucket_width: int = 0, length_bucket_call_cost: int = -1, pack_length: int = 0,
                  fused_qkv: bool = True):
         super().__init__()
         model_type = mlm.config.model_type
-        if model_type not in MLM_HEAD_ATTR:
-            raise ModelError(f"model_type '{model_type}' is not supported; supported: {sorted(MLM_HEAD_ATTR)}.")
+        family = next((f for f in FAMILIES if model_type in f.model_types), None)
+        if family is None:
+            raise ModelError(f"model_type '{model_type}' is not supported; supported: {SUPPORTED_MODEL_TYPES}.")
         num_layers = mlm.config.num_hidden_layers
         if not 0 <= skip_from <= num_layers:
             raise ModelError(f"skip_from {skip_from} is outside the backbone's layers 0..{num_layers}.")
@@ -156,13 +68,9 @@ class Condenser(nn.Module):
         if pack_length and mlm.config._attn_implementation not in ("sdpa", "eager"):
             raise ModelError(f"Packed rows need sdpa or eager attention, not {mlm.config._attn_implementation}: "
                              "set --pack_length 0 or load the model with sdpa attention.")
-        layer_cls = type(mlm.base_model.encoder.layer[0])  # the backbone's own layer class
-        self.c_head = nn.ModuleList([layer_cls(mlm.config) for _ in range(n_head_layers)])
-        self.c_head.apply(mlm._init_weights)
-        self.c_head.to(mlm.dtype)
-        if fused_qkv:
-            fuse_qkv(self)
-        self._layer_at = layer_at  # compile_parts swaps in a compiled one
+        self.family = family(mlm, fused_qkv=fused_qkv)
+        self.c_head = self.family.head_layers(n_head_layers)
+        self.c_head_norm = self.family.head_norm() if n_head_layers else None
 
     @property
     def config(self):
@@ -170,50 +78,36 @@ class Condenser(nn.Module):
 
     @property
     def position_offset(self) -> int:
-        """The first position id of a span: 0 for BERT; the RoBERTa family starts after the padding index."""
-        return 0 if self.mlm.config.model_type == "bert" else self.mlm.config.pad_token_id + 1
+        return self.family.position_offset
 
     @property
     def max_positions(self) -> int:
-        """The longest span, [CLS] and [SEP] included, that the position embeddings cover."""
-        return self.mlm.config.max_position_embeddings - self.position_offset
+        """The longest span, [CLS] and [SEP] included, that the positions cover."""
+        return self.family.max_positions
 
     def compile_parts(self) -> None:
         """torch.compile the backbone's embeddings and every backbone and head layer, the partial last
-        layers (`layer_at`) and the MLM head's transform (a module in BERT), in place (nn.Module.compile),
-        so parameter names, checkpoints and the export are unchanged. Layer by layer, because packed rows
+        layers and the MLM head's transform (where it is a module), in place (nn.Module.compile), so
+        parameter names, checkpoints and the export are unchanged. Layer by layer, because packed rows
         call the backbone's parts themselves. Dynamic shapes: the number of packed rows and of masked
         positions changes from step to step. Mask building, packing and the losses (the vocabulary
         projection included) stay eager."""
-        base = self.mlm.base_model
-        base.embeddings.compile(dynamic=True)
-        for layer in (*base.encoder.layer, *self.c_head):  # a ModuleList has no forward of its own to compile
-            layer.compile(dynamic=True)
-        self._layer_at = torch.compile(layer_at, dynamic=True)
-        transform, _ = self._mlm_parts()
-        if isinstance(transform, nn.Module):
-            transform.compile(dynamic=True)
+        compile_module = lambda module: module.compile(dynamic=True)  # noqa: E731
+        self.family.compile_parts(compile_module)
+        for layer in self.c_head:  # a ModuleList has no forward of its own to compile
+            compile_module(layer)
 
-    def _mlm_head(self) -> nn.Module:
-        return getattr(self.mlm, MLM_HEAD_ATTR[self.mlm.config.model_type])
+    def copy_backbone_into_head(self) -> None:
+        """--head_init copy: the head's layers (and norm) start as the backbone's last ones."""
+        self.family.copy_into_head(self.c_head, self.c_head_norm)
 
-    def _mlm_parts(self):
-        """(transform, decoder) of the MLM head: head(x) == decoder(transform(x))."""
-        head = self._mlm_head()
-        if self.mlm.config.model_type == "bert":
-            return head.predictions.transform, head.predictions.decoder
-        return (lambda x: head.layer_norm(nn.functional.gelu(head.dense(x)))), head.decoder  # RobertaLMHead
-
-    def _attention_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor):
-        from transformers.masking_utils import create_bidirectional_mask
-
-        # Positional: transformers renamed the second argument (input_embeds in 5.0, inputs_embeds later).
-        return create_bidirectional_mask(self.mlm.config, hidden, attention_mask)
+    def _head_features(self, states: torch.Tensor, transform) -> torch.Tensor:
+        """The MLM transform of the head's last states, after the head's norm where the family has one."""
+        return transform(states if self.c_head_norm is None else self.c_head_norm(states))
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Last-layer CLS only (evaluation)."""
-        out = self.mlm.base_model(input_ids=input_ids, attention_mask=attention_mask)
-        return out.last_hidden_state[:, 0]
+        return self.mlm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 layout: np.ndarray, cls_only: bool = False) -> CondenserOutput:
@@ -264,29 +158,28 @@ class Condenser(nn.Module):
         Planned on the host from `layout` (`plan_packing`), so nothing in the step waits for the device
         (boolean indexing would, mid-forward). The last backbone layer runs only at the slots read from
         it, and so does the last head layer (`layer_at`)."""
-        layers = self.mlm.base_model.encoder.layer
+        fam = self.family
+        layers = fam.layers
         last_only = self.skip_from < len(layers)  # else the head reads the last backbone layer everywhere
         run_head = len(self.c_head) > 0 and not cls_only
         plan = plan_packing(layout, self.pack_length, last_at=(
             None if not last_only else "cls+masked" if self.late_mlm else "cls"), head_at_masked=run_head)
-        rows = _PackedRows(plan.to(input_ids.device), input_ids.shape, self._layer_at)
-        ids = rows.scatter(input_ids, 0)
-        positions = rows.scatter(torch.arange(input_ids.shape[1], device=ids.device)[None, :].expand_as(input_ids), 0)
-        mask = rows.attention_mask(self.mlm.config._attn_implementation, next(self.mlm.parameters()).dtype)
-        hidden = self.mlm.base_model.embeddings(input_ids=ids, position_ids=positions + self.position_offset,
-                                                token_type_ids=torch.zeros_like(ids))
+        rows = _PackedRows(plan.to(input_ids.device), input_ids.shape)
+        hidden = fam.embed(rows.scatter(input_ids, 0), rows.context)
         skip = hidden
         for depth, layer in enumerate(layers[:-1] if last_only else layers, start=1):
-            hidden = _layer_output(layer(hidden, mask))
+            hidden = fam.run_layer(layer, hidden, rows.context)
             if depth == self.skip_from:
                 skip = hidden
         plan, n = rows.plan, input_ids.shape[0]
         if last_only:
-            last = rows.partial(layers[-1], hidden, plan.last)  # [n CLS (+ M masked), H]
+            last = fam.final(fam.run_layer_at(layers[-1], hidden, rows.context, plan.last))  # [n CLS (+ M masked), H]
             cls, backbone = last[:n], last[n:]
         else:
+            hidden = fam.final(hidden)
+            skip = hidden if self.skip_from == len(layers) else skip  # as output_hidden_states gives it
             cls, backbone = rows.flat(hidden)[plan.starts], rows.flat(hidden)[plan.slots]
-        transform, decoder = self._mlm_parts()
+        transform, decoder = fam.mlm_parts()
         if cls_only:
             return _cls_only(cls, labels, rows.tokens, decoder)
         hidden = rows.flat(skip).index_copy(0, plan.starts, cls.to(skip.dtype)).view_as(skip)
@@ -294,40 +187,42 @@ class Condenser(nn.Module):
             head = rows.flat(hidden)[plan.slots]
         else:
             for layer in self.c_head[:-1]:
-                hidden = _layer_output(layer(hidden, mask))
-            head = rows.partial(self.c_head[-1], hidden, plan.head)
-        return CondenserOutput(cls=cls, head_features=transform(head),
+                hidden = fam.run_layer(layer, hidden, rows.context)
+            head = fam.run_layer_at(self.c_head[-1], hidden, rows.context, plan.head)
+        return CondenserOutput(cls=cls, head_features=self._head_features(head, transform),
                                backbone_features=transform(backbone) if self.late_mlm else None,
                                targets=labels.reshape(-1)[plan.masked], computed_tokens=rows.tokens, decoder=decoder)
 
     def _forward_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                       cls_only: bool) -> CondenserOutput:
-        out = self.mlm.base_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        last = out.hidden_states[-1]  # [N, L, H]
-        transform, decoder = self._mlm_parts()
+        hidden_states, last = self.family.encode_padded(input_ids, attention_mask)  # [N, L, H] each
+        transform, decoder = self.family.mlm_parts()
         if cls_only:
             return _cls_only(last[:, 0], labels, input_ids.numel(), decoder)
-        skip = out.hidden_states[self.skip_from]  # [N, L, H]
+        skip = hidden_states[self.skip_from]  # [N, L, H]
         hidden = torch.cat([last[:, :1], skip[:, 1:]], dim=1)
-        mask = self._attention_mask(hidden, attention_mask)
+        rows = Rows.padded(attention_mask)
         for layer in self.c_head:
-            hidden = layer(hidden, mask)
+            hidden = self.family.run_layer(layer, hidden, rows)
 
         where = labels != -100  # [N, L]
-        return CondenserOutput(cls=last[:, 0], head_features=transform(hidden[where]),
+        return CondenserOutput(cls=last[:, 0], head_features=self._head_features(hidden[where], transform),
                                backbone_features=transform(last[where]) if self.late_mlm else None,
                                targets=labels[where], computed_tokens=input_ids.numel(), decoder=decoder)
 
 
 class _PackedRows:
-    """One batch's packed rows on the device: a `PackPlan` moved there, and each slot's span (`segment`,
-    -1 in free space), from which the block-diagonal attention masks follow."""
+    """One batch's packed rows on the device: a `PackPlan` moved there, and the `Rows` context the layers
+    run under (each slot's position in its span and its span, -1 in free space)."""
 
-    def __init__(self, plan, shape: tuple[int, int], layer_at: Callable):
-        self.plan, self.layer_at = plan, layer_at
+    def __init__(self, plan, shape: tuple[int, int]):
+        self.plan = plan
         n, width = shape
         self.tokens = plan.rows * plan.capacity  # slots computed by every full layer
-        self.segment = self.scatter(torch.arange(n, device=plan.starts.device)[:, None].expand(n, width), -1)
+        device = plan.starts.device
+        segment = self.scatter(torch.arange(n, device=device)[:, None].expand(n, width), -1)
+        positions = self.scatter(torch.arange(width, device=device)[None, :].expand(n, width), 0)
+        self.context = Rows(positions, segment)
 
     def scatter(self, values: torch.Tensor, fill: int) -> torch.Tensor:
         """[N, L] per-token values placed in the rows, [rows, capacity]; `fill` in free slots."""
@@ -337,19 +232,6 @@ class _PackedRows:
 
     def flat(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden.reshape(self.tokens, -1)
-
-    def attention_mask(self, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
-        """Each slot attends within its span; free slots attend to each other (never a fully masked row:
-        its softmax would be NaN). Boolean for SDPA, additive for eager attention."""
-        same = self.segment[:, None, :, None] == self.segment[:, None, None, :]  # [R, 1, P, P]
-        if attn_implementation == "sdpa":
-            return same
-        return torch.zeros(same.shape, dtype=dtype, device=same.device).masked_fill(~same, torch.finfo(dtype).min)
-
-    def partial(self, layer: nn.Module, hidden: torch.Tensor, at) -> torch.Tensor:
-        """`layer`'s output at the slots of the `PartialLayer` `at` only, [M, H]."""
-        seg_q = self.segment.reshape(-1)[at.queries].view(self.plan.rows, 1, at.per_row, 1)
-        return self.layer_at(layer, hidden, seg_q == self.segment[:, None, None, :], at.queries, at.take, at.want)
 
 
 def _cls_only(cls: torch.Tensor, labels: torch.Tensor, computed_tokens: int, decoder: nn.Module) -> CondenserOutput:

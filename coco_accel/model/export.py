@@ -44,7 +44,7 @@ def save_export(model: Condenser, tokenizer, output_dir: str, state_dict: Option
     model.mlm.save_pretrained(output_dir, state_dict=mlm_state, **as_is)
     if tokenizer is not None:
         tokenizer.save_pretrained(output_dir)
-    head = {k: v.detach().cpu().contiguous() for k, v in state.items() if k.startswith("c_head.")}
+    head = {k: v.detach().cpu().contiguous() for k, v in state.items() if k.startswith(("c_head.", "c_head_norm."))}
     save_file(head, os.path.join(output_dir, HEAD_FILE))
     write_sentence_transformers_files(output_dir, model.config.hidden_size, model.max_positions)
 

@@ -30,12 +30,26 @@ def _read_head_weights(folder: Path) -> tuple[Optional[dict], Optional[str]]:
 
 
 def _copy_top_layers_into_head(model: Condenser, path: str) -> None:
-    layers = model.mlm.base_model.encoder.layer
+    layers = model.family.layers
     if len(model.c_head) > len(layers):
         raise ModelError(f"{path}: --head_init copy needs at least --n_head_layers {len(model.c_head)} backbone layers; "
                          f"it has {len(layers)}. Use --head_init random or fewer head layers.")
-    for head_layer, layer in zip(model.c_head, layers[len(layers) - len(model.c_head):]):
-        head_layer.load_state_dict(layer.state_dict())
+    model.copy_backbone_into_head()
+
+
+def _load_head(model: Condenser, state: dict) -> tuple[list, list]:
+    """The head's layers (c_head.*) and, in pre-norm families, its norm (c_head_norm.*): missing and
+    unexpected keys, by their full names."""
+    missing, unexpected = [], []
+    for prefix, module in (("c_head.", model.c_head), ("c_head_norm.", model.c_head_norm)):
+        part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if module is None:
+            unexpected += [prefix + k for k in part]
+            continue
+        result = module.load_state_dict(part, strict=False)
+        missing += [prefix + k for k in result.missing_keys]
+        unexpected += [prefix + k for k in result.unexpected_keys]
+    return missing, unexpected
 
 
 def load_condenser(path: str, *, n_head_layers: int, skip_from: int, late_mlm: bool, strict_head: bool = False,
@@ -71,8 +85,7 @@ def load_condenser(path: str, *, n_head_layers: int, skip_from: int, late_mlm: b
         logger.info("No Condenser head in %s: the %d head layers start from %s.", path, n_head_layers,
                     "copies of the backbone's last layers" if head_init == "copy" else "the backbone's initialisation")
         return model
-    head = {k[len("c_head."):]: v for k, v in state.items()}
-    missing, unexpected = model.c_head.load_state_dict(head, strict=False)
+    missing, unexpected = _load_head(model, state)
     if missing or unexpected:
         msg = f"{source}: head keys missing {sorted(missing)[:8]}{'...' if len(missing) > 8 else ''}, " \
               f"unexpected {sorted(unexpected)[:8]}{'...' if len(unexpected) > 8 else ''}"

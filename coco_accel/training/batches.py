@@ -25,7 +25,7 @@ import torch
 
 from coco_accel.common.keyed_random import DOC_ORDER, SPAN_CHOICE, TRUNCATE, keyed_permutation, keyed_uniform
 from coco_accel.model.packing import host_layout
-from coco_accel.training.masking import continuation_table, whole_word_mask
+from coco_accel.training.masking import MaskingError, continuation_table, whole_word_mask
 from coco_accel.training.span_store import SpanStore
 
 
@@ -192,7 +192,7 @@ class SpanCollator:
     Rows are laid out in document pairs: rows 2d and 2d+1 are document d's two spans.
     """
 
-    def __init__(self, tokenizer, max_seq_length: int, mlm_probability: float, seed: int):
+    def __init__(self, tokenizer, max_seq_length: int, mlm_probability: float, seed: int, whole_words: bool = True):
         if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None or tokenizer.mask_token_id is None:
             raise DataError("The tokenizer needs [CLS], [SEP] and [MASK] tokens (BERT- or RoBERTa-style).")
         self.cls_id = tokenizer.cls_token_id
@@ -200,7 +200,10 @@ class SpanCollator:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.mask_id = tokenizer.mask_token_id
         self.vocab_size = len(tokenizer)
-        self.is_continuation = continuation_table(tokenizer)
+        try:
+            self.is_continuation = continuation_table(tokenizer, whole_words)
+        except MaskingError as err:
+            raise DataError(str(err)) from None
         self.max_tokens = max_seq_length - 2
         self.mlm_probability = mlm_probability
         self.seed = seed

@@ -147,7 +147,8 @@ def _read_inputs(cfg: TrainConfig, accelerator) -> _Inputs:
     total_steps = plan.total_steps(cfg.optim.num_train_epochs, cfg.optim.max_steps)
     if accelerator.state.deepspeed_plugin is not None:
         fill_deepspeed_config(accelerator, cfg, per_device, resume)
-    collator = SpanCollator(tokenizer, cfg.data.max_seq_length, cfg.data.mlm_probability, cfg.job.seed)
+    collator = SpanCollator(tokenizer, cfg.data.max_seq_length, cfg.data.mlm_probability, cfg.job.seed,
+                            whole_words=cfg.data.whole_word_mask)
     heldout = {}
     if cfg.evaluation.eval_steps:
         try:

@@ -66,6 +66,9 @@ class DataConfig:
 
     max_seq_length: int = _f(128, "Longest span in tokens, [CLS] and [SEP] included; longer spans are cut at a random window.")
     mlm_probability: float = _f(0.15, "Share of tokens masked, by whole words, with 80/10/10 replacement.")
+    whole_word_mask: bool = _f(True, "Mask whole words, from the tokenizer's own word boundaries (WordPiece's '##', "
+                               "byte-level BPE's 'Ġ', SentencePiece's '▁'); false: single tokens, for a tokenizer "
+                               "that marks none.")
     per_device_train_batch_size: int = _f(8, "DOCUMENTS per process per step; each gives two spans.")
     global_batch_size: int = _f(0, "DOCUMENTS per step over all processes (0 = per-device size x processes); "
                                 "when set, the per-device size is derived from it.")

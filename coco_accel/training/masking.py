@@ -4,40 +4,74 @@ resumed from."""
 
 from __future__ import annotations
 
-import logging
+import json
 from typing import Optional, Sequence
 
 import numpy as np
 
 from coco_accel.common.keyed_random import MASK_ACTION, MASK_WORD, RANDOM_TOKEN, keyed_hash, uniform_of
 
-logger = logging.getLogger(__name__)
 
-def continuation_table(tokenizer) -> np.ndarray:
-    """bool[vocab]: True where a token continues the previous word (so masks never split a word).
+class MaskingError(ValueError):
+    """A tokenizer whose word boundaries cannot be derived; the message names the flag that masks tokens."""
 
-    WordPiece marks continuations with a prefix ("##"); byte-level BPE (RoBERTa) marks word STARTS
-    with "Ġ", so anything else that is not special continues. Other tokenizers fall back to
-    token-level masking, which is logged.
-    """
+
+def _word_start_marker(tokenizer) -> Optional[str]:
+    """The prefix that marks a word's first token in a tokenizer without a continuation prefix: "Ġ" for
+    byte-level BPE (RoBERTa, ModernBERT, GPT-style), the Metaspace replacement ("▁") for SentencePiece-
+    style tokenizers (BPE or Unigram: XLM-R, CamemBERT). None when its pre-tokenizer marks neither."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    found = []
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            if node.get("type") == "ByteLevel":
+                found.append("\u0120")
+            elif node.get("type") == "Metaspace":
+                found.append(node.get("replacement", "\u2581"))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    spec = json.loads(backend.to_str())
+    walk(spec.get("pre_tokenizer"))
+    walk(spec.get("normalizer"))  # older SentencePiece conversions put the "▁" replacement here
+    return found[0] if found else None
+
+
+def continuation_table(tokenizer, whole_words: bool = True) -> np.ndarray:
+    """bool[vocab]: True where a token continues the previous word (so masks never split a word), from the
+    tokenizer's own word boundaries: WordPiece marks continuations with its prefix ("##"); byte-level BPE
+    and SentencePiece-style tokenizers mark word starts ("Ġ", "▁"), so every other token that is not special
+    continues. A tokenizer that marks neither raises MaskingError; whole_words=False (--whole_word_mask
+    false) masks single tokens instead (an all-False table)."""
     from tokenizers import models
 
     vocab = tokenizer.get_vocab()
     size = max(len(tokenizer), max(vocab.values()) + 1)
     table = np.zeros(size, dtype=bool)
+    if not whole_words:
+        return table
     backend = getattr(tokenizer, "backend_tokenizer", None)
     model = backend.model if backend is not None else None
-    special = set(tokenizer.all_special_tokens)
     if isinstance(model, models.WordPiece):
         prefix = model.continuing_subword_prefix
         for tok, idx in vocab.items():
             table[idx] = tok.startswith(prefix)
-    elif isinstance(model, models.BPE):
-        for tok, idx in vocab.items():
-            table[idx] = not tok.startswith("\u0120") and tok not in special
-    else:
-        logger.warning("Tokenizer model %s: no word-boundary rule known, masking single tokens.",
-                       type(model).__name__)
+        return table
+    marker = _word_start_marker(tokenizer)
+    if marker is None:
+        raise MaskingError(
+            f"The tokenizer ({type(model).__name__ if model is not None else type(tokenizer).__name__} without a "
+            "byte-level or Metaspace pre-tokenizer) does not say where words start, so whole words cannot be "
+            "masked: use a tokenizer that does, or mask single tokens with --whole_word_mask false.")
+    special = set(tokenizer.all_special_tokens)
+    for tok, idx in vocab.items():
+        table[idx] = not tok.startswith(marker) and tok not in special
     return table
 
 

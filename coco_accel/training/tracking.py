@@ -121,7 +121,8 @@ def useful_flops_per_token(config, *, n_head_layers: int, avg_len: float, mlm_fr
     The numerator of MFU."""
     h = config.hidden_size
     layers = config.num_hidden_layers + n_head_layers
-    dense = layers * (4 * h * h + 2 * h * config.intermediate_size)
+    mlp = (3 if config.model_type == "modernbert" else 2) * h * config.intermediate_size  # a GLU's input is doubled
+    dense = layers * (4 * h * h + mlp)
     attention = layers * 2 * h * avg_len
     mlm = (1 + int(late_mlm)) * mlm_fraction * (h * h + h * config.vocab_size)
     return 6 * (dense + attention + mlm)

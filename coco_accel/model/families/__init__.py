@@ -1,0 +1,1 @@
+"""Encoder families the Condenser runs on: one module each, behind `base.Family`."""

@@ -1,0 +1,192 @@
+"""ModernBERT as a Condenser backbone (`model/families/modernbert.py`): packed rows and length groups ==
+the plain padded HF computation in fp64, the masked-LM logits == transformers' own ModernBertForMaskedLM,
+the gradient cache == the plain step, and the warm start, head copy and export round trip.
+
+Tolerance: fp64 throughout (eps 1.1e-16). Packed and padded rows run the same arithmetic on differently
+shaped matmuls, so they differ by the rounding of their sums. Outputs and losses are O(1): a layer's
+sums of ~50 terms round to ~50 x 1.1e-16 x 6 layers ~ 3e-14. A weight's gradient sums over every token of
+the batch (~100 here) after the backward through the same layers: its absolute error is ~100 x 3e-14 x
+the largest per-token term (O(1) at most here) ~ 3e-12. So atol 1e-10 with rtol 1e-8 (as the BERT
+exactness tests use), 30x above the bound and 1e7 below a real difference (the negative control moves
+CLS by more than 1e-3).
+"""
+
+import pytest
+import torch
+
+from conftest import span_batch
+from coco_accel.model.condenser import Condenser
+from coco_accel.model.packing import host_layout
+
+
+
+def tiny_modernbert(vocab: int = 120, layers: int = 4, seed: int = 0, **extra):
+    """A randomly initialised ModernBERT MLM in fp64: alternating global and sliding-window layers with a
+    4-position half window, so spans longer than 5 tokens see the window."""
+    from transformers import ModernBertConfig, ModernBertForMaskedLM
+
+    torch.manual_seed(seed)
+    cfg = ModernBertConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                           num_attention_heads=2, max_position_embeddings=256, local_attention=8,
+                           global_attn_every_n_layers=2, pad_token_id=0, cls_token_id=1, sep_token_id=2,
+                           bos_token_id=1, eos_token_id=2, mask_token_id=3, attn_implementation="sdpa", **extra)
+    return ModernBertForMaskedLM(cfg).double()
+
+
+def _condenser(mlm, **kw) -> Condenser:
+    settings = dict(n_head_layers=2, skip_from=2, late_mlm=True)
+    settings.update(kw)
+    return Condenser(mlm, **settings)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8, msg=what)
+
+
+def _outputs_and_grads(model: Condenser, ids, mask, labels):
+    """The forward's outputs, its MLM losses (whatever order the masked tokens come in) and the gradients of
+    a loss that reaches every parameter."""
+    model.zero_grad()
+    out = model(ids, mask, labels, host_layout(mask, labels))
+    ce = torch.nn.functional.cross_entropy
+    losses = {"head": ce(out.head_logits, out.targets, reduction="sum"),
+              "backbone": ce(out.backbone_logits, out.targets, reduction="sum"), "cls": out.cls.square().sum()}
+    (losses["head"] + 2 * losses["backbone"] + losses["cls"]).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, losses, grads
+
+
+@pytest.mark.parametrize("layout", ["pack", "groups"])
+def test_packed_rows_and_length_groups_equal_the_padded_hf_computation(layout):
+    """Spans up to 20 tokens (past the 4-position window), packed into rows of 24 or grouped by length,
+    against padded rows through transformers' own layers and masks: CLS, head and backbone MLM features,
+    and every parameter's gradient. Negative control: packed rows that ignore the sliding window differ."""
+    ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20, 9, 4])
+    padded = _condenser(tiny_modernbert())
+    other = _condenser(tiny_modernbert(), **(dict(pack_length=24) if layout == "pack" else
+                                             dict(length_bucket_width=4, length_bucket_call_cost=0)))
+    other.load_state_dict(padded.state_dict())
+    ref, ref_losses, ref_grads = _outputs_and_grads(padded, ids, mask, labels)
+    got, losses, grads = _outputs_and_grads(other, ids, mask, labels)
+    _close(got.cls, ref.cls, "cls")  # in input order either way
+    for name in ref_losses:
+        _close(losses[name], ref_losses[name], name)
+    if layout == "pack":  # masked tokens in (span, position) order, as padded rows give them
+        for name in ("head_features", "backbone_features", "targets"):
+            _close(getattr(got, name), getattr(ref, name), name)
+    assert ref_grads.keys() == grads.keys() and len(grads) == len(list(padded.parameters()))
+    for name in ref_grads:
+        _close(grads[name], ref_grads[name], name)
+    if layout == "pack":
+        other.mlm.config.local_attention = 1000  # the window now spans every span: a different model
+        wrong = other(ids, mask, labels, host_layout(mask, labels))
+        assert (wrong.cls - ref.cls).abs().max() > 1e-3
+
+
+def test_the_backbone_mlm_logits_are_transformers_own():
+    """With --late_mlm the backbone's masked-LM logits at the masked slots of packed rows are those of
+    transformers' ModernBertForMaskedLM over the padded batch (its final norm, prediction head and tied
+    decoder); CLS is the last hidden state's first token, as AutoModel gives it."""
+    mlm = tiny_modernbert()
+    model = _condenser(mlm, pack_length=24).eval()
+    ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20, 9, 4])
+    out = model(ids, mask, labels, host_layout(mask, labels))
+    with torch.no_grad():
+        hf = mlm(input_ids=ids, attention_mask=mask)
+        last = mlm.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    _close(out.backbone_logits.detach(), hf.logits[labels != -100], "backbone logits")
+    _close(out.cls.detach(), last[:, 0], "cls")
+
+
+def test_the_gradient_cache_equals_the_plain_step():
+    """cached_step (chunks of 3 spans) == plain_step on packed ModernBERT rows: losses and gradients."""
+    from coco_accel.training.step import StepSettings, cached_step, plain_step
+
+    ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20, 9, 4])
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    results = []
+    for chunk in (0, 3):
+        model = _condenser(tiny_modernbert(), pack_length=24)
+        backward = lambda loss, last: loss.backward()
+        layout = host_layout(mask, labels)
+        parts = (cached_step(model, batch, backward, StepSettings(), layout=layout, chunk_size=chunk) if chunk
+                 else plain_step(model, batch, backward, StepSettings(), layout=layout))
+        results.append((parts, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (plain, g_plain), (cached, g_cached) = results
+    _close(cached.loss, plain.loss, "loss")
+    assert g_plain.keys() == g_cached.keys()
+    for name in g_plain:
+        _close(g_cached[name], g_plain[name], name)
+
+
+def test_warm_start_head_copy_and_export_round_trip(tmp_path, tokenizer):
+    """A plain ModernBERT MLM folder warm-starts a Condenser; --head_init copy gives the head the backbone's
+    last layers (each keeping its attention kind) and its final norm; the export loads in AutoModel with
+    the same CLS vectors, and as a warm start it brings its head, norm included."""
+    from transformers import AutoModel
+
+    from coco_accel.model.export import save_export
+    from coco_accel.model.warm_start import load_condenser
+
+    mlm = tiny_modernbert(vocab=len(tokenizer))
+    with torch.no_grad():
+        mlm.model.final_norm.weight.uniform_(0.5, 1.5)
+    mlm.float().save_pretrained(tmp_path / "mlm")
+    tokenizer.save_pretrained(tmp_path / "mlm")
+    model = load_condenser(str(tmp_path / "mlm"), n_head_layers=2, skip_from=2, late_mlm=False, head_init="copy",
+                           pack_length=32)
+    layers = model.family.layers
+    for head_layer, layer in zip(model.c_head, layers[-2:]):
+        assert head_layer.attention_type == layer.attention_type
+        assert all(torch.equal(a, b) for a, b in zip(head_layer.state_dict().values(), layer.state_dict().values()))
+    assert torch.equal(model.c_head_norm.weight, model.mlm.model.final_norm.weight)
+
+    with torch.no_grad():
+        model.c_head_norm.weight.add_(0.25)  # a head norm of its own, to be found again after the round trip
+    save_export(model, tokenizer, str(tmp_path / "export"))
+    ids, mask, labels = span_batch([9, 4, 7], vocab=len(tokenizer))
+    auto = AutoModel.from_pretrained(tmp_path / "export").eval()
+    model.eval()
+    with torch.no_grad():
+        ours = model(ids, mask, labels, host_layout(mask, labels)).cls
+        theirs = auto(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)  # fp32: packed vs padded rounding
+    from sentence_transformers import SentenceTransformer
+
+    texts = ["dense retrieval on a new corpus", "the head is left out of the export's encoder"]
+    st = SentenceTransformer(str(tmp_path / "export"), device="cpu").encode(texts, convert_to_tensor=True)
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        cls = auto(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state[:, 0]
+    torch.testing.assert_close(st, cls, rtol=1e-5, atol=1e-6)  # CLS pooling, no normalisation
+    again = load_condenser(str(tmp_path / "export"), n_head_layers=2, skip_from=2, late_mlm=False, strict_head=True)
+    assert torch.equal(again.c_head_norm.weight, model.c_head_norm.weight)
+    for a, b in zip(again.c_head.parameters(), model.c_head.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_the_trainer_runs_a_modernbert_with_in_training_evaluation(tmp_path, tokenizer, span_data):
+    """Through coco_accel/train.py: a ModernBERT folder, the head copied from its last layers, packed rows,
+    the gradient cache and retrieval on a BEIR folder at steps 0 and 3, whose last numbers are what
+    `python -m coco_accel.evaluation` gives the export."""
+    import json
+
+    from conftest import make_tiny_modernbert, metrics, run_main, train_args, write_docstring_beir
+
+    model = make_tiny_modernbert(tmp_path / "model", tokenizer)
+    beir = write_docstring_beir(tmp_path / "beir" / "docstrings")
+    out = tmp_path / "run"
+    run = run_main("train", *train_args(model, span_data, out, max_steps=3, per_device_train_batch_size=8,
+                                        head_init="copy", cache_chunk_size=6, eval_data=beir, eval_steps=3,
+                                        learning_rate="1e-3", logging_steps=1, save_steps=0, report_to="none"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "copies of the backbone's last layers" in run.stderr
+    records = metrics(out)
+    assert len(records) == 3 and all(r["loss"] == r["loss"] and r["mlm_head"] > 0 for r in records)
+    evals = [r for r in map(json.loads, open(out / "metrics.jsonl")) if "eval/seconds" in r]
+    assert [r["step"] for r in evals] == [0, 3]
+    result = tmp_path / "export_eval.json"
+    done = run_main("evaluation.__main__", "--model", out, "--data", beir, "--batch_size", "16", "--output", result)
+    assert done.returncode == 0, done.stderr[-3000:]
+    export = json.loads(result.read_text())["datasets"]["docstrings"]
+    assert export["ndcg@10"] == pytest.approx(evals[-1]["eval/docstrings/ndcg@10"], abs=1e-6)
