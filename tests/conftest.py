@@ -432,3 +432,44 @@ def write_docstring_beir(path: Path, n_docs: int = 120, n_queries: int = 24) -> 
     (path / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n"
                                              + "".join(f"{q['_id']}\t{q['doc']}\t1\n" for q in queries))
     return path
+
+
+def real_text(docs: int = 400) -> list[str]:
+    """The first documents of the standard library's docstrings (the demo's corpus): real English prose."""
+    from itertools import islice
+
+    from coco_accel.preprocessing.docstrings import docstring_documents
+
+    return [d["text"] for d in islice(docstring_documents(), docs)]
+
+
+def trained_tokenizer(kind: str, texts: list[str]):
+    """A fast tokenizer of `kind` (wordpiece, byte-level bpe, unigram, or a BPE without word-start marks)
+    trained on `texts` with an 800-token vocabulary and [PAD] [UNK] [CLS] [SEP] [MASK]."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    if kind == "wordpiece":
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        trainer = trainers.WordPieceTrainer(vocab_size=800, special_tokens=specials)
+    elif kind == "byte-level bpe":  # RoBERTa's and ModernBERT's kind
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=800, special_tokens=specials,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    elif kind == "unigram":  # SentencePiece's, as XLM-R's
+        tok = Tokenizer(models.Unigram())
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(vocab_size=800, special_tokens=specials, unk_token="[UNK]")
+    else:  # BPE cut at whitespace and punctuation: nothing in a token says where its word starts
+        tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        trainer = trainers.BpeTrainer(vocab_size=800, special_tokens=specials)
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")

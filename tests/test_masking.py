@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from coco_accel.common.keyed_random import keyed_uniform
+from conftest import real_text, trained_tokenizer
 from coco_accel.training.masking import continuation_table, whole_word_mask
 
 
@@ -145,54 +146,16 @@ def test_mask_rate_on_multi_piece_words_reaches_the_budget(tokenizer):
     assert share == pytest.approx(4 / 25, abs=0.004)
 
 
-# Whole words for every tokenizer kind, from tokenizers trained here on real text (the standard library's
-# docstrings, the demo's corpus) with a small vocabulary, so that most words split into several tokens.
-
-def _real_text(docs: int = 400) -> list[str]:
-    from itertools import islice
-
-    from coco_accel.preprocessing.docstrings import docstring_documents
-
-    return [d["text"] for d in islice(docstring_documents(), docs)]
-
-
-def _trained_tokenizer(kind: str, texts: list[str]):
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    if kind == "wordpiece":
-        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        trainer = trainers.WordPieceTrainer(vocab_size=800, special_tokens=specials)
-    elif kind == "byte-level bpe":  # RoBERTa's and ModernBERT's kind
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=800, special_tokens=specials,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    elif kind == "unigram":  # SentencePiece's, as XLM-R's
-        tok = Tokenizer(models.Unigram())
-        tok.pre_tokenizer = pre_tokenizers.Metaspace()
-        tok.decoder = decoders.Metaspace()
-        trainer = trainers.UnigramTrainer(vocab_size=800, special_tokens=specials, unk_token="[UNK]")
-    else:  # BPE cut at whitespace and punctuation: nothing in a token says where its word starts
-        tok = Tokenizer(models.BPE(unk_token="[UNK]"))
-        tok.pre_tokenizer = pre_tokenizers.Whitespace()
-        trainer = trainers.BpeTrainer(vocab_size=800, special_tokens=specials)
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]")
-
+# Whole words for every tokenizer kind, from tokenizers trained here on real text (conftest.trained_tokenizer)
+# with a small vocabulary, so that most words split into several tokens.
 
 @pytest.mark.parametrize("kind", ["wordpiece", "byte-level bpe", "unigram"])
 def test_whole_words_from_each_tokenizer_kinds_own_boundaries(kind):
     """The words the table derives are the text's whitespace-separated words (most of them several tokens
     with an 800-token vocabulary), every token of a word is masked with it, and the masked share is the
     rule's: about 15% of the tokens, a little less where a long word no longer fits a row's budget."""
-    texts = _real_text()
-    tokenizer = _trained_tokenizer(kind, texts)
+    texts = real_text()
+    tokenizer = trained_tokenizer(kind, texts)
     table = continuation_table(tokenizer)
     sample = [" ".join(t.split()[:40]) for t in texts[:64]]  # ~40 words a row
     enc = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in sample]
@@ -230,7 +193,7 @@ def test_whole_words_from_each_tokenizer_kinds_own_boundaries(kind):
 def test_a_tokenizer_without_word_boundaries_is_refused_unless_single_tokens_are_asked_for():
     from coco_accel.training.masking import MaskingError
 
-    tokenizer = _trained_tokenizer("bpe without markers", _real_text(100))
+    tokenizer = trained_tokenizer("bpe without markers", real_text(100))
     with pytest.raises(MaskingError, match="--whole_word_mask false"):
         continuation_table(tokenizer)
     assert not continuation_table(tokenizer, whole_words=False).any()  # every token its own word

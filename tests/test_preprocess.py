@@ -295,3 +295,30 @@ def test_span_cache_key_covers_every_setting(minilm_path, monkeypatch):
     assert stage - {"preprocessing/docstrings.py"} <= set(spans_module.PIPELINE_SOURCES)  # all its code is keyed
     monkeypatch.setattr(spans_module, "pipeline_key", lambda: "code changed")
     assert key() != base
+
+
+def test_a_byte_level_bpe_tokenizer_preprocesses_deterministically_and_is_checked_at_training(
+        tmp_path, small_corpus, tiny_bert):
+    """Preprocessing with another kind of fast tokenizer (byte-level BPE, ModernBERT's and RoBERTa's kind,
+    trained here on real text): the same spans on 1 and 2 processes, every id the tokenizer's, its identity
+    recorded; a model with another vocabulary refuses the data before training."""
+    from conftest import real_text, run_main, trained_tokenizer
+
+    from coco_accel.common.tokenizer_files import vocab_sha256
+
+    tokenizer = trained_tokenizer("byte-level bpe", real_text())
+    tokenizer.save_pretrained(tmp_path / "bpe")
+    outs = []
+    for n in (1, 2):
+        out = tmp_path / f"p{n}"
+        preprocess([str(small_corpus)], str(tmp_path / "bpe"), str(out), num_proc=n, cache_dir=str(tmp_path / f"c{n}"))
+        outs.append(datasets.load_from_disk(str(out)).to_dict())
+    assert outs[0] == outs[1] and len(outs[0]["doc_id"]) > 50
+    ids = np.concatenate([np.concatenate(spans) for spans in outs[0]["spans"]])
+    assert ids.max() < len(tokenizer) and ids.min() >= 0
+    assert len(np.unique(ids)) > 200  # real text through a real vocabulary, not a handful of fallbacks
+    stats = json.loads((tmp_path / "p1" / "stats.json").read_text())
+    assert stats["tokenizer_vocab_sha256"] == vocab_sha256(tokenizer.get_vocab())
+    run = run_main("train", "--model_name_or_path", tiny_bert, "--train_dir", str(tmp_path / "p1"), "--output_dir",
+                   str(tmp_path / "run"), "--max_steps", "1", "--skip_from", "2", "--report_to", "none")
+    assert run.returncode == 2 and "was tokenized with" in run.stderr
