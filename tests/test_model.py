@@ -226,16 +226,19 @@ def test_pack_rows_places_every_span_once():
 
 
 def _bert_or_roberta(family: str, attn: str):
-    from transformers import BertConfig, BertForMaskedLM, RobertaConfig, RobertaForMaskedLM
+    from transformers import (BertConfig, BertForMaskedLM, RobertaConfig, RobertaForMaskedLM, XLMRobertaConfig,
+                              XLMRobertaForMaskedLM)
 
     common = dict(vocab_size=120, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation=attn)
     if family == "roberta":
         return RobertaForMaskedLM(RobertaConfig(max_position_embeddings=40, pad_token_id=1, **common))
+    if family == "xlm-roberta":
+        return XLMRobertaForMaskedLM(XLMRobertaConfig(max_position_embeddings=40, pad_token_id=1, **common))
     return BertForMaskedLM(BertConfig(max_position_embeddings=64, **common))
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta"])
+@pytest.mark.parametrize("family", ["bert", "roberta", "xlm-roberta"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("pack", [8, 24, 64])
 def test_packed_rows_give_the_padded_result(family, attn, pack):
