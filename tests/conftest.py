@@ -65,19 +65,12 @@ def tokenizer(tokenizer_path):
 def make_tiny_bert(folder: Path, tokenizer, layers: int = 4, hidden: int = 32, dropout: float = 0.0, seed: int = 0,
                    dtype=None) -> str:
     """A randomly initialised BERT MLM with the real tokenizer's vocabulary, saved as an HF folder."""
-    import torch
     from transformers import BertConfig, BertForMaskedLM
 
-    torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
                      intermediate_size=2 * hidden, max_position_embeddings=128,
                      hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
-    model = BertForMaskedLM(cfg)
-    if dtype is not None:
-        model = model.to(dtype)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return _save_tiny(BertForMaskedLM, cfg, folder, tokenizer, seed, dtype)
 
 
 def make_tiny_modernbert(folder: Path, tokenizer, layers: int = 3, hidden: int = 32, seed: int = 0,
@@ -85,17 +78,23 @@ def make_tiny_modernbert(folder: Path, tokenizer, layers: int = 3, hidden: int =
     """A randomly initialised ModernBERT MLM (global and sliding-window layers, a 4-position half window:
     spans of ~27 tokens see it) with the real tokenizer's vocabulary and special tokens, saved as an HF
     folder."""
-    import torch
     from transformers import ModernBertConfig, ModernBertForMaskedLM
 
-    torch.manual_seed(seed)
     special = dict(pad_token_id=tokenizer.pad_token_id, cls_token_id=tokenizer.cls_token_id,
                    sep_token_id=tokenizer.sep_token_id, bos_token_id=tokenizer.cls_token_id,
                    eos_token_id=tokenizer.sep_token_id)
     cfg = ModernBertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
                            num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=512,
                            local_attention=8, global_attn_every_n_layers=2, **special)
-    model = ModernBertForMaskedLM(cfg)
+    return _save_tiny(ModernBertForMaskedLM, cfg, folder, tokenizer, seed, dtype)
+
+
+def _save_tiny(model_cls, cfg, folder: Path, tokenizer, seed: int, dtype) -> str:
+    """The model of `cfg`, initialised from torch's generator at `seed`, saved with the tokenizer."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = model_cls(cfg)
     if dtype is not None:
         model = model.to(dtype)
     model.save_pretrained(folder)

@@ -77,10 +77,6 @@ class Condenser(nn.Module):
         return self.mlm.config
 
     @property
-    def position_offset(self) -> int:
-        return self.family.position_offset
-
-    @property
     def max_positions(self) -> int:
         """The longest span, [CLS] and [SEP] included, that the positions cover."""
         return self.family.max_positions
