@@ -20,8 +20,8 @@ from conftest import REPO, metrics, train_env
 
 pytestmark = pytest.mark.slow
 
-GOLDEN = {"bert": REPO / "tests" / "assets" / "losses" / "tiny_fp64.json",
-          "modernbert": REPO / "tests" / "assets" / "losses" / "tiny_fp64_modernbert.json"}
+GOLDEN = {family: REPO / "tests" / "assets" / "losses" / f"tiny_fp64{'' if family == 'bert' else '_' + family}.json"
+          for family in ("bert", "roberta", "xlm-roberta", "modernbert")}
 KEYS = ("loss", "mlm_head", "mlm_backbone", "contrastive", "contrastive_acc", "grad_norm")
 # fp64 sums of at most ~1e5 terms (u = 1.1e-16) in another order on another CPU or thread count: 1e-11 of
 # each value, grown over 6 plain-SGD steps (no Adam to amplify noise on near-zero gradients); 1e-9 bounds it.
@@ -29,11 +29,19 @@ REL = 1e-9
 
 
 def _model(folder, tokenizer, family: str):
-    """A 3-layer BERT or ModernBERT (global and 4-position sliding-window layers) whose every weight comes
-    from numpy's PCG64 stream (stable across versions)."""
-    from transformers import BertConfig, BertForMaskedLM, ModernBertConfig, ModernBertForMaskedLM
+    """A 3-layer BERT, RoBERTa, XLM-R or ModernBERT (global and 4-position sliding-window layers) whose every
+    weight comes from numpy's PCG64 stream (stable across versions)."""
+    from transformers import (BertConfig, BertForMaskedLM, ModernBertConfig, ModernBertForMaskedLM, RobertaConfig,
+                              RobertaForMaskedLM, XLMRobertaConfig, XLMRobertaForMaskedLM)
 
-    if family == "bert":
+    if family in ("roberta", "xlm-roberta"):
+        cls, cfg = (RobertaForMaskedLM, RobertaConfig) if family == "roberta" else (XLMRobertaForMaskedLM,
+                                                                                     XLMRobertaConfig)
+        config = cfg(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=66, pad_token_id=tokenizer.pad_token_id,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        model = cls(config).to(torch.float64)
+    elif family == "bert":
         config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
                             intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
                             attention_probs_dropout_prob=0.0)
@@ -78,7 +86,7 @@ def _data(folder, tokenizer):
     return folder
 
 
-@pytest.mark.parametrize("family", ["bert", "modernbert"])
+@pytest.mark.parametrize("family", ["bert", "roberta", "xlm-roberta", "modernbert"])
 def test_the_golden_trace(tmp_path, tokenizer, family):
     model, data = _model(tmp_path / "model", tokenizer, family), _data(tmp_path / "data", tokenizer)
     out = tmp_path / "run"

@@ -1,6 +1,7 @@
-"""ModernBERT as a Condenser backbone (`model/families/modernbert.py`): packed rows and length groups ==
-the plain padded HF computation in fp64, the masked-LM logits == transformers' own ModernBertForMaskedLM,
-the gradient cache == the plain step, and the warm start, head copy and export round trip.
+"""Every encoder family as a Condenser backbone (`model/families/`: BERT, RoBERTa, XLM-R, ModernBERT): packed
+rows and length groups == the plain padded HF computation in fp64, the backbone's masked-LM logits ==
+transformers' own MLM model, the gradient cache == the plain step; for ModernBERT also the warm start,
+head copy, export round trip and a run of the real trainer.
 
 Tolerance: fp64 throughout (eps 1.1e-16). Packed and padded rows run the same arithmetic on differently
 shaped matmuls, so they differ by the rounding of their sums. Outputs and losses are O(1): a layer's
@@ -18,6 +19,26 @@ from conftest import span_batch
 from coco_accel.model.condenser import Condenser
 from coco_accel.model.packing import host_layout
 
+
+
+FAMILIES = ["bert", "roberta", "xlm-roberta", "modernbert"]
+PAD = {"bert": 0, "roberta": 1, "xlm-roberta": 1, "modernbert": 0}
+
+
+def tiny_mlm(family: str, vocab: int = 120, seed: int = 0):
+    """A randomly initialised masked-LM of `family` in fp64, 4 layers, 32 wide, no dropout."""
+    from transformers import BertConfig, BertForMaskedLM, RobertaConfig, RobertaForMaskedLM, XLMRobertaConfig, \
+        XLMRobertaForMaskedLM
+
+    if family == "modernbert":
+        return tiny_modernbert(vocab=vocab, seed=seed)
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=48,
+                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="sdpa")
+    if family == "bert":
+        return BertForMaskedLM(BertConfig(max_position_embeddings=64, **common)).double()
+    cls, cfg = ((RobertaForMaskedLM, RobertaConfig) if family == "roberta" else (XLMRobertaForMaskedLM, XLMRobertaConfig))
+    return cls(cfg(max_position_embeddings=40, pad_token_id=1, **common)).double()
 
 
 def tiny_modernbert(vocab: int = 120, layers: int = 4, seed: int = 0, **extra):
@@ -56,15 +77,19 @@ def _outputs_and_grads(model: Condenser, ids, mask, labels):
     return out, losses, grads
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("layout", ["pack", "groups"])
-def test_packed_rows_and_length_groups_equal_the_padded_hf_computation(layout):
-    """Spans up to 20 tokens (past the 4-position window), packed into rows of 24 or grouped by length,
-    against padded rows through transformers' own layers and masks: CLS, head and backbone MLM features,
-    and every parameter's gradient. Negative control: packed rows that ignore the sliding window differ."""
-    ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20, 9, 4])
-    padded = _condenser(tiny_modernbert())
-    other = _condenser(tiny_modernbert(), **(dict(pack_length=24) if layout == "pack" else
-                                             dict(length_bucket_width=4, length_bucket_call_cost=0)))
+def test_packed_rows_and_length_groups_equal_the_padded_hf_computation(family, layout, monkeypatch):
+    """Spans up to 20 tokens (past ModernBERT's 4-position window), packed into rows of 24 or grouped by
+    length, against padded rows through transformers' own layers and masks: CLS, head and backbone MLM
+    features, and every parameter's gradient. Negative controls: packed rows whose spans see each other
+    differ; for ModernBERT, packed rows that ignore the sliding window differ."""
+    from coco_accel.model.families.base import Rows
+
+    ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20, 9, 4], pad_id=PAD[family])
+    padded = _condenser(tiny_mlm(family))
+    other = _condenser(tiny_mlm(family), **(dict(pack_length=24) if layout == "pack" else
+                                           dict(length_bucket_width=4, length_bucket_call_cost=0)))
     other.load_state_dict(padded.state_dict())
     ref, ref_losses, ref_grads = _outputs_and_grads(padded, ids, mask, labels)
     got, losses, grads = _outputs_and_grads(other, ids, mask, labels)
@@ -78,35 +103,44 @@ def test_packed_rows_and_length_groups_equal_the_padded_hf_computation(layout):
     for name in ref_grads:
         _close(grads[name], ref_grads[name], name)
     if layout == "pack":
+        with monkeypatch.context() as patch:  # every slot of a row attends to every other: spans mix
+            patch.setattr(Rows, "same_span", lambda self, queries=None: torch.ones(
+                (self.segment.shape[0], 1, self.segment.shape[1] if queries is None else len(queries) //
+                 self.segment.shape[0], self.segment.shape[1]), dtype=torch.bool, device=self.segment.device))
+            mixed = other(ids, mask, labels, host_layout(mask, labels))
+        assert (mixed.cls - ref.cls).abs().max() > 1e-3
+    if layout == "pack" and family == "modernbert":
         other.mlm.config.local_attention = 1000  # the window now spans every span: a different model
         wrong = other(ids, mask, labels, host_layout(mask, labels))
         assert (wrong.cls - ref.cls).abs().max() > 1e-3
 
 
-def test_the_backbone_mlm_logits_are_transformers_own():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_backbone_mlm_logits_are_transformers_own(family):
     """With --late_mlm the backbone's masked-LM logits at the masked slots of packed rows are those of
-    transformers' ModernBertForMaskedLM over the padded batch (its final norm, prediction head and tied
-    decoder); CLS is the last hidden state's first token, as AutoModel gives it."""
-    mlm = tiny_modernbert()
+    transformers' own masked-LM model over the padded batch (its prediction head and tied decoder, after
+    ModernBERT's final norm); CLS is the last hidden state's first token, as AutoModel gives it."""
+    mlm = tiny_mlm(family)
     model = _condenser(mlm, pack_length=24).eval()
-    ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20, 9, 4])
+    ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20, 9, 4], pad_id=PAD[family])
     out = model(ids, mask, labels, host_layout(mask, labels))
     with torch.no_grad():
         hf = mlm(input_ids=ids, attention_mask=mask)
-        last = mlm.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        last = mlm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
     _close(out.backbone_logits.detach(), hf.logits[labels != -100], "backbone logits")
     _close(out.cls.detach(), last[:, 0], "cls")
 
 
-def test_the_gradient_cache_equals_the_plain_step():
-    """cached_step (chunks of 3 spans) == plain_step on packed ModernBERT rows: losses and gradients."""
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_gradient_cache_equals_the_plain_step(family):
+    """cached_step (chunks of 3 spans) == plain_step on packed rows: losses and gradients."""
     from coco_accel.training.step import StepSettings, cached_step, plain_step
 
-    ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20, 9, 4])
+    ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20, 9, 4], pad_id=PAD[family])
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     results = []
     for chunk in (0, 3):
-        model = _condenser(tiny_modernbert(), pack_length=24)
+        model = _condenser(tiny_mlm(family), pack_length=24)
         backward = lambda loss, last: loss.backward()
         layout = host_layout(mask, labels)
         parts = (cached_step(model, batch, backward, StepSettings(), layout=layout, chunk_size=chunk) if chunk
