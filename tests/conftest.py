@@ -29,8 +29,9 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
 # `make test` hands whole files to its workers in collection order (--dist loadfile --no-loadscope-reorder):
 # the files that take longest go first, so that the workers end together instead of one finishing alone.
 LONGEST_FIRST = ["test_benchmarks.py", "test_losses.py", "test_distributed.py", "test_model.py", "test_resume.py",
-                 "test_experiment.py", "test_end_to_end.py", "test_faults.py", "test_training_eval.py",
-                 "test_input_errors.py", "test_breaks.py", "test_launch_configs.py"]
+                 "test_experiment.py", "test_end_to_end.py", "test_golden.py", "test_faults.py", "test_families.py",
+                 "test_training_eval.py", "test_input_errors.py", "test_masking.py", "test_breaks.py",
+                 "test_launch_configs.py"]
 
 
 def pytest_collection_modifyitems(items):
