@@ -211,7 +211,7 @@ def test_the_recipe_is_in_sections_and_its_record_is_a_recipe(tmp_path):
     from coco_accel.training.config import SECTIONS
 
     names = TrainConfig.field_names()
-    assert len(names) == len(set(names)) == 56  # one flag per field, unique across sections
+    assert len(names) == len(set(names)) == 57  # one flag per field, unique across sections
     recipe = tmp_path / "r.yaml"
     recipe.write_text("optim:\n  learning_rate: 2.0e-4\n  max_steps: 7\nlate_mlm: true\nlayout: {pack_length: 0}\n")
     cfg = parse_config(REQUIRED + ["--config", str(recipe), "--max_steps", "9"])

@@ -78,7 +78,7 @@ def _outputs_and_grads(model: Condenser, ids, mask, labels):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("layout", ["pack", "groups"])
+@pytest.mark.parametrize("layout", ["pack", "groups", "pack, mean pooling"])
 def test_packed_rows_and_length_groups_equal_the_padded_hf_computation(family, layout, monkeypatch):
     """Spans up to 20 tokens (past ModernBERT's 4-position window), packed into rows of 24 or grouped by
     length, against padded rows through transformers' own layers and masks: CLS, head and backbone MLM
@@ -87,21 +87,26 @@ def test_packed_rows_and_length_groups_equal_the_padded_hf_computation(family, l
     from coco_accel.model.families.base import Rows
 
     ids, mask, labels = span_batch([20, 3, 7, 12, 5, 20, 9, 4], pad_id=PAD[family])
-    padded = _condenser(tiny_mlm(family))
-    other = _condenser(tiny_mlm(family), **(dict(pack_length=24) if layout == "pack" else
-                                           dict(length_bucket_width=4, length_bucket_call_cost=0)))
+    pooling = "mean" if "mean" in layout else "cls"
+    padded = _condenser(tiny_mlm(family), pooling=pooling)
+    other = _condenser(tiny_mlm(family), pooling=pooling, **(
+        dict(pack_length=24) if layout.startswith("pack") else dict(length_bucket_width=4, length_bucket_call_cost=0)))
     other.load_state_dict(padded.state_dict())
     ref, ref_losses, ref_grads = _outputs_and_grads(padded, ids, mask, labels)
     got, losses, grads = _outputs_and_grads(other, ids, mask, labels)
     _close(got.cls, ref.cls, "cls")  # in input order either way
     for name in ref_losses:
         _close(losses[name], ref_losses[name], name)
-    if layout == "pack":  # masked tokens in (span, position) order, as padded rows give them
+    if layout.startswith("pack"):  # masked tokens in (span, position) order, as padded rows give them
         for name in ("head_features", "backbone_features", "targets"):
             _close(getattr(got, name), getattr(ref, name), name)
     assert ref_grads.keys() == grads.keys() and len(grads) == len(list(padded.parameters()))
     for name in ref_grads:
         _close(grads[name], ref_grads[name], name)
+    if pooling == "mean":  # the mean of each span's last-layer tokens, as sentence-transformers pools them
+        with torch.no_grad():
+            last = padded.mlm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+            _close(got.cls.detach(), (last * mask[:, :, None]).sum(1) / mask.sum(1, keepdim=True), "mean pooling")
     if layout == "pack":
         with monkeypatch.context() as patch:  # every slot of a row attends to every other: spans mix
             patch.setattr(Rows, "same_span", lambda self, queries=None: torch.ones(
@@ -132,7 +137,8 @@ def test_the_backbone_mlm_logits_are_transformers_own(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_the_gradient_cache_equals_the_plain_step(family):
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_the_gradient_cache_equals_the_plain_step(family, pooling):
     """cached_step (chunks of 3 spans) == plain_step on packed rows: losses and gradients."""
     from coco_accel.training.step import StepSettings, cached_step, plain_step
 
@@ -140,7 +146,7 @@ def test_the_gradient_cache_equals_the_plain_step(family):
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     results = []
     for chunk in (0, 3):
-        model = _condenser(tiny_mlm(family), pack_length=24)
+        model = _condenser(tiny_mlm(family), pack_length=24, pooling=pooling)
         backward = lambda loss, last: loss.backward()
         layout = host_layout(mask, labels)
         parts = (cached_step(model, batch, backward, StepSettings(), layout=layout, chunk_size=chunk) if chunk
@@ -199,10 +205,12 @@ def test_warm_start_head_copy_and_export_round_trip(tmp_path, tokenizer):
         assert torch.equal(a, b)
 
 
-def test_the_trainer_runs_a_modernbert_with_in_training_evaluation(tmp_path, tokenizer, span_data):
+def test_the_trainer_runs_a_modernbert_with_mean_pooling_and_in_training_evaluation(tmp_path, tokenizer, span_data):
     """Through coco_accel/train.py: a ModernBERT folder, the head copied from its last layers, packed rows,
-    the gradient cache and retrieval on a BEIR folder at steps 0 and 3, whose last numbers are what
-    `python -m coco_accel.evaluation` gives the export."""
+    the gradient cache, --pooling mean, and retrieval on a BEIR folder at steps 0 and 3 (mean-pooled, as
+    --pooling), whose last numbers are what `python -m coco_accel.evaluation --pooling mean` gives the
+    export; the export's sentence-transformers config pools the mean, and its vectors are AutoModel's
+    masked mean."""
     import json
 
     from conftest import make_tiny_modernbert, metrics, run_main, train_args, write_docstring_beir
@@ -212,6 +220,7 @@ def test_the_trainer_runs_a_modernbert_with_in_training_evaluation(tmp_path, tok
     out = tmp_path / "run"
     run = run_main("train", *train_args(model, span_data, out, max_steps=3, per_device_train_batch_size=8,
                                         head_init="copy", cache_chunk_size=6, eval_data=beir, eval_steps=3,
+                                        pooling="mean",
                                         learning_rate="1e-3", logging_steps=1, save_steps=0, report_to="none"))
     assert run.returncode == 0, run.stderr[-3000:]
     assert "copies of the backbone's last layers" in run.stderr
@@ -220,7 +229,21 @@ def test_the_trainer_runs_a_modernbert_with_in_training_evaluation(tmp_path, tok
     evals = [r for r in map(json.loads, open(out / "metrics.jsonl")) if "eval/seconds" in r]
     assert [r["step"] for r in evals] == [0, 3]
     result = tmp_path / "export_eval.json"
-    done = run_main("evaluation.__main__", "--model", out, "--data", beir, "--batch_size", "16", "--output", result)
+    done = run_main("evaluation.__main__", "--model", out, "--data", beir, "--batch_size", "16", "--pooling", "mean",
+                    "--output", result)
     assert done.returncode == 0, done.stderr[-3000:]
     export = json.loads(result.read_text())["datasets"]["docstrings"]
     assert export["ndcg@10"] == pytest.approx(evals[-1]["eval/docstrings/ndcg@10"], abs=1e-6)
+
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    pooling = json.loads((out / "1_Pooling" / "config.json").read_text())
+    assert pooling["pooling_mode_mean_tokens"] and not pooling["pooling_mode_cls_token"]
+    texts = ["dense retrieval on a new corpus", "mean pooling of the span's tokens"]
+    st = SentenceTransformer(str(out), device="cpu").encode(texts, convert_to_tensor=True)
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        last = AutoModel.from_pretrained(out).eval()(**enc).last_hidden_state
+    mask = enc["attention_mask"][:, :, None].float()
+    torch.testing.assert_close(st, (last * mask).sum(1) / mask.sum(1), rtol=1e-5, atol=1e-6)

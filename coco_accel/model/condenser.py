@@ -31,7 +31,7 @@ class ModelError(ValueError):
 
 @dataclass
 class CondenserOutput:
-    cls: torch.Tensor  # [N, H] last-layer CLS of every span
+    cls: torch.Tensor  # [N, H] every span's vector: its last-layer CLS, or the mean of its last-layer tokens
     head_features: torch.Tensor  # [M, H] the MLM head's transformed head states at the M masked positions
     backbone_features: Optional[torch.Tensor]  # [M, H] the same for the backbone's last layer (late_mlm), else None
     targets: torch.Tensor  # [M] original ids at the masked positions
@@ -50,8 +50,15 @@ class CondenserOutput:
 class Condenser(nn.Module):
     def __init__(self, mlm: nn.Module, *, n_head_layers: int, skip_from: int, late_mlm: bool,
                  length_bucket_width: int = 0, length_bucket_call_cost: int = -1, pack_length: int = 0,
-                 fused_qkv: bool = True):
+                 fused_qkv: bool = True, pooling: str = "cls"):
+        """pooling: the span's vector, which the contrastive loss trains, the head reads in CLS's place and
+        the export's sentence-transformers config pools: "cls" (the last layer's CLS, coCondenser's and
+        COCO-DR's) or "mean" (the mean of the span's last-layer tokens, CLS and SEP included, as
+        sentence-transformers' mean pooling computes it)."""
         super().__init__()
+        if pooling not in ("cls", "mean"):
+            raise ModelError(f"pooling must be cls or mean, not {pooling!r}.")
+        self.pooling = pooling
         model_type = mlm.config.model_type
         family = next((f for f in FAMILIES if model_type in f.model_types), None)
         if family is None:
@@ -102,8 +109,12 @@ class Condenser(nn.Module):
         return transform(states if self.c_head_norm is None else self.c_head_norm(states))
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Last-layer CLS only (evaluation)."""
-        return self.mlm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0]
+        """The span vectors alone, from padded rows (evaluation)."""
+        last = self.mlm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            return last[:, 0]
+        weights = attention_mask.to(last.dtype)[:, :, None]
+        return (last * weights).sum(dim=1) / weights.sum(dim=1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 layout: np.ndarray, cls_only: bool = False) -> CondenserOutput:
@@ -156,7 +167,9 @@ class Condenser(nn.Module):
         it, and so does the last head layer (`layer_at`)."""
         fam = self.family
         layers = fam.layers
-        last_only = self.skip_from < len(layers)  # else the head reads the last backbone layer everywhere
+        # The last layer runs at the slots read from it only, unless the head reads it everywhere or the
+        # span vector is the mean of all its tokens.
+        last_only = self.skip_from < len(layers) and self.pooling == "cls"
         run_head = len(self.c_head) > 0 and not cls_only
         plan = plan_packing(layout, self.pack_length, last_at=(
             None if not last_only else "cls+masked" if self.late_mlm else "cls"), head_at_masked=run_head)
@@ -174,7 +187,8 @@ class Condenser(nn.Module):
         else:
             hidden = fam.final(hidden)
             skip = hidden if self.skip_from == len(layers) else skip  # as output_hidden_states gives it
-            cls, backbone = rows.flat(hidden)[plan.starts], rows.flat(hidden)[plan.slots]
+            cls = rows.flat(hidden)[plan.starts] if self.pooling == "cls" else rows.span_means(hidden, layout)
+            backbone = rows.flat(hidden)[plan.slots]
         transform, decoder = fam.mlm_parts()
         if cls_only:
             return _cls_only(cls, labels, rows.tokens, decoder)
@@ -193,16 +207,21 @@ class Condenser(nn.Module):
                       cls_only: bool) -> CondenserOutput:
         hidden_states, last = self.family.encode_padded(input_ids, attention_mask)  # [N, L, H] each
         transform, decoder = self.family.mlm_parts()
+        if self.pooling == "cls":
+            cls = last[:, 0]
+        else:
+            weights = attention_mask.to(last.dtype)[:, :, None]
+            cls = (last * weights).sum(dim=1) / weights.sum(dim=1)
         if cls_only:
-            return _cls_only(last[:, 0], labels, input_ids.numel(), decoder)
+            return _cls_only(cls, labels, input_ids.numel(), decoder)
         skip = hidden_states[self.skip_from]  # [N, L, H]
-        hidden = torch.cat([last[:, :1], skip[:, 1:]], dim=1)
+        hidden = torch.cat([cls[:, None].to(skip.dtype), skip[:, 1:]], dim=1)
         rows = Rows.padded(attention_mask)
         for layer in self.c_head:
             hidden = self.family.run_layer(layer, hidden, rows)
 
         where = labels != -100  # [N, L]
-        return CondenserOutput(cls=last[:, 0], head_features=self._head_features(hidden[where], transform),
+        return CondenserOutput(cls=cls, head_features=self._head_features(hidden[where], transform),
                                backbone_features=transform(last[where]) if self.late_mlm else None,
                                targets=labels[where], computed_tokens=input_ids.numel(), decoder=decoder)
 
@@ -228,6 +247,13 @@ class _PackedRows:
 
     def flat(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden.reshape(self.tokens, -1)
+
+    def span_means(self, hidden: torch.Tensor, layout: np.ndarray) -> torch.Tensor:
+        """[N, H] the mean of each span's token states (its real tokens: [CLS] and [SEP] included)."""
+        n, width = layout.shape[0], layout.shape[1] - 1
+        sums = hidden.new_zeros((n, hidden.shape[-1])).index_add_(0, self.plan.src // width,
+                                                                    self.flat(hidden)[self.plan.dest])
+        return sums / to_device(layout[:, :1].astype(np.float64), hidden.device).to(hidden.dtype)
 
 
 def _cls_only(cls: torch.Tensor, labels: torch.Tensor, computed_tokens: int, decoder: nn.Module) -> CondenserOutput:

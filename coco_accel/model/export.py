@@ -1,6 +1,6 @@
 """The export: an HF folder that `transformers.AutoModel` loads, the Condenser head beside it, and the
-files sentence-transformers reads, set to the COCO-DR protocol (CLS pooling, dot product, no
-normalisation), so BEIR and MTEB tools evaluate it as it is."""
+files sentence-transformers reads, set to the COCO-DR protocol (the model's pooling, CLS by default, dot
+product, no normalisation), so BEIR and MTEB tools evaluate it as it is."""
 
 from __future__ import annotations
 
@@ -46,12 +46,13 @@ def save_export(model: Condenser, tokenizer, output_dir: str, state_dict: Option
         tokenizer.save_pretrained(output_dir)
     head = {k: v.detach().cpu().contiguous() for k, v in state.items() if k.startswith(("c_head.", "c_head_norm."))}
     save_file(head, os.path.join(output_dir, HEAD_FILE))
-    write_sentence_transformers_files(output_dir, model.config.hidden_size, model.max_positions)
+    write_sentence_transformers_files(output_dir, model.config.hidden_size, model.max_positions, pooling=model.pooling)
 
 
 def write_sentence_transformers_files(output_dir: str, hidden_size: int, max_positions: Optional[int],
-                                      max_seq_length: int = 128) -> None:
-    """modules.json (the HF model, then pooling), CLS pooling, dot-product similarity, no Normalize module:
+                                      max_seq_length: int = 128, pooling: str = "cls") -> None:
+    """modules.json (the HF model, then pooling), the model's pooling (cls or mean: the vector its
+    contrastive loss trained), dot-product similarity, no Normalize module:
     `SentenceTransformer(output_dir)` then encodes as `python -m coco_accel.evaluation` does (documents cut at
     128 tokens; sentence-transformers keeps one length for queries and documents)."""
     length = min(max_seq_length, max_positions) if max_positions else max_seq_length
@@ -61,7 +62,8 @@ def write_sentence_transformers_files(output_dir: str, hidden_size: int, max_pos
         "sentence_bert_config.json": {"max_seq_length": length, "do_lower_case": False},
         "config_sentence_transformers.json": {"similarity_fn_name": "dot", "prompts": {}, "default_prompt_name": None},
         os.path.join(ST_POOLING_DIR, "config.json"): {
-            "word_embedding_dimension": hidden_size, "pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False,
+            "word_embedding_dimension": hidden_size, "pooling_mode_cls_token": pooling == "cls",
+            "pooling_mode_mean_tokens": pooling == "mean",
             "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False,
             "pooling_mode_weightedmean_tokens": False, "pooling_mode_lasttoken": False, "include_prompt": True},
     }

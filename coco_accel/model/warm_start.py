@@ -54,7 +54,7 @@ def _load_head(model: Condenser, state: dict) -> tuple[list, list]:
 
 def load_condenser(path: str, *, n_head_layers: int, skip_from: int, late_mlm: bool, strict_head: bool = False,
                    head_init: str = "random", length_bucket_width: int = 0, length_bucket_call_cost: int = -1,
-                   pack_length: int = 0) -> Condenser:
+                   pack_length: int = 0, pooling: str = "cls") -> Condenser:
     """Warm start from an HF MLM folder, one of our exports, or a reference Condenser folder.
 
     The head comes from condenser_head.safetensors (ours) or model.pt (the reference's c_head.* keys);
@@ -74,7 +74,7 @@ def load_condenser(path: str, *, n_head_layers: int, skip_from: int, late_mlm: b
         mlm = mlm.float()
     model = Condenser(mlm, n_head_layers=n_head_layers, skip_from=skip_from, late_mlm=late_mlm,
                       length_bucket_width=length_bucket_width, length_bucket_call_cost=length_bucket_call_cost,
-                      pack_length=pack_length)
+                      pack_length=pack_length, pooling=pooling)
     state, source = _read_head_weights(folder)
     if state is None:
         if strict_head:

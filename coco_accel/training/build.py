@@ -125,7 +125,8 @@ def _read_inputs(cfg: TrainConfig, accelerator) -> _Inputs:
     model = load_condenser(cfg.io.model_name_or_path, n_head_layers=shape.n_head_layers, skip_from=shape.skip_from,
                            late_mlm=shape.late_mlm, strict_head=shape.strict_head, head_init=shape.head_init,
                            length_bucket_width=layout.length_bucket_width,
-                           length_bucket_call_cost=layout.length_bucket_call_cost, pack_length=layout.pack_length)
+                           length_bucket_call_cost=layout.length_bucket_call_cost, pack_length=layout.pack_length,
+                           pooling=shape.pooling)
     cfg.validate_against_model(model.config.num_hidden_layers, model.config.model_type, model.max_positions)
     dataset = load_train_data(cfg.io.train_dir)
     world = accelerator.num_processes
@@ -177,7 +178,8 @@ def _retrieval(cfg: TrainConfig):
         return None
     try:
         return TrainingEvaluation(ev.eval_data, ev.eval_split, query_max_len=ev.eval_query_max_len,
-                                  doc_max_len=ev.eval_doc_max_len, pooling=ev.eval_pooling, score=ev.eval_score,
+                                  doc_max_len=ev.eval_doc_max_len, pooling=ev.eval_pooling or cfg.model.pooling,
+                                  score=ev.eval_score,
                                   batch_size=ev.eval_batch_size)
     except EvalError as err:
         raise ConfigError(str(err)) from None

@@ -56,6 +56,10 @@ class ModelConfig:
         False, "Reproduce the reference's hidden lm.eval() in forward: no dropout in the backbone (the head keeps "
         "its own). Off by default: it was a defect, not a recipe choice.")
     late_mlm: bool = _f(False, "Add the backbone's own MLM loss on its last layer to the head MLM loss.")
+    pooling: Literal["cls", "mean"] = _f(
+        "cls", "A span's vector, which the contrastive loss trains, the head reads in CLS's place and the export's "
+        "sentence-transformers config pools: cls (the last layer's CLS, as coCondenser and COCO-DR) or mean (of the "
+        "span's last-layer tokens, as ModernBERT embedders pool).")
     temperature: float = _f(1.0, "Contrastive logits are divided by this (1.0 = the reference's plain dot product).")
     normalize: bool = _f(False, "L2-normalise CLS vectors before the contrastive dot product.")
 
@@ -129,7 +133,7 @@ class EvaluationConfig:
                                    "(nDCG@10, Recall@100, MRR@10) is measured at step 0, every --eval_steps and at the "
                                    "end, with the protocol of `python -m coco_accel.evaluation`.")
     eval_split: str = _f("test", "qrels split of --eval_data.")
-    eval_pooling: Literal["cls", "mean"] = _f("cls", "Pooling of --eval_data's vectors.")
+    eval_pooling: Optional[Literal["cls", "mean"]] = _f(None, "Pooling of --eval_data's vectors (default: --pooling).")
     eval_score: Literal["dot", "cos"] = _f("dot", "Scoring of --eval_data (dot product or cosine).")
     eval_query_max_len: int = _f(64, "Query tokens kept for --eval_data.")
     eval_doc_max_len: int = _f(128, "Document tokens kept for --eval_data.")
@@ -225,7 +229,7 @@ class TrainConfig:
             if not flags[name]:
                 raise ConfigError(f"--{name} is required (set it on the command line or in the --config YAML).")
         for name, choices in _choices().items():
-            if flags[name] not in choices:
+            if flags[name] not in choices and not (flags[name] is None and name in _optional_fields()):
                 raise ConfigError(f"--{name} must be one of {', '.join(choices)}; got {flags[name]!r}.")
         positive = ("per_device_train_batch_size", "max_seq_length", "logging_steps", "n_head_layers",
                     "gradient_accumulation_steps")
