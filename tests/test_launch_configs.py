@@ -75,3 +75,39 @@ def test_sbatch_script_parses_and_resolves_a_two_node_launch():
         assert "--num_machines 2 --num_processes 16 " in line
         assert "--main_process_ip gpu017 --main_process_port 24242 " in line
         assert line.endswith("coco_accel/train.py --config configs/coco_dr.yaml --output_dir runs/x")
+
+
+def test_sbatch_starts_from_any_folder_and_checks_the_paths_before_launching(tmp_path):
+    """SLURM runs a spooled copy of the script from the submission folder: the repository is found through
+    COCO_ACCEL_HOME (or named as missing), the launch lines use its train.py and Python, and the node's
+    check of --model_name_or_path, --train_dir and --output_dir names the flag and path that fail."""
+    import shutil
+
+    spooled = tmp_path / "spool" / "slurm_script"
+    spooled.parent.mkdir()
+    shutil.copy(REPO / "slurm" / "train.sbatch", spooled)
+    env = dict(os.environ, SLURM_NNODES="2", SLURM_GPUS_ON_NODE="4", SLURM_JOB_NODELIST="gpu[01-02]",
+               SLURM_JOB_ID="7", DRY_RUN="1", PATH="/usr/bin:/bin", SLURM_SUBMIT_DIR=str(tmp_path))
+    env.pop("COCO_ACCEL_HOME", None)
+    lost = subprocess.run(["bash", str(spooled), "--output_dir", "runs/x"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert lost.returncode != 0 and "set COCO_ACCEL_HOME" in lost.stderr
+
+    env["COCO_ACCEL_HOME"] = str(REPO)
+    (tmp_path / "model").mkdir()
+    ok = subprocess.run(["bash", str(spooled), "--model_name_or_path", "model", "--train_dir", str(tmp_path),
+                         "--output_dir", "runs/x"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    lines = ok.stdout.splitlines()
+    assert len(lines) == 2 and all(f"{REPO}/coco_accel/train.py --model_name_or_path model" in line for line in lines)
+    assert all(line.split(": ", 1)[1].startswith(str(REPO / ".venv" / "bin" / "python") + " -m accelerate")
+               for line in lines) or not (REPO / ".venv").exists()
+
+    blocked = tmp_path / "blocked"
+    blocked.mkdir(mode=0o500)
+    bad = subprocess.run(["bash", str(spooled), "--model_name_or_path", "missing", "--train_dir", str(tmp_path),
+                          "--output_dir", str(blocked / "run")], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert bad.returncode != 0
+    assert "--model_name_or_path missing is not a readable folder here" in bad.stderr
+    if os.geteuid() != 0:  # root writes anywhere
+        assert f"--output_dir {blocked / 'run'} cannot be written here" in bad.stderr
