@@ -85,7 +85,12 @@ def test_export_reloads_with_automodel_and_head_round_trips(tmp_path, tokenizer)
     model = Condenser(_tiny(vocab=len(tokenizer)), n_head_layers=2, skip_from=2, late_mlm=True)
     save_export(model, tokenizer, str(tmp_path))
     assert (tmp_path / HEAD_FILE).is_file()
-    auto = AutoModel.from_pretrained(str(tmp_path))
+    auto, info = AutoModel.from_pretrained(str(tmp_path), output_loading_info=True)
+    assert not info["missing_keys"], info  # nothing newly initialised
+    from transformers import AutoModelForMaskedLM
+
+    _, mlm_info = AutoModelForMaskedLM.from_pretrained(str(tmp_path), output_loading_info=True)
+    assert not mlm_info["missing_keys"], mlm_info  # the pooler may be reported unused: it is
     ids, mask, _ = _inputs(vocab=len(tokenizer))
     torch.testing.assert_close(auto(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0],
                                model.encode(ids, mask))

@@ -37,6 +37,7 @@ def save_export(model: Condenser, tokenizer, output_dir: str, state_dict: Option
             first_name[id(param)] = name
     mlm_state = {k[len("mlm."):]: v for k, v in state.items()
                  if k.startswith("mlm.") and k[len("mlm."):] not in tied_copies}
+    mlm_state.update(_base_model_extras(model.mlm, mlm_state))
     # Save the names the model uses now: by default transformers reverts load-time renames (LayerNorm
     # weight/bias back to a legacy checkpoint's gamma/beta), which happened under ZeRO-3.
     as_is = {"save_original_format": False} if "save_original_format" in inspect.signature(
@@ -47,6 +48,23 @@ def save_export(model: Condenser, tokenizer, output_dir: str, state_dict: Option
     head = {k: v.detach().cpu().contiguous() for k, v in state.items() if k.startswith(("c_head.", "c_head_norm."))}
     save_file(head, os.path.join(output_dir, HEAD_FILE))
     write_sentence_transformers_files(output_dir, model.config.hidden_size, model.max_positions, pooling=model.pooling)
+
+
+def _base_model_extras(mlm, mlm_state: dict) -> dict:
+    """The weights `AutoModel`'s class has and a masked-LM checkpoint lacks (BERT's and RoBERTa's pooler),
+    initialised as transformers initialises them, from a fixed seed and without touching the caller's
+    random streams: `AutoModel.from_pretrained(export)` then reports nothing missing or newly initialised
+    (the CLS or mean pooling of the exports never reads a pooler)."""
+    import torch
+    from transformers import AutoModel
+
+    prefix = mlm.base_model_prefix
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        base = AutoModel.from_config(mlm.config)
+    have = {k[len(prefix) + 1:] for k in mlm_state if k.startswith(prefix + ".")}
+    dtype = next(iter(mlm_state.values())).dtype
+    return {f"{prefix}.{k}": v.to(dtype) for k, v in base.state_dict().items() if k not in have}
 
 
 def write_sentence_transformers_files(output_dir: str, hidden_size: int, max_positions: Optional[int],
