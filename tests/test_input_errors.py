@@ -261,3 +261,19 @@ def test_a_damaged_arrow_shard_is_named(tmp_path, span_data, tiny_bert, _train):
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     _refused(_train("--output_dir", str(tmp_path / "o"), "--model_name_or_path", tiny_bert, "--train_dir", str(data)),
              f"the shard {shard} is damaged", "coco_accel.preprocess")
+
+
+def test_a_zero_launch_without_deepspeed_installed_names_the_extra(monkeypatch):
+    """DeepSpeed is an extra: a launch config that asks for it, where it is not installed, is refused
+    before the process group forms, naming the extra and the DDP alternative."""
+    import importlib.util
+
+    from coco_accel.training.config import ConfigError, TrainConfig
+    from coco_accel.training.engine import build_accelerator
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    cfg = TrainConfig.from_flags(output_dir="o", model_name_or_path="m", train_dir="t")
+    with pytest.raises(ConfigError, match=r"pip install 'coco-accel\[deepspeed\]'.*DDP config"):
+        build_accelerator(cfg)

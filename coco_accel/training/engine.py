@@ -33,6 +33,10 @@ def build_accelerator(cfg: TrainConfig):
 
     launched_world = int(os.environ.get("WORLD_SIZE", "1"))
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if deepspeed and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("the accelerate config launches DeepSpeed (ZeRO), which is not installed: "
+                          "pip install 'coco-accel[deepspeed]' (make install does), or launch with a DDP config "
+                          "(accelerate_configs/ddp.yaml, cpu_ddp.yaml).")
     kwargs = {}
     if deepspeed and not torch.cuda.is_available():
         skip_shared_memory_allreduce_build()
