@@ -90,17 +90,18 @@ def make_tiny_modernbert(folder: Path, tokenizer, layers: int = 3, hidden: int =
     return _save_tiny(ModernBertForMaskedLM, cfg, folder, tokenizer, seed, dtype)
 
 
-def make_tiny_xlm_roberta(folder: Path, tokenizer, layers: int = 3, hidden: int = 32, seed: int = 0,
-                          dtype=None) -> str:
-    """A randomly initialised XLM-R MLM (the RoBERTa family: positions after the padding index) with the
-    real tokenizer's vocabulary, saved as an HF folder."""
-    from transformers import XLMRobertaConfig, XLMRobertaForMaskedLM
+def make_tiny_roberta(folder: Path, tokenizer, family: str = "roberta", layers: int = 3, hidden: int = 32,
+                      seed: int = 0, dtype=None) -> str:
+    """A randomly initialised RoBERTa or XLM-R (family "xlm-roberta") MLM, positions after the padding index,
+    with the real tokenizer's vocabulary, saved as an HF folder."""
+    from transformers import RobertaConfig, RobertaForMaskedLM, XLMRobertaConfig, XLMRobertaForMaskedLM
 
-    cfg = XLMRobertaConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
-                           num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=130,
-                           pad_token_id=tokenizer.pad_token_id, hidden_dropout_prob=0.0,
-                           attention_probs_dropout_prob=0.0)
-    return _save_tiny(XLMRobertaForMaskedLM, cfg, folder, tokenizer, seed, dtype)
+    model_cls, config_cls = ((RobertaForMaskedLM, RobertaConfig) if family == "roberta"
+                             else (XLMRobertaForMaskedLM, XLMRobertaConfig))
+    cfg = config_cls(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                     intermediate_size=2 * hidden, max_position_embeddings=130, pad_token_id=tokenizer.pad_token_id,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return _save_tiny(model_cls, cfg, folder, tokenizer, seed, dtype)
 
 
 def _save_tiny(model_cls, cfg, folder: Path, tokenizer, seed: int, dtype) -> str:

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from conftest import REPO, exported_weights, forked_run, forked_torchrun, free_port, make_tiny_bert, make_tiny_modernbert, \
-    make_tiny_xlm_roberta, metrics, run_main, torchrun, train_args, train_env
+    make_tiny_roberta, metrics, run_main, torchrun, train_args, train_env
 
 pytestmark = pytest.mark.slow
 
@@ -179,17 +179,18 @@ def test_modernbert_on_two_processes_with_ddp_the_gradient_cache_and_zero2_equal
     modernbert64.assert_same(modernbert64.run("zero2", 2, launcher="deepspeed"), summed_in=torch.float32)
 
 
-@pytest.fixture(scope="module")
-def xlmr64(tmp_path_factory, tokenizer, data):
-    root = tmp_path_factory.mktemp("parity_xlmr")
-    return Parity(root, make_tiny_xlm_roberta(root / "model", tokenizer, dtype=torch.float64), data, torch.float64)
+@pytest.fixture(scope="module", params=["roberta", "xlm-roberta"])
+def roberta64(request, tmp_path_factory, tokenizer, data):
+    root = tmp_path_factory.mktemp(f"parity_{request.param}")
+    return Parity(root, make_tiny_roberta(root / "model", tokenizer, request.param, dtype=torch.float64), data,
+                  torch.float64)
 
 
-def test_xlm_roberta_on_two_processes_and_with_the_gradient_cache_equals_one(xlmr64):
-    """The RoBERTa family (positions after the padding index) through the trainer: 2 processes under DDP,
+def test_the_roberta_family_on_two_processes_and_with_the_gradient_cache_equals_one(roberta64):
+    """RoBERTa and XLM-R (positions after the padding index) through the trainer: 2 processes under DDP,
     and 2 with the gradient cache, == 1 process, in fp64."""
-    xlmr64.assert_same(xlmr64.run("ddp2", 2))
-    xlmr64.assert_same(xlmr64.run("ddp2_cache", 2, "--cache_chunk_size", "5"))
+    roberta64.assert_same(roberta64.run("ddp2", 2))
+    roberta64.assert_same(roberta64.run("ddp2_cache", 2, "--cache_chunk_size", "5"))
 
 
 def test_two_and_three_processes_equal_one(fp64):

@@ -54,17 +54,25 @@ def _base_model_extras(mlm, mlm_state: dict) -> dict:
     """The weights `AutoModel`'s class has and a masked-LM checkpoint lacks (BERT's and RoBERTa's pooler),
     initialised as transformers initialises them, from a fixed seed and without touching the caller's
     random streams: `AutoModel.from_pretrained(export)` then reports nothing missing or newly initialised
-    (the CLS or mean pooling of the exports never reads a pooler)."""
+    (the CLS or mean pooling of the exports never reads a pooler). The class is built on the meta device
+    (names only: no memory, and no ZeRO-3 partitioning, whose collectives the other processes would not
+    join) and only the missing modules are made real."""
     import torch
     from transformers import AutoModel
 
     prefix = mlm.base_model_prefix
+    have = {k[len(prefix) + 1:] for k in mlm_state if k.startswith(prefix + ".")}
+    with torch.device("meta"):
+        base = AutoModel._model_mapping[type(mlm.config)](mlm.config)
+    missing = [k for k in base.state_dict() if k not in have]
+    dtype = next(iter(mlm_state.values())).dtype
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        base = AutoModel.from_config(mlm.config)
-    have = {k[len(prefix) + 1:] for k in mlm_state if k.startswith(prefix + ".")}
-    dtype = next(iter(mlm_state.values())).dtype
-    return {f"{prefix}.{k}": v.to(dtype) for k, v in base.state_dict().items() if k not in have}
+        for path in sorted({k.rpartition(".")[0] for k in missing}):
+            module = base.get_submodule(path).to_empty(device="cpu")
+            base._init_weights(module)
+    state = base.state_dict()
+    return {f"{prefix}.{k}": state[k].to(dtype) for k in missing}
 
 
 def write_sentence_transformers_files(output_dir: str, hidden_size: int, max_positions: Optional[int],
