@@ -505,18 +505,7 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
                               "top level.")
         values.update(_coerce_yaml(data, str(cfg_path)))
     flags = {k: v for k, v in vars(args).items() if k != "config"}
-    _one_batch_size(values, str(cfg_path))
-    _one_batch_size(flags, "the command line")
-    if "per_device_train_batch_size" in flags:  # the command line's batch size replaces the recipe's, of either kind
-        values.pop("global_batch_size", None)
+    if "per_device_train_batch_size" in flags and "global_batch_size" not in flags:
+        values.pop("global_batch_size", None)  # the command line's batch size replaces the recipe's, of either kind
     values.update(flags)
     return TrainConfig.from_flags(**values).validate()
-
-
-def _one_batch_size(values: dict, source: str) -> None:
-    """A source gives the batch as documents per process or per step, not both (which one would win
-    depends on the process count)."""
-    if values.get("per_device_train_batch_size") and values.get("global_batch_size"):
-        raise ConfigError(f"{source} sets both --per_device_train_batch_size and --global_batch_size: give one "
-                          "(--global_batch_size: documents per step over all processes, the same run on any "
-                          "number of GPUs).")
