@@ -1,6 +1,8 @@
-"""The Condenser: an HF masked-LM backbone plus a small head fed [last-layer CLS; layer-`skip_from` tokens].
+"""The Condenser: an HF masked-LM backbone plus a small head fed [the span's vector; layer-`skip_from` tokens].
 
-No distributed code and no loss normalisation here: forward returns CLS vectors and the MLM head's
+The backbone's family (BERT, the RoBERTa family, ModernBERT: `families/`) says how its layers run; this
+module owns the encodings. No distributed code and no loss normalisation here: forward returns the span
+vectors (last-layer CLS, or the mean of the span's tokens) and the MLM head's
 states at the masked positions only (a third of a padded step's compute was logits nobody predicts);
 the vocabulary projection is left to the loss (`losses.decoder_cross_entropy`), which never holds
 all the logits at once.
@@ -164,7 +166,8 @@ class Condenser(nn.Module):
 
         Planned on the host from `layout` (`plan_packing`), so nothing in the step waits for the device
         (boolean indexing would, mid-forward). The last backbone layer runs only at the slots read from
-        it, and so does the last head layer (`layer_at`)."""
+        it (unless the span vector is a mean of all its tokens), and so does the last head layer
+        (the family's `run_layer_at`)."""
         fam = self.family
         layers = fam.layers
         # The last layer runs at the slots read from it only, unless the head reads it everywhere or the
